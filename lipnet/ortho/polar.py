@@ -1,0 +1,164 @@
+"""The one orthogonalization core: approximate polar factors U V^T of stacks of matrices.
+
+Every method works on the short side (X has rows <= cols, so the Gram matrix A = X X^T is the small
+one), on a flattened batch ``(B, k, N)``, with one ``baddbmm`` per term:
+
+    A = X X^T;   B = b A + c A A;   X = a X + B X        (one step, coefficients from schedules.py)
+
+Methods (``orthogonalize(W, method=...)``):
+
+``"ns5"``        Keller Jordan's Muon: X = G / (||G||_F + 1e-7), 5 quintic steps (3.4445, -4.7750, 2.0315).
+``"turbo"``      Turbo-Muon: AOL preconditioning, X = diag(s) G with s_i = (sum_j |A_ij|)^(-1/2),
+                 which guarantees ||X||_2 <= 1; the Gram matrix is rescaled as s_i A_ij s_j instead of
+                 recomputed, so the first step costs two matmuls, not three. Then 4 steps of our derived
+                 minimax schedule (``schedules.TURBO_SCHEDULE``).
+``"convergent"`` AOL preconditioning + 7 steps converging to the fp32 floor for AOL-scaled singular values
+                 >= 1e-3 (``schedules.CONVERGENT_SCHEDULE``). For layers: sigma within 1e-3 of 1.
+``"bjorck"``     AOL preconditioning + cubic Bjorck / Newton-Schulz steps X = 1.5 X - 0.5 A X. Slower,
+                 but monotone: singular values never exceed 1 in exact arithmetic.
+``"svd"``        exact reference, ``torch.linalg.svd``.
+
+Note that AOL rescales rows, so turbo/convergent/bjorck converge to the polar factor of diag(s) G,
+not of G (the two coincide when G's short-side vectors are orthogonal, e.g. for an orthogonal G).
+For layers this does not matter (any orthogonal matrix is a valid weight); for optimizer updates it
+is Turbo-Muon's trade-off, and ``benchmarks/ortho.py`` measures the distance to the exact polar
+factor of G for every method.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .schedules import (
+    BJORCK_STEP,
+    CONVERGENT_SCHEDULE,
+    KELLER_JORDAN_NS5,
+    NEWTON_SCHULZ_QUINTIC,
+    TURBO_SCHEDULE,
+    Coefficients,
+)
+from .validation import check_matrices
+
+METHODS = ("turbo", "ns5", "convergent", "bjorck", "svd")
+DEFAULT_BJORCK_STEPS = 25
+# How many final steps run in fp32 when the earlier ones run in bf16 (low_precision=True).
+_FP32_TAIL = {"ns5": 1, "turbo": 1, "convergent": 2, "bjorck": 2}
+
+
+def _schedule(method: str, steps: int | None) -> Sequence[Coefficients]:
+    if method == "ns5":
+        return KELLER_JORDAN_NS5 if steps is None else (KELLER_JORDAN_NS5[0],) * steps
+    if method == "bjorck":
+        return (BJORCK_STEP,) * (DEFAULT_BJORCK_STEPS if steps is None else steps)
+    base = TURBO_SCHEDULE if method == "turbo" else CONVERGENT_SCHEDULE
+    if steps is None:
+        return base
+    # Extra steps beyond the derived schedule: the convergent Newton-Schulz quintic.
+    return tuple(base[:steps]) + (NEWTON_SCHULZ_QUINTIC,) * max(0, steps - len(base))
+
+
+def _compute_dtype(W: torch.Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def _aol_precondition(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AOL row scaling of a (B, k, N) stack with k <= N: returns (diag(s) X, diag(s) A diag(s)).
+
+    With A = X X^T and s_i = (sum_j |A_ij|)^(-1/2), ||diag(s) X||_2 <= 1: for any unit x,
+    x^T S A S x <= sum_ij |A_ij| |s_i x_i| |s_j x_j| <= sum_ij |A_ij| (s_i^2 x_i^2 + s_j^2 x_j^2) / 2
+    = sum_i x_i^2 = 1 (exact arithmetic; rounding is covered by ``spectral_norm_bound``).
+    """
+    A = X @ X.mT
+    # Clamping only shrinks s for all-zero rows (which stay zero) and keeps s_i s_j finite.
+    row_sums = A.abs().sum(dim=-1).clamp_min(torch.finfo(A.dtype).tiny ** 0.5)
+    s = row_sums.rsqrt()
+    return X * s.unsqueeze(-1), A * s.unsqueeze(-1) * s.unsqueeze(-2)
+
+
+def aol_rescale(W: torch.Tensor) -> torch.Tensor:
+    """AOL-rescaled copy of each matrix in ``(..., m, n)``, scaled on its short side.
+
+    Guarantee (exact arithmetic): every returned matrix has spectral norm <= 1; a matrix whose
+    short-side vectors are orthonormal is returned unchanged. Differentiable.
+    """
+    check_matrices(W, allow_zero=True)
+    transpose = W.shape[-2] > W.shape[-1]
+    X = W.mT if transpose else W
+    X, _ = _aol_precondition(X)
+    return X.mT if transpose else X
+
+
+def orthogonalize(
+    W: torch.Tensor,
+    method: str = "turbo",
+    steps: int | None = None,
+    *,
+    low_precision: bool | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Approximate polar factor U V^T of each matrix in ``W`` of shape ``(..., m, n)``.
+
+    Tall, wide and square matrices and any leading batch dims are accepted; the iteration runs on
+    the short side. Differentiable (autograd through the iteration). Output dtype = input dtype;
+    computation in fp32 (fp64 for fp64 inputs).
+
+    Guarantees, per method, for the singular values of the result (exact arithmetic):
+      * ``"ns5"``: in [0.68, 1.14] for every singular value of G / ||G||_F that is >= 1e-2.
+      * ``"turbo"``: in [0.80, 1.20] for every singular value of ``aol_rescale(G)`` >= 3e-3.
+      * ``"convergent"``: within 1e-6 of 1 for every singular value of ``aol_rescale(G)`` >= 1e-3
+        (in fp32, ||Q^T Q - I|| <= 1e-3 in practice for such inputs).
+      * ``"bjorck"``: in [0, 1]; converges to 1 (quadratically once past 0.5) for nonzero values.
+    Singular values below the stated thresholds are mapped into [0, band max] but not to 1.
+    The exact bands are computed by ``schedules.singular_value_band``; layers must not rely on them
+    for soundness: use ``spectral_norm_bound`` on the result.
+
+    Args:
+        method: one of ``"turbo"`` (default), ``"ns5"``, ``"convergent"``, ``"bjorck"``, ``"svd"``.
+        steps: number of polynomial steps (default per method); not allowed for ``"svd"``.
+        low_precision: run all but the last step(s) in bf16 (default: on CUDA only).
+        validate: check for non-finite entries and zero matrices (one host sync). The optimizer
+            passes False; a zero matrix then maps to zero instead of raising.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if method == "svd":
+            raise ValueError("steps does not apply to method='svd'")
+    if validate:
+        check_matrices(W)
+    elif W.ndim < 2:
+        raise ValueError(f"W must have at least 2 dims (..., m, n), got shape {tuple(W.shape)}")
+
+    dtype = _compute_dtype(W)
+    if method == "svd":
+        U, _, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
+        return (U @ Vh).to(W.dtype)
+
+    transpose = W.shape[-2] > W.shape[-1]
+    X = W.mT if transpose else W
+    batch_shape, (k, n) = X.shape[:-2], X.shape[-2:]
+    X = X.reshape(-1, k, n).to(dtype)
+
+    if method == "ns5":
+        X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)
+        gram = None
+    else:
+        X, gram = _aol_precondition(X)
+
+    schedule = _schedule(method, steps)
+    use_bf16 = X.is_cuda if low_precision is None else low_precision
+    first_fp32_step = len(schedule) - _FP32_TAIL[method] if use_bf16 else 0
+    for i, (a, b, c) in enumerate(schedule):
+        step_dtype = torch.bfloat16 if i < first_fp32_step else dtype
+        X = X.to(step_dtype)
+        A = gram.to(step_dtype) if gram is not None else X @ X.mT
+        gram = None
+        B = A * b if c == 0 else torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+
+    X = X.reshape(*batch_shape, k, n)
+    return (X.mT if transpose else X).to(W.dtype)
