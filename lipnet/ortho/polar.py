@@ -106,11 +106,12 @@ def orthogonalize(
 
     Guarantees, per method, for the singular values of the result (exact arithmetic):
       * ``"ns5"``: in [0.68, 1.14] for every singular value of G / ||G||_F that is >= 1e-2.
-      * ``"turbo"``: in [0.80, 1.20] for every singular value of ``aol_rescale(G)`` >= 3e-3.
-      * ``"convergent"``: within 1e-6 of 1 for every singular value of ``aol_rescale(G)`` >= 1e-3
+      * ``"turbo"``: in [0.778, 1.222] for every singular value of ``aol_rescale(G)`` >= 3e-3.
+      * ``"convergent"``: within 1e-7 of 1 for every singular value of ``aol_rescale(G)`` >= 1e-3
         (in fp32, ||Q^T Q - I|| <= 1e-3 in practice for such inputs).
       * ``"bjorck"``: in [0, 1]; converges to 1 (quadratically once past 0.5) for nonzero values.
-    Singular values below the stated thresholds are mapped into [0, band max] but not to 1.
+    Singular values below the stated thresholds end in [0, 1.21] (ns5), [0, 1.222] (turbo),
+    [0, 1 + 1e-7] (convergent), not necessarily near 1.
     The exact bands are computed by ``schedules.singular_value_band``; layers must not rely on them
     for soundness: use ``spectral_norm_bound`` on the result.
 
