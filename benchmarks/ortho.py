@@ -157,6 +157,23 @@ def print_rows(rows, header=True):
               flush=True)
 
 
+def summarize(rows) -> None:
+    """One line per (shape, input, dtype): the comparisons the README quotes."""
+    print("| shape | input | ns5 s | turbo speed-up vs ns5 | polar err turbo / ns5 | convergent max abs(sigma-1) "
+          "| convergent speed-up vs orthogonium | orthogonium max abs(sigma-1) |")
+    print("|---|---|---|---|---|---|---|---|")
+    groups = {}
+    for r in rows:
+        groups.setdefault(("x".join(map(str, r["shape"])), r["input"], r["dtype"]), {})[r["method"]] = r
+    for (shape, kind, dtype), g in groups.items():
+        ns5, turbo, conv = g["ns5"], g["turbo"], g["convergent"]
+        peer = g.get("orthogonium")
+        peer_cols = (f"{peer['seconds'] / conv['seconds']:.2f}x | {peer['max_sigma_err']:.1e}" if peer else "- | -")
+        print(f"| {shape} | {kind}{'' if dtype == 'fp32' else ' ' + dtype} | {ns5['seconds']:.3f} | "
+              f"{ns5['seconds'] / turbo['seconds']:.2f}x | {turbo['polar_err']:.3f} / {ns5['polar_err']:.3f} | "
+              f"{conv['max_sigma_err']:.1e} | {peer_cols} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024, 2048])
@@ -167,13 +184,20 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write {'device':..., 'rows':[...]} here")
+    parser.add_argument("--summarize", type=Path, help="print the summary table of a saved --json file and exit")
     args = parser.parse_args(argv)
+    if args.summarize:
+        saved = json.loads(args.summarize.read_text())
+        print(f"device: {saved['device']}, torch {saved['torch']}\n")
+        summarize(saved["rows"])
+        return
     if args.batched is None:
         args.batched = [[16, 512, 512]]
     print("| method | input | shape | dtype | median s | speed-up vs ns5 | max abs(sigma-1) | polar err |")
     print("|---|---|---|---|---|---|---|---|")
     result = run(args)
-    print(f"\ndevice: {result['device']}, torch {result['torch']}")
+    print(f"\ndevice: {result['device']}, torch {result['torch']}\n")
+    summarize(result["rows"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
