@@ -15,16 +15,16 @@ Where the numbers come from
   minimises max |1 - p(x)| over the current interval (the greedy minimax construction of Polar
   Express, Amsel et al. 2025, optimal for compositions), then moves to the image interval. Each
   interval is widened by 1% (``ROUNDING_SLACK``): without it the composed map is so steep at the
-  interval ends that bf16-sized perturbations blow singular values up (to 1e10 in our probe), with
+  interval ends that bf16-sized perturbations blow singular values up (to 7e10, ``benchmarks/schedule_probe.py``), with
   it any 1% error per step stays inside the band. We use ``lower = 3e-3`` and 4 steps: the band is
   [0.779, 1.221] for every AOL-scaled singular value >= 3e-3. Why 3e-3: it balances Gaussian-like
   spectra (mass in [0.05, 0.4] after AOL; a higher ``lower`` is better for them) against
-  gradient-like power-law spectra (mass near 1e-3; a lower ``lower`` is better); a free
-  12-parameter fit of the mean squared error over log-uniform singular values in [1e-3, 1] landed
-  on the same coefficients to 2 digits. Measured polar error on 1024^2 (fp32): 0.166 vs ns5's 0.211
-  on Gaussian, 0.417 vs 0.386 on sigma_i = 1/i, 0.167 vs 0.166 on sigma_i = i^-0.5. The public
-  Turbo-Muon code instead drops the first tuple of Dion's 5-step schedule; on sigma_i = 1/i that
-  gives 0.65 (its 4 steps lift 1e-3 only to 0.12). ``benchmarks/ortho.py`` re-measures all of it.
+  gradient-like power-law spectra (mass near 1e-3; a lower ``lower`` is better). Measured polar error on 1024^2 (fp32): 0.166 vs ns5's 0.211
+  on Gaussian, 0.416 vs 0.386 on sigma_i = 1/i, 0.168 vs 0.166 on sigma_i = i^-0.5. The public
+  Turbo-Muon code instead drops the first tuple of Dion's 5-step schedule: it is better on Gaussian
+  (0.101) and i^-0.5 (0.061) inputs but 1.7x worse than ns5 on sigma_i = 1/i (0.646; its 4 steps lift
+  1e-3 only to 0.12), and it was designed without rounding slack. ``benchmarks/schedule_probe.py``
+  reproduces these numbers and the 7e10 blow-up; ``benchmarks/ortho.py`` measures the rest.
 * ``CONVERGENT_SCHEDULE``: the same construction from ``lower = 1e-3``, 6 steps with 1% slack (the
   interval shrinks to [0.998, 1.002]), then the classical quintic Newton-Schulz step
   (15/8, -5/4, 3/8), third-order convergent at 1, which ends within 2e-8 of 1. Layers use it: they
