@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from lipnet.ortho import METHODS, aol_rescale, orthogonalize, spectral_norm_bound
 from lipnet.ortho.schedules import (
     CONVERGENT_SCHEDULE,
+    DION_LAST4_SCHEDULE,
     DOCUMENTED_BANDS,
     KELLER_JORDAN_NS5,
+    ROUNDING_SLACK,
     TURBO_SCHEDULE,
     apply_scalar_map,
     minimax_quintic_schedule,
@@ -56,21 +58,19 @@ def test_documented_band_contains_scalar_map(method):
 
 
 def test_turbo_schedule_is_its_minimax_derivation():
-    derived = np.array(minimax_quintic_schedule(3e-3, 4, slack=1e-2))
+    derived = np.array(minimax_quintic_schedule(3e-3, 4, slack=ROUNDING_SLACK))
     np.testing.assert_allclose(derived, np.array(TURBO_SCHEDULE), rtol=1e-3, atol=1e-4)
 
 
 def test_convergent_schedule_is_its_minimax_derivation():
-    derived = np.array(minimax_quintic_schedule(1e-3, 6, slack=1e-2))
+    derived = np.array(minimax_quintic_schedule(1e-3, 6, slack=ROUNDING_SLACK))
     np.testing.assert_allclose(derived, np.array(CONVERGENT_SCHEDULE[:6]), rtol=1e-3, atol=1e-4)
 
 
 def test_turbo_lifts_small_singular_values_faster_than_dropping_dions_first_step():
     # The reason we derived our own schedule: 4 of Dion's 5 tuples leave 1e-3 at ~0.12.
-    dion_last4 = [(3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-                  (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
     x = np.array([3e-3])
-    assert apply_scalar_map(x, TURBO_SCHEDULE)[0] > 0.8 > apply_scalar_map(x, dion_last4)[0]
+    assert apply_scalar_map(x, TURBO_SCHEDULE)[0] > 0.8 > apply_scalar_map(x, DION_LAST4_SCHEDULE)[0]
 
 
 # ---------------------------------------------------------------- shapes, dtypes

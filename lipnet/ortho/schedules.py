@@ -15,13 +15,13 @@ Where the numbers come from
   minimises max |1 - p(x)| over the current interval (the greedy minimax construction of Polar
   Express, Amsel et al. 2025, optimal for compositions), then moves to the image interval. Each
   interval is widened by 1% (``ROUNDING_SLACK``): without it the composed map is so steep at the
-  interval ends that bf16-sized perturbations blow singular values up (to 7e10, ``benchmarks/schedule_probe.py``), with
-  it any 1% error per step stays inside the band. We use ``lower = 3e-3`` and 4 steps: the band is
-  [0.779, 1.221] for every AOL-scaled singular value >= 3e-3. Why 3e-3: it balances Gaussian-like
-  spectra (mass in [0.05, 0.4] after AOL; a higher ``lower`` is better for them) against
-  gradient-like power-law spectra (mass near 1e-3; a lower ``lower`` is better). Measured polar error on 1024^2 (fp32): 0.166 vs ns5's 0.211
-  on Gaussian, 0.416 vs 0.386 on sigma_i = 1/i, 0.168 vs 0.166 on sigma_i = i^-0.5. The public
-  Turbo-Muon code instead drops the first tuple of Dion's 5-step schedule: it is better on Gaussian
+  interval ends that bf16-sized perturbations blow singular values up (to 7e10,
+  ``benchmarks/schedule_probe.py``), with it any 1% error per step stays inside the band. We use
+  ``lower = 3e-3`` and 4 steps: the band is [0.779, 1.221] for every AOL-scaled singular value
+  >= 3e-3. Why 3e-3: it balances Gaussian-like spectra (mass in [0.05, 0.4] after AOL; a higher
+  ``lower`` is better for them) against gradient-like power-law spectra (mass near 1e-3; a lower
+  ``lower`` is better). Measured polar error on 1024^2 (fp32): 0.166 vs ns5's 0.211 on Gaussian,
+  0.416 vs 0.386 on sigma_i = 1/i, 0.168 vs 0.166 on sigma_i = i^-0.5. The public Turbo-Muon code instead drops the first tuple of Dion's 5-step schedule: it is better on Gaussian
   (0.101) and i^-0.5 (0.061) inputs but 1.7x worse than ns5 on sigma_i = 1/i (0.646; its 4 steps lift
   1e-3 only to 0.12), and it was designed without rounding slack. ``benchmarks/schedule_probe.py``
   reproduces these numbers and the 7e10 blow-up; ``benchmarks/ortho.py`` measures the rest.
@@ -43,9 +43,10 @@ Coefficients = tuple[float, float, float]
 
 KELLER_JORDAN_NS5: tuple[Coefficients, ...] = ((3.4445, -4.7750, 2.0315),) * 5
 
-# minimax_quintic_schedule(lower=3e-3, steps=4, slack=1e-2), rounded to 8 significant digits.
-TURBO_LOWER = 3e-3
 ROUNDING_SLACK = 1e-2
+
+# minimax_quintic_schedule(lower=3e-3, steps=4, slack=ROUNDING_SLACK), rounded to 8 significant digits.
+TURBO_LOWER = 3e-3
 TURBO_SCHEDULE: tuple[Coefficients, ...] = (
     (8.3031917, -24.047315, 17.473752),
     (4.0121771, -2.9303526, 0.54313374),
@@ -53,10 +54,19 @@ TURBO_SCHEDULE: tuple[Coefficients, ...] = (
     (2.5298068, -1.8450844, 0.42773307),
 )
 
+# For comparison only (not used by any method): the public Turbo-Muon code's 4 steps, Dion's
+# 5-step per-step schedule without its first tuple.
+DION_LAST4_SCHEDULE: tuple[Coefficients, ...] = (
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
 NEWTON_SCHULZ_QUINTIC: Coefficients = (15 / 8, -10 / 8, 3 / 8)
 BJORCK_STEP: Coefficients = (1.5, -0.5, 0.0)
 
-# minimax_quintic_schedule(lower=1e-3, steps=6, slack=1e-2) + one convergent Newton-Schulz quintic.
+# minimax_quintic_schedule(lower=1e-3, steps=6, slack=ROUNDING_SLACK) + one convergent Newton-Schulz quintic.
 CONVERGENT_LOWER = 1e-3
 CONVERGENT_SCHEDULE: tuple[Coefficients, ...] = (
     (8.387322, -24.372971, 17.727707),
@@ -129,8 +139,8 @@ def minimax_quintic_schedule(lower: float, steps: int, slack: float = 0.0) -> li
     Step t solves :func:`minimax_odd_quintic` on the current interval widened by a relative
     ``slack`` on both ends, then replaces the interval by the image of the widened one. The slack
     makes the composition robust to rounding: without it the composed map is so steep at the top
-    of each interval that bf16-sized perturbations (4e-3) explode singular values (to 1e10 in our
-    probe); with ``slack=1e-2`` any 1% perturbation per step stays inside the band. This is how
+    of each interval that bf16-sized perturbations (4e-3) explode singular values (to 7e10 in
+    ``benchmarks/schedule_probe.py``); with ``slack=1e-2`` any 1% perturbation per step stays inside the band. This is how
     ``TURBO_SCHEDULE`` and ``CONVERGENT_SCHEDULE`` were derived.
     """
     lo, hi = float(lower), 1.0
