@@ -1,0 +1,30 @@
+"""1-Lipschitz layers on the ``lipnet.ortho`` core, their sound Lipschitz bounds, and exact export.
+
+Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside), ``AOLLinear``,
+``AOLConv2d``, ``SLLBlock``; activations ``MaxMin``, ``Abs``; pooling ``L2NormPool2d``,
+``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``Flatten``, ``FirstChannels``, ``BatchCentering``,
+``LayerCentering``, ``ConvexResidual``; losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``.
+Bounds: ``lipschitz_bound(module)``; export: ``export(model)``.
+"""
+
+from ._checks import set_input_checks
+from .activations import Abs, MaxMin
+from .bounds import lipschitz_bound
+from .centering import BatchCentering, LayerCentering
+from .conv import AOLConv2d, OrthoConv2d
+from .conv_norm import conv_operator_norm_bound
+from .export import export, register_exporter
+from .linear import AOLLinear, OrthoLinear
+from .losses import LipschitzCrossEntropy, MultiMarginHinge
+from .parametrizations import core_ortho_params
+from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
+from .residual import ConvexResidual
+from .sll import SLLBlock
+
+__all__ = [
+    "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ConvexResidual", "FirstChannels", "Flatten",
+    "GlobalL2NormPool2d", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
+    "MultiMarginHinge", "OrthoConv2d", "OrthoLinear", "SLLBlock", "ScaledAvgPool2d",
+    "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
+    "set_input_checks",
+]

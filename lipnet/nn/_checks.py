@@ -1,0 +1,39 @@
+"""Input checks shared by the layers: a clear error instead of a silent NaN or a shape crash.
+
+The finiteness check costs one host sync per checked layer; on GPU training loops call
+``set_input_checks(False)`` once the pipeline is trusted (weights are still validated by the core).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_enabled = True
+
+
+def set_input_checks(enabled: bool) -> None:
+    """Turn the per-layer input checks (shape, channels, finiteness) on or off globally."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def input_checks_enabled() -> bool:
+    return _enabled
+
+
+def check_input(x: torch.Tensor, layer: str, *, channels: int, ndims: tuple[int, ...]) -> None:
+    """Raise ValueError naming ``layer`` unless ``x`` has a dim in ``ndims``, ``channels`` channels
+    (dim 1 when batched, dim 0 otherwise) and only finite values."""
+    if not _enabled or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer}: expected a tensor input, got {type(x).__name__}")
+    if x.dim() not in ndims:
+        raise ValueError(f"{layer}: expected a {' or '.join(map(str, ndims))}-D input, got shape {tuple(x.shape)}")
+    channel_dim = 1 if x.dim() == max(ndims) else 0
+    if x.shape[channel_dim] != channels:
+        raise ValueError(
+            f"{layer}: expected {channels} channels/features in dim {channel_dim}, got shape {tuple(x.shape)}"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{layer}: input contains NaN or inf")

@@ -1,0 +1,179 @@
+"""1-Lipschitz convolutions: orthogonal AOC convolutions (orthogonium's construction, our core inside)
+and AOL-rescaled convolutions."""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d, AdaptiveOrthoConvTranspose2d
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ._checks import check_input, input_checks_enabled
+from .conv_norm import check_circular_input
+from .parametrizations import DEFAULT_LAYER_METHOD, AOLScaling, core_ortho_params
+
+Padding = Union[str, int]
+
+
+def _int(name: str, value, allow_pair: bool = True) -> int:
+    """Square (int or equal pair) hyper-parameter as an int; orthogonium supports square kernels only."""
+    if isinstance(value, (tuple, list)) and allow_pair:
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name} must be square (an int or an equal pair), got {value!r}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_channels(in_channels: int, out_channels: int, groups: int) -> None:
+    for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
+
+
+def _out_size(n: int, kernel: int, stride: int, padding: Padding, dilation: int) -> int:
+    if padding == "same":
+        return n
+    p = 0 if padding == "valid" else padding
+    return (n + 2 * p - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class OrthoConv2d(nn.Module):
+    """Orthogonal convolution: the AOC construction (Boissin et al., 2025) -- BCOP for stride 1, RKO
+    for kernel == stride, BCOP x RKO for native strides; dilation, groups, transposed -- built by
+    orthogonium with **every matrix orthogonalization done by** ``lipnet.ortho`` (injected through
+    ``OrthoParams``; ``method`` picks the core's schedule, default ``"convergent"``).
+
+    Guarantees: with circular padding, stride 1 and in == out channels the convolution is orthogonal
+    (norm-preserving) up to the core's convergence; in every supported configuration it is
+    1-Lipschitz up to that convergence, and ``lipschitz_bound`` gives a sound bound of the actual
+    kernel. Limits (``ValueError``): square kernels only; kernel_size >= stride;
+    ``padding="same"`` only with stride 1 (pass ``padding=kernel_size // 2``); circular padding
+    needs input sizes divisible by the stride (checked at run time) and is not available for
+    transposed convolutions.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: Padding = "same",
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str | None = None,
+        transposed: bool = False,
+        output_padding: int = 0,
+        method: str = DEFAULT_LAYER_METHOD,
+        steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        name = "OrthoConv2d"
+        k, s, d = _int("kernel_size", kernel_size), _int("stride", stride), _int("dilation", dilation)
+        _check_channels(in_channels, out_channels, groups)
+        if k < s:
+            raise ValueError(f"{name}: kernel_size={k} < stride={s}: no orthogonal convolution exists "
+                             "(some inputs would never be read); use kernel_size >= stride")
+        padding_mode = padding_mode or ("zeros" if transposed else "circular")
+        if padding_mode not in ("circular", "zeros"):
+            raise ValueError(f"{name}: padding_mode must be 'circular' or 'zeros', got {padding_mode!r}")
+        if isinstance(padding, (tuple, list)):
+            padding = _int("padding", padding) if padding[0] else 0
+        if padding == "same" and s > 1:
+            raise ValueError(f"{name}: padding='same' is not supported with stride {s} (torch refuses "
+                             f"it); pass padding={k // 2}")
+        if not (padding in ("same", "valid") or (isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0)):
+            raise ValueError(f"{name}: padding must be 'same', 'valid' or an int >= 0, got {padding!r}")
+        if transposed:
+            if padding_mode == "circular":
+                raise ValueError(f"{name}: torch's transposed convolutions support zero padding only; "
+                                 "use padding_mode='zeros'")
+            if padding == "same":
+                if (d * (k - 1)) % 2:
+                    raise ValueError(f"{name}: padding='same' needs an odd dilated kernel for transposed convs")
+                padding = d * (k - 1) // 2
+            padding = 0 if padding == "valid" else padding
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding, self.dilation, self.groups = s, padding, d, groups
+        self.padding_mode, self.transposed, self.output_padding = padding_mode, transposed, output_padding
+        self.method, self.steps = method, steps
+        params = core_ortho_params(method, steps)
+        try:
+            if transposed:
+                self.conv = AdaptiveOrthoConvTranspose2d(
+                    in_channels, out_channels, k, stride=s, padding=padding, output_padding=output_padding,
+                    groups=groups, bias=bias, dilation=d, padding_mode=padding_mode, ortho_params=params)
+            else:
+                self.conv = AdaptiveOrthoConv2d(
+                    in_channels, out_channels, k, stride=s, padding=padding, dilation=d, groups=groups,
+                    bias=bias, padding_mode=padding_mode, ortho_params=params)
+        except (ValueError, RuntimeError, AssertionError) as err:  # orthogonium's own checks
+            raise ValueError(f"{name}({in_channels}, {out_channels}, kernel_size={k}, stride={s}, "
+                             f"dilation={d}, groups={groups}): not constructible as an orthogonal "
+                             f"convolution: {err}") from err
+        if bias:
+            nn.init.zeros_(self.conv.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The constrained kernel in use (``F.conv2d`` / ``F.conv_transpose2d`` layout)."""
+        return self.conv.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "OrthoConv2d", channels=self.in_channels, ndims=(3, 4))
+        if self.padding_mode == "circular" and input_checks_enabled():
+            size = tuple(x.shape[-2:])
+            out = tuple(_out_size(n, self.kernel_size, self.stride, self.padding, self.dilation) for n in size)
+            check_circular_input(size, out, (self.stride, self.stride), "OrthoConv2d")
+        return self.conv(x)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding!r}, dilation={self.dilation}, groups={self.groups}, "
+                f"padding_mode={self.padding_mode!r}, transposed={self.transposed}, method={self.method!r}")
+
+
+class AOLConv2d(nn.Conv2d):
+    """Convolution with AOL rescaling of its input channels (Prach & Lampert, 2022).
+
+    Guarantee (exact arithmetic): the stride-1 convolution operator has norm <= 1 for any padding
+    that is a window of a convolution (zeros, or circular under the checks below); strides only
+    subsample. Cheaper than AOC (one Gram kernel, no iterations) but not norm-preserving.
+    ``lipschitz_bound`` certifies the actual kernel.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: Padding = "same",
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros") -> None:
+        _check_channels(in_channels, out_channels, groups)
+        if padding_mode not in ("circular", "zeros"):
+            raise ValueError(f"AOLConv2d: padding_mode must be 'circular' or 'zeros', got {padding_mode!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+        fan_in = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+        nn.init.normal_(self.weight, std=1 / math.sqrt(fan_in))
+        if bias:
+            nn.init.zeros_(self.bias)
+        parametrize.register_parametrization(self, "weight", AOLScaling(groups, self.dilation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "AOLConv2d", channels=self.in_channels, ndims=(3, 4))
+        if self.padding_mode == "circular" and input_checks_enabled():
+            size = tuple(x.shape[-2:])
+            out = tuple(
+                _out_size(n, self.kernel_size[i], self.stride[i], self.padding if isinstance(self.padding, str)
+                          else self.padding[i], self.dilation[i]) for i, n in enumerate(size))
+            check_circular_input(size, out, self.stride, "AOLConv2d")
+        return super().forward(x)

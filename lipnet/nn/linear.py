@@ -1,0 +1,48 @@
+"""Dense 1-Lipschitz layers: orthogonal (core's polar factor) and AOL-rescaled."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ._checks import check_input
+from .parametrizations import DEFAULT_LAYER_METHOD, AOLScaling, Orthogonalize
+
+
+class OrthoLinear(nn.Linear):
+    """Linear layer whose weight is the core's ``orthogonalize`` of a raw parameter.
+
+    Weight (out, in): orthonormal rows if out <= in, orthonormal columns otherwise (semi-orthogonal),
+    so ||W||_2 = 1 up to the core's convergence (``method="convergent"``: within 1e-3 for inputs
+    whose AOL-scaled singular values are >= 1e-3). ``lipschitz_bound`` certifies the actual weight.
+    ``state_dict`` holds the raw parameter (``parametrizations.weight.original``) and the bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 method: str = DEFAULT_LAYER_METHOD, steps: int | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        nn.init.orthogonal_(self.weight)
+        if bias:
+            nn.init.zeros_(self.bias)
+        parametrize.register_parametrization(self, "weight", Orthogonalize(method, steps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, type(self).__name__, channels=self.in_features, ndims=(1, 2))
+        return super().forward(x)
+
+
+class AOLLinear(nn.Linear):
+    """Linear layer with AOL rescaling: weight = raw * AOL scales, ||W||_2 <= 1 by construction
+    (Prach & Lampert 2022). Cheaper than orthogonalization (one Gram matrix), not norm-preserving."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        nn.init.orthogonal_(self.weight)
+        if bias:
+            nn.init.zeros_(self.bias)
+        parametrize.register_parametrization(self, "weight", AOLScaling())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, type(self).__name__, channels=self.in_features, ndims=(1, 2))
+        return super().forward(x)

@@ -1,0 +1,92 @@
+"""1-Lipschitz pooling and glue: L2-norm pooling, scaled average pooling, flatten, channel heads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _pool_args(kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    s = k if stride is None else ((stride, stride) if isinstance(stride, int) else tuple(stride))
+    if len(k) != 2 or len(s) != 2 or min(k + s) < 1 or any(isinstance(v, bool) or not isinstance(v, int) for v in k + s):
+        raise ValueError(f"kernel_size and stride must be positive ints or pairs, got {kernel_size!r}, {stride!r}")
+    return k, s
+
+
+def reuse_count(kernel: tuple[int, int], stride: tuple[int, int]) -> int:
+    """Largest number of pooling windows that contain one input pixel: ceil(k1/s1) ceil(k2/s2)."""
+    return math.ceil(kernel[0] / stride[0]) * math.ceil(kernel[1] / stride[1])
+
+
+class L2NormPool2d(nn.Module):
+    """y = sqrt(sum_window x^2 + eps) / sqrt(r): the L2 norm of each window, r = windows per pixel.
+
+    Guarantee: 1-Lipschitz. Each window's norm is 1-Lipschitz in the window (|(||p||) - (||p'||)| <=
+    ||p - p'||, also with the eps smoothing, whose gradient p / sqrt(||p||^2 + eps) has norm < 1),
+    and summing squared window differences counts each pixel at most r times. eps (default 1e-12)
+    keeps the gradient finite at zero windows.
+    """
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+                 eps: float = 1e-12) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = _pool_args(kernel_size, stride)
+        self.eps = float(eps)
+        self.scale = 1 / math.sqrt(reuse_count(self.kernel_size, self.stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window_sum = F.avg_pool2d(x * x, self.kernel_size, self.stride) * (self.kernel_size[0] * self.kernel_size[1])
+        return (window_sum + self.eps).sqrt() * self.scale
+
+
+class ScaledAvgPool2d(nn.Module):
+    """Average pooling times sqrt(k1 k2 / r), r = windows per pixel: 1-Lipschitz.
+
+    Guarantee: a window average is (1/(k1 k2)) <1, p> with |<1, p>| <= sqrt(k1 k2) ||p||, and each
+    pixel is in at most r windows, so ||avg(x) - avg(y)|| <= sqrt(r / (k1 k2)) ||x - y||. For
+    non-overlapping windows (stride = kernel, the default) it is norm-preserving on constant windows.
+    No padding (a padded window would change the constant).
+    """
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = _pool_args(kernel_size, stride)
+        area = self.kernel_size[0] * self.kernel_size[1]
+        self.scale = math.sqrt(area / reuse_count(self.kernel_size, self.stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.kernel_size, self.stride) * self.scale
+
+
+class GlobalL2NormPool2d(nn.Module):
+    """Per-channel L2 norm over all spatial positions (B, C, H, W) -> (B, C): 1-Lipschitz."""
+
+    def __init__(self, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x * x).sum(dim=(-2, -1)) + self.eps).sqrt()
+
+
+class FirstChannels(nn.Module):
+    """Keeps the first ``n`` entries of ``dim`` (a coordinate projection, 1-Lipschitz): the usual
+    head that turns a wide orthogonal layer's output into ``n`` logits."""
+
+    def __init__(self, n: int, dim: int = 1) -> None:
+        super().__init__()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"FirstChannels: n must be a positive int, got {n!r}")
+        self.n, self.dim = n, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[self.dim] < self.n:
+            raise ValueError(f"FirstChannels({self.n}): input has only {x.shape[self.dim]} entries in dim {self.dim}")
+        return x.narrow(self.dim, 0, self.n)
+
+
+Flatten = nn.Flatten  # a reshape: norm-preserving; re-exported so models import everything from lipnet.nn

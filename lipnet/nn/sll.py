@@ -1,0 +1,66 @@
+"""SDP-based Lipschitz layer (SLL, Araujo et al., ICLR 2023): a 1-Lipschitz residual block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_input
+from .parametrizations import conv_gram_kernel
+
+# Relative inflation of T: keeps T - W^T W dominated by the diagonal despite float rounding.
+_T_INFLATION = 1e-5
+
+
+class SLLBlock(nn.Module):
+    """x -> x - 2 W T^{-1} relu(W^T x + b), with T = diag(sum_j |W^T W|_ij q_j / q_i).
+
+    Dense (``kernel_size=None``, inputs (B, features)) or convolutional (odd ``kernel_size``, zero
+    padding, stride 1, inputs (B, features, H, W); W^T is the convolution features -> inner and W
+    its adjoint, ``conv_transpose2d`` with the same kernel).
+
+    Guarantee: 1-Lipschitz (Araujo et al. 2023, Thm. 3: T - W^T W is PSD by the rescaled Gershgorin
+    argument, and relu is slope-restricted in [0, 1]). T is inflated by a relative 1e-5 so that the
+    diagonal dominance survives float rounding. ``lipschitz_bound`` returns 1 * (1 + SAFETY_MARGIN)
+    from this theorem, not from the weights; the tests attack it.
+    """
+
+    def __init__(self, features: int, inner_features: int, kernel_size: int | None = None,
+                 bias: bool = True) -> None:
+        super().__init__()
+        if kernel_size is not None and (not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0):
+            raise ValueError(f"SLLBlock: kernel_size must be an odd positive int or None, got {kernel_size!r}")
+        for name, v in (("features", features), ("inner_features", inner_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"SLLBlock: {name} must be a positive int, got {v!r}")
+        self.features, self.inner_features, self.kernel_size = features, inner_features, kernel_size
+        shape = (inner_features, features) if kernel_size is None else (inner_features, features, kernel_size, kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape))
+        fan_in = features * (1 if kernel_size is None else kernel_size**2)
+        nn.init.normal_(self.weight, std=1 / math.sqrt(fan_in))
+        self.q = nn.Parameter(torch.zeros(inner_features))  # q = exp(log q), positive
+        self.bias = nn.Parameter(torch.zeros(inner_features)) if bias else None
+
+    def t_inverse(self) -> torch.Tensor:
+        """1 / T_ii (length inner_features) for the current weights."""
+        w, q = self.weight, self.q.exp()
+        if self.kernel_size is None:
+            gram = (w @ w.mT).abs()  # W^T W in the paper's notation: (inner, inner)
+        else:  # Gram of the adjoint conv (inner space): kernel of conv_transpose's input side
+            gram = conv_gram_kernel(w.transpose(0, 1).flip(-1, -2)).abs().sum((-2, -1))
+        t = (gram * q[None, :]).sum(-1) / q
+        return 1 / (t * (1 + _T_INFLATION) + 1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.kernel_size is None
+        check_input(x, "SLLBlock", channels=self.features, ndims=(1, 2) if dense else (3, 4))
+        t_inv = self.t_inverse()
+        if dense:
+            h = F.linear(x, self.weight, self.bias)
+            return x - 2 * F.linear(F.relu(h) * t_inv, self.weight.t())
+        pad = self.kernel_size // 2
+        h = F.conv2d(x, self.weight, self.bias, padding=pad)
+        return x - 2 * F.conv_transpose2d(F.relu(h) * t_inv[:, None, None], self.weight, padding=pad)
