@@ -8,10 +8,11 @@ from typing import Union
 
 import torch
 from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d, AdaptiveOrthoConvTranspose2d
+from orthogonium.reparametrizers import L2Normalize
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import check_input, input_checks_enabled
+from ._checks import check_input
 from .conv_norm import check_circular_input
 from .parametrizations import DEFAULT_LAYER_METHOD, AOLScaling, core_ortho_params
 
@@ -82,6 +83,16 @@ class OrthoConv2d(nn.Module):
         if k < s:
             raise ValueError(f"{name}: kernel_size={k} < stride={s}: no orthogonal convolution exists "
                              "(some inputs would never be read); use kernel_size >= stride")
+        # As a conv, a transposed layer maps out_channels -> in_channels: check that orientation.
+        c_in, c_out = (out_channels, in_channels) if transposed else (in_channels, out_channels)
+        if transposed and s > 1 and d % s == 0 and c_in > c_out:  # orthogonium checks the other case
+            raise ValueError(f"{name}: dilation={d} is a multiple of stride={s}: the dilated taps of "
+                             "neighbouring outputs overlap, so no orthogonal convolution exists")
+        inner = max(c_in, c_out // (s * s))  # channels of the BCOP part (stride 1: max(in, out))
+        if k > s and inner // groups < 2:
+            raise ValueError(f"{name}: kernel_size > stride needs a BCOP part with at least 2 channels "
+                             f"per group (it builds the kernel from rank-c/2 projectors); here it has "
+                             f"{inner // groups}. Use more channels or kernel_size == stride")
         padding_mode = padding_mode or ("zeros" if transposed else "circular")
         if padding_mode not in ("circular", "zeros"):
             raise ValueError(f"{name}: padding_mode must be 'circular' or 'zeros', got {padding_mode!r}")
@@ -121,6 +132,9 @@ class OrthoConv2d(nn.Module):
                              f"convolution: {err}") from err
         if bias:
             nn.init.zeros_(self.conv.bias)
+        for m in self.conv.modules():  # orthogonium pins L2Normalize's dtype at construction;
+            if isinstance(m, L2Normalize):  # let it follow the weight so .double() works
+                m.dtype = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -133,7 +147,7 @@ class OrthoConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "OrthoConv2d", channels=self.in_channels, ndims=(3, 4))
-        if self.padding_mode == "circular" and input_checks_enabled():
+        if self.padding_mode == "circular":  # shape-only, always on: the bound depends on it
             size = tuple(x.shape[-2:])
             out = tuple(_out_size(n, self.kernel_size, self.stride, self.padding, self.dilation) for n in size)
             check_circular_input(size, out, (self.stride, self.stride), "OrthoConv2d")
@@ -170,7 +184,7 @@ class AOLConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "AOLConv2d", channels=self.in_channels, ndims=(3, 4))
-        if self.padding_mode == "circular" and input_checks_enabled():
+        if self.padding_mode == "circular":  # shape-only, always on: the bound depends on it
             size = tuple(x.shape[-2:])
             out = tuple(
                 _out_size(n, self.kernel_size[i], self.stride[i], self.padding if isinstance(self.padding, str)

@@ -27,13 +27,19 @@ Derivation (all steps are exact identities or norm inequalities):
    hence M^2 <= max_grid lambda_max(H) / (1 - c)  (the "direct" bound). The same argument on
    E(w) = H(w) - I gives sup ||E|| <= max_grid ||E|| / (1 - c) and M^2 <= 1 + that (the
    "near-orthogonal" bound, tight to ~||E|| for orthogonal convolutions, whose symbol is unitary).
-   The result is the smaller of the two. A coarse grid N = 4 (d_1 + d_2) (c = 0.31) settles
+   The result is the smaller of the two (and of step 6). A coarse grid N = 4 (d_1 + d_2) (c = 0.31) settles
    nearly orthogonal kernels (bound 1 + 1.45 max_grid ||E|| <= 1 + 1e-3); otherwise a fine grid
    N = 16 (d_1 + d_2) (c = 0.0193) puts the direct bound at most 1% above M.
 5. Rounding: the symbol and eigenvalues are computed in float64 from the (exact) fp32/bf16 kernel;
    eigenvalues get an absolute margin of 1e-12 * (sum_taps ||K'_a||_F)^2 (>= 10^3 x the float64
    error of the FFT and of LAPACK's backward-stable ``eigvalsh``), and the result is multiplied by
    (1 + ``SAFETY_MARGIN``).
+
+6. Weighted Schur test: T^T T is the stride-1 convolution with the Gram kernel P
+   (``conv_gram_kernel``); with A_ij = sum_u |P_ij[u]| and any positive vector q,
+   M^2 <= max_i (A q)_i / q_i. AOL's proof is this test with q = 1/d, so it certifies AOL kernels
+   at 1 without the grid's slack; we take q from power iteration on A (any q is sound). (Sums of
+   absolute values in float64: relative error <= n u, far below the margins.)
 
 A 1x1 polyphase kernel (e.g. RKO, kernel == stride) is a plain matrix: the core's rigorous
 ``spectral_norm_bound`` is used directly.
@@ -44,6 +50,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..ortho import SAFETY_MARGIN, spectral_norm_bound
 from ..ortho.validation import check_matrices
@@ -73,6 +80,19 @@ def polyphase_kernel(
     kernel = torch.nn.functional.pad(kernel, (0, pw - kw, 0, ph - kh))
     k = kernel.reshape(co, ci, ph // sh, sh, pw // sw, sw)  # (o, c, a1, a0, b1, b0)
     return k.permute(0, 1, 3, 5, 2, 4).reshape(co, ci * sh * sw, ph // sh, pw // sw)
+
+
+def conv_gram_kernel(kernel: torch.Tensor, groups: int = 1, dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+    """Kernel of T^T T for the stride-1 convolution T with ``kernel`` (out, in/groups, k1, k2).
+
+    Returns (in/groups, in, 2k1-1, 2k2-1) in conv-output layout: entry [i, (g, j), u] is
+    sum_{o in group g} (K[o, i] correlated with K[o, j])[u], i.e. the Gram block of group g.
+    """
+    co, cig, k1, k2 = kernel.shape
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    x = kernel.transpose(0, 1)  # batch = input channel i, channels = all outputs o
+    w = kernel.view(groups, co // groups, cig, k1, k2).transpose(1, 2).reshape(groups * cig, co // groups, k1, k2)
+    return F.conv2d(x, w, groups=groups, padding=(dh * (k1 - 1), dw * (k2 - 1)), dilation=(dh, dw))
 
 
 def default_grid_size(kernel_size: tuple[int, int]) -> int:
@@ -112,18 +132,36 @@ def conv_operator_norm_bound(
     d1, d2 = k1 - 1, k2 - 1
     tap_frobenius_sum = k.flatten(3).norm(dim=(1, 2)).sum(-1).max().item()
     margin = _EIG_MARGIN * tap_frobenius_sum**2
+    # Step 6: sqrt of the largest absolute row sum of the Gram kernel (Schur test). Equals 1 for
+    # AOL-rescaled kernels by construction; tight where the grid bound keeps its 1% slack.
+    gram = conv_gram_kernel(k.reshape(groups * co // groups, ci, k1, k2), groups).abs()
+    schur = math.sqrt(_weighted_schur_bound(gram.view(ci, groups, ci, -1).sum(-1).transpose(0, 1)))
+    schur *= 1 + SAFETY_MARGIN
     if grid_size is not None:
-        return _grid_bound(k, int(grid_size), margin)
+        return min(schur, *_grid_bound(k, int(grid_size), margin))
     # Coarse grid first: enough for (nearly) orthogonal kernels, whose near-orthogonal bound only
     # multiplies the tiny max ||E|| by 1/(1 - c); the fine grid only when that bound is not tight.
-    coarse = _grid_bound(k, 4 * (d1 + d2), margin)
-    if coarse <= 1 + 1e-3:
-        return coarse
-    return min(coarse, _grid_bound(k, default_grid_size((k1, k2)), margin))
+    direct, near_orthogonal = _grid_bound(k, 4 * (d1 + d2), margin)
+    if near_orthogonal <= 1 + 1e-3:
+        return min(schur, direct, near_orthogonal)
+    return min(schur, direct, near_orthogonal, *_grid_bound(k, default_grid_size((k1, k2)), margin))
 
 
-def _grid_bound(k: torch.Tensor, n: int, margin: float) -> float:
-    """Bound of step 4 on an n x n grid for a float64 (groups, co, ci, k1, k2) polyphase kernel."""
+def _weighted_schur_bound(a: torch.Tensor, iters: int = 50) -> float:
+    """Upper bound on the spectral norm of symmetric operators with absolute tap sums ``a``
+    (groups, c, c): max_i (a q)_i / q_i for any positive q (weighted Schur test); q from power
+    iteration, so the bound approaches the Perron root of a."""
+    q = torch.ones(a.shape[:-1], dtype=a.dtype)
+    for _ in range(iters):
+        aq = (a @ q[..., None])[..., 0]
+        q = aq / aq.amax(-1, keepdim=True).clamp_min(1e-300) + 1e-12  # stays positive
+    ratio = (a @ q[..., None])[..., 0] / q
+    return ratio.max().item() * (1 + _EIG_MARGIN)
+
+
+def _grid_bound(k: torch.Tensor, n: int, margin: float) -> tuple[float, float]:
+    """(direct, near-orthogonal) bounds of step 4 on an n x n grid, for a float64 polyphase kernel
+    of shape (groups, co, ci, k1, k2)."""
     _, co, ci, k1, k2 = k.shape
     d1, d2 = k1 - 1, k2 - 1
     c = 0.5 * (math.pi * (d1 + d2) / n) ** 2
@@ -136,7 +174,7 @@ def _grid_bound(k: torch.Tensor, n: int, margin: float) -> float:
     eig = torch.linalg.eigvalsh(gram)
     direct = (eig.max().item() + margin) / (1 - c)
     near_orthogonal = 1 + ((eig - 1).abs().max().item() + margin) / (1 - c)
-    return math.sqrt(min(direct, near_orthogonal)) * (1 + SAFETY_MARGIN)
+    return math.sqrt(direct) * (1 + SAFETY_MARGIN), math.sqrt(near_orthogonal) * (1 + SAFETY_MARGIN)
 
 
 def check_circular_input(

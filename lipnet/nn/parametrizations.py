@@ -13,12 +13,12 @@ constrained weight is derived on access, ``state_dict`` holds only raw parameter
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from orthogonium.model_factory.classparam import ClassParam
 from orthogonium.reparametrizers import OrthoParams
 from torch import nn
 
 from ..ortho import METHODS, aol_rescale, orthogonalize
+from .conv_norm import conv_gram_kernel
 
 # Layers want sigma within 1e-3 of 1 (DESIGN.md): the convergent schedule, not turbo.
 DEFAULT_LAYER_METHOD = "convergent"
@@ -86,19 +86,6 @@ def core_ortho_params(method: str = DEFAULT_LAYER_METHOD, steps: int | None = No
         spectral_normalizer=ClassParam(NoSpectralNormalization),
         orthogonalizer=ClassParam(CoreOrthogonalizer, method=method, steps=steps),
     )
-
-
-def conv_gram_kernel(kernel: torch.Tensor, groups: int = 1, dilation: int | tuple[int, int] = 1) -> torch.Tensor:
-    """Kernel of T^T T for the stride-1 convolution T with ``kernel`` (out, in/groups, k1, k2).
-
-    Returns (in/groups, in, 2k1-1, 2k2-1) in conv-output layout: entry [i, (g, j), u] is
-    sum_{o in group g} (K[o, i] correlated with K[o, j])[u], i.e. the Gram block of group g.
-    """
-    co, cig, k1, k2 = kernel.shape
-    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
-    x = kernel.transpose(0, 1)  # batch = input channel i, channels = all outputs o
-    w = kernel.view(groups, co // groups, cig, k1, k2).transpose(1, 2).reshape(groups * cig, co // groups, k1, k2)
-    return F.conv2d(x, w, groups=groups, padding=(dh * (k1 - 1), dw * (k2 - 1)), dilation=(dh, dw))
 
 
 def aol_conv_scale(kernel: torch.Tensor, groups: int = 1, dilation: int | tuple[int, int] = 1,

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_norm import conv_operator_norm_bound
+
 
 def _pool_args(kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None) -> tuple[tuple[int, int], tuple[int, int]]:
     k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -44,19 +46,20 @@ class L2NormPool2d(nn.Module):
 
 
 class ScaledAvgPool2d(nn.Module):
-    """Average pooling times sqrt(k1 k2 / r), r = windows per pixel: 1-Lipschitz.
+    """Average pooling times 1 / ||avg_pool||, so that it is 1-Lipschitz and no looser than needed.
 
-    Guarantee: a window average is (1/(k1 k2)) <1, p> with |<1, p>| <= sqrt(k1 k2) ||p||, and each
-    pixel is in at most r windows, so ||avg(x) - avg(y)|| <= sqrt(r / (k1 k2)) ||x - y||. For
-    non-overlapping windows (stride = kernel, the default) it is norm-preserving on constant windows.
+    Per channel, average pooling is a stride-s convolution with the constant kernel 1/(k1 k2); its
+    norm is bounded soundly by ``conv_operator_norm_bound`` (= 1/sqrt(k1 k2) for non-overlapping
+    windows, the default stride = kernel, where it is norm-preserving on constant windows).
     No padding (a padded window would change the constant).
     """
 
     def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None) -> None:
         super().__init__()
         self.kernel_size, self.stride = _pool_args(kernel_size, stride)
-        area = self.kernel_size[0] * self.kernel_size[1]
-        self.scale = math.sqrt(area / reuse_count(self.kernel_size, self.stride))
+        k1, k2 = self.kernel_size
+        uniform = torch.full((1, 1, k1, k2), 1.0 / (k1 * k2), dtype=torch.float64)
+        self.scale = 1.0 / conv_operator_norm_bound(uniform, self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(x, self.kernel_size, self.stride) * self.scale

@@ -1,0 +1,248 @@
+"""Every lipnet.nn layer against an adversary: empirical Lipschitz constants (Jacobian power
+iteration + pair ascent) must never exceed ``lipschitz_bound``; impossible configs raise ValueError."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+import lipnet.nn as ln
+from attacks import empirical_lipschitz
+
+
+@contextlib.contextmanager
+def no_input_checks():
+    ln.set_input_checks(False)  # torch.func transforms cannot branch on tensor values
+    try:
+        yield
+    finally:
+        ln.set_input_checks(True)
+
+
+def attack(module: nn.Module, shape, seed=0) -> float:
+    module = module.double().eval().requires_grad_(False)  # gradients w.r.t. inputs only
+    with no_input_checks(), parametrize.cached():  # weights are fixed during the attack
+        return empirical_lipschitz(module, shape, seed=seed)
+
+
+def assert_bound_holds(module: nn.Module, shape, seed=0) -> tuple[float, float]:
+    module = module.double().eval()
+    bound = ln.lipschitz_bound(module)
+    low = attack(module, shape, seed)
+    assert low <= bound * (1 + 1e-9), f"{module}: empirical {low} > bound {bound}"
+    return low, bound
+
+
+@st.composite
+def ortho_conv_configs(draw):
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cin = groups * draw(st.integers(1, 4))
+    cout = groups * draw(st.integers(1, 4))
+    k = draw(st.integers(1, 4))
+    s = draw(st.integers(1, 2))
+    d = draw(st.sampled_from([1, 1, 2]))
+    transposed = draw(st.booleans())
+    padding = "same" if s == 1 and not transposed else (d * (k - 1) - s + 2) // 2
+    return dict(in_channels=cin, out_channels=cout, kernel_size=k, stride=s, dilation=d, groups=groups,
+                transposed=transposed, padding=padding, padding_mode=None if transposed else draw(st.sampled_from(["circular", "zeros"])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=ortho_conv_configs(), seed=st.integers(0, 1000))
+def test_ortho_conv_bound_survives_attack_or_config_is_refused(cfg, seed):
+    torch.manual_seed(seed)
+    try:
+        m = ln.OrthoConv2d(**cfg)
+        m(torch.randn(1, cfg["in_channels"], 8, 8))  # circular shape checks happen here
+    except ValueError as err:
+        assert str(err)  # refused with a message, never another exception type
+        return
+    with torch.no_grad():  # random raw weights, not just the orthogonal init
+        for p in m.parameters():
+            p.normal_()
+    low, bound = assert_bound_holds(m, (1, cfg["in_channels"], 8, 8), seed)
+    assert bound <= 1 + 1e-3, f"orthogonal conv bound {bound} for {cfg}"
+
+
+@pytest.mark.parametrize("cin,cout,k,s,pad", [(4, 4, 3, 1, "same"), (6, 6, 5, 1, "same"), (4, 16, 2, 2, 0), (8, 8, 1, 1, 0)])
+def test_ortho_conv_preserves_norms(cin, cout, k, s, pad):
+    torch.manual_seed(0)
+    m = ln.OrthoConv2d(cin, cout, k, stride=s, padding=pad, bias=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    x = torch.randn(3, cin, 8, 8)
+    ratio = m(x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+    assert torch.allclose(ratio, torch.ones(3), atol=1e-3), ratio
+
+
+@pytest.mark.parametrize("method", ["convergent", "bjorck", "turbo", "svd"])
+def test_ortho_linear(method):
+    torch.manual_seed(1)
+    for fin, fout in [(7, 7), (5, 11), (12, 3)]:
+        m = ln.OrthoLinear(fin, fout, method=method)
+        with torch.no_grad():
+            m.parametrizations.weight.original.normal_()
+        low, bound = assert_bound_holds(m, (2, fin))
+        if method != "turbo":  # turbo is an optimizer schedule: sigma in [0.78, 1.22], still bounded
+            assert bound <= 1 + 1e-3
+            w = m.weight.detach()
+            small = w @ w.mT if fout <= fin else w.mT @ w
+            assert torch.allclose(small, torch.eye(min(fin, fout), dtype=w.dtype), atol=1e-3)
+
+
+def test_ortho_linear_square_preserves_norms():
+    m = ln.OrthoLinear(16, 16, bias=False)
+    x = torch.randn(5, 16)
+    assert torch.allclose(m(x).norm(dim=1), x.norm(dim=1), rtol=1e-3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(fin=st.integers(1, 12), fout=st.integers(1, 12), scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 1000))
+def test_aol_linear(fin, fout, scale, seed):
+    torch.manual_seed(seed)
+    m = ln.AOLLinear(fin, fout)
+    with torch.no_grad():
+        m.parametrizations.weight.original.normal_().mul_(scale)
+    low, bound = assert_bound_holds(m, (2, fin), seed)
+    assert bound <= 1 + 1e-5
+
+
+@settings(max_examples=20, deadline=None)
+@given(groups=st.sampled_from([1, 2]), cin=st.integers(1, 3), cout=st.integers(1, 3), k=st.integers(1, 4),
+       s=st.integers(1, 2), d=st.integers(1, 2), mode=st.sampled_from(["zeros", "circular"]), seed=st.integers(0, 1000))
+def test_aol_conv(groups, cin, cout, k, s, d, mode, seed):
+    torch.manual_seed(seed)
+    padding = "same" if s == 1 else (d * (k - 1) - s + 2) // 2
+    m = ln.AOLConv2d(groups * cin, groups * cout, k, stride=s, padding=padding, dilation=d, groups=groups, padding_mode=mode)
+    with torch.no_grad():
+        m.parametrizations.weight.original.normal_()
+    low, bound = assert_bound_holds(m, (1, groups * cin, 8, 8), seed)
+    assert bound <= 1 + 1e-5
+
+
+@settings(max_examples=15, deadline=None)
+@given(features=st.integers(1, 8), inner=st.integers(1, 8), k=st.sampled_from([None, 1, 3]), seed=st.integers(0, 1000))
+def test_sll_block(features, inner, k, seed):
+    torch.manual_seed(seed)
+    m = ln.SLLBlock(features, inner, kernel_size=k)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.q.normal_()
+        m.bias.normal_()
+    shape = (2, features) if k is None else (1, features, 6, 6)
+    assert_bound_holds(m, shape, seed)
+
+
+@pytest.mark.parametrize("module,shape", [
+    (ln.MaxMin(), (2, 6, 3, 3)), (ln.Abs(), (2, 5)), (ln.L2NormPool2d(2), (1, 3, 6, 6)),
+    (ln.L2NormPool2d(3, stride=1), (1, 2, 6, 6)), (ln.ScaledAvgPool2d(2), (1, 3, 6, 6)),
+    (ln.ScaledAvgPool2d(3, stride=2), (1, 2, 7, 7)), (ln.GlobalL2NormPool2d(), (2, 3, 4, 4)),
+    (ln.FirstChannels(2), (2, 5)), (ln.Flatten(), (2, 3, 2, 2)), (ln.LayerCentering(3), (2, 3, 4, 4)),
+    (ln.BatchCentering(3), (2, 3, 4, 4)),
+])
+def test_parameter_free_layers(module, shape):
+    low, bound = assert_bound_holds(module, shape)
+    exact = (ln.MaxMin, ln.Abs, ln.Flatten, ln.BatchCentering)
+    if isinstance(module, exact) or (isinstance(module, ln.ScaledAvgPool2d) and module.stride == module.kernel_size):
+        assert low >= 0.99 * bound, f"{module}: bound {bound} loose vs {low}"
+
+
+def test_scaled_avg_pool_is_tight_and_maxmin_preserves_norms():
+    for pool in (ln.ScaledAvgPool2d(2), ln.ScaledAvgPool2d(3, stride=2), ln.ScaledAvgPool2d((2, 3), stride=1)):
+        assert ln.lipschitz_bound(pool) == pytest.approx(1.0, abs=1e-5)
+    x = torch.ones(1, 1, 4, 4)  # non-overlapping windows preserve the norm of constant inputs
+    assert ln.ScaledAvgPool2d(2)(x).norm() == pytest.approx(x.norm().item(), rel=1e-5)
+    x = torch.randn(4, 8, 5, 5)
+    assert torch.allclose(ln.MaxMin()(x).norm(), x.norm())
+
+
+@pytest.mark.parametrize("alpha,learnable", [(0.3, False), (0.7, True), (1.0, False)])
+def test_convex_residual(alpha, learnable):
+    torch.manual_seed(0)
+    f = nn.Sequential(ln.AOLLinear(6, 6), ln.MaxMin())
+    m = ln.ConvexResidual(f, alpha=alpha, learnable=learnable)
+    low, bound = assert_bound_holds(m, (2, 6))
+    assert bound == pytest.approx((1 - alpha) + alpha * ln.lipschitz_bound(f), rel=1e-6)
+    twice = ln.ConvexResidual(nn.Sequential(ln.OrthoLinear(4, 4), ln.OrthoLinear(4, 4)), alpha=0.5)
+    with torch.no_grad():  # scale up: f is now 3-Lipschitz-ish, the convex rule must follow
+        twice.f[0].parametrizations.weight.original.mul_(1.0)
+    assert_bound_holds(twice, (2, 4))
+
+
+def test_sequential_bound_is_the_product_and_is_attacked():
+    torch.manual_seed(0)
+    model = nn.Sequential(ln.OrthoConv2d(3, 8, 3), ln.MaxMin(), ln.AOLConv2d(8, 8, 3), ln.L2NormPool2d(2),
+                          ln.Flatten(), ln.AOLLinear(8 * 4 * 4, 10))
+    parts = [ln.lipschitz_bound(m) for m in model]
+    assert ln.lipschitz_bound(model) == pytest.approx(math.prod(parts))
+    assert_bound_holds(model, (1, 3, 8, 8))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 6), seed=st.integers(0, 1000), temperature=st.floats(0.05, 4.0), offset=st.floats(0, 3))
+def test_loss_lipschitz_constants(n, seed, temperature, offset):
+    g = torch.Generator().manual_seed(seed)
+    z = (5 * torch.randn(8, n, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, n, (8,), generator=g)
+    for loss in (ln.LipschitzCrossEntropy(temperature, offset, reduction="none"), ln.MultiMarginHinge(offset, reduction="none")):
+        grads = torch.autograd.grad(loss(z, y).sum(), z)[0]  # row i: gradient of sample i's loss
+        assert (grads.norm(dim=1) <= loss.lipschitz * (1 + 1e-12)).all()
+        z2 = z.detach() + torch.randn(8, n, generator=g, dtype=torch.float64)
+        diff = (loss(z.detach(), y) - loss(z2, y)).abs()
+        assert (diff <= loss.lipschitz * (z.detach() - z2).norm(dim=1) + 1e-12).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    conv = ln.OrthoConv2d(4, 4, 3)
+    with pytest.raises(ValueError, match="channels"):
+        conv(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        conv(torch.full((1, 4, 8, 8), math.nan))
+    with pytest.raises(ValueError, match="divisible by the stride"):
+        ln.OrthoConv2d(4, 8, 3, stride=2, padding=1)(torch.randn(1, 4, 7, 7))
+    with pytest.raises(ValueError, match="used twice"):
+        ln.OrthoConv2d(4, 4, 1, padding=1)(torch.randn(1, 4, 4, 4))
+    lin = ln.OrthoLinear(3, 3)
+    with torch.no_grad():
+        lin.parametrizations.weight.original[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN|finite"):
+        lin(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="features"):
+        ln.OrthoLinear(3, 3)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="even"):
+        ln.MaxMin()(torch.randn(2, 3))
+    with pytest.raises(TypeError, match="no Lipschitz bound rule"):
+        ln.lipschitz_bound(nn.Sequential(ln.OrthoLinear(3, 3), nn.Softplus()))
+    with pytest.raises(TypeError, match="repeats pixels"):
+        ln.lipschitz_bound(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="temperature"):
+        ln.LipschitzCrossEntropy(temperature=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=(3, 5)), "square"),
+    (dict(kernel_size=1, stride=2, padding=0), "kernel_size=1 < stride=2"),
+    (dict(kernel_size=3, stride=2), "padding='same'"),
+    (dict(kernel_size=3, groups=3), "divisible by groups"),
+    (dict(kernel_size=3, transposed=True, padding_mode="circular"), "zero padding only"),
+    (dict(kernel_size=3, padding_mode="reflect"), "padding_mode"),
+    (dict(kernel_size=3, method="qr"), "unknown orthogonalization method"),
+    (dict(kernel_size=0), "positive int"),
+])
+def test_impossible_ortho_conv_configs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ln.OrthoConv2d(4, 8, **kwargs)
+
+
+def test_core_is_injected_into_orthogonium():
+    from lipnet.nn.parametrizations import CoreOrthogonalizer, NoSpectralNormalization
+    conv = ln.OrthoConv2d(8, 16, 3, stride=2, padding=1)
+    kinds = {type(m) for m in conv.modules()}
+    assert CoreOrthogonalizer in kinds and NoSpectralNormalization in kinds
+    assert not any("Bjorck" in k.__name__ or "PowerIteration" in k.__name__ for k in kinds)
