@@ -1,5 +1,6 @@
 """export(model): plain torch, same outputs, same bound; state_dict round trips; runs without lipnet."""
 
+import io
 import subprocess
 import sys
 
@@ -75,6 +76,10 @@ def test_whole_model_export_state_dict_round_trip_and_accuracy():
     torch.testing.assert_close(exported(x), ref, rtol=1e-5, atol=1e-6)
     assert (exported(x).argmax(1) == ref.argmax(1)).all()  # same predictions -> same accuracy
     assert model.training is False and fresh.training is False
+    buffer = io.BytesIO()  # torch.save / torch.load of the exported module
+    torch.save(exported, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), exported(x))
     kinds = {type(m) for m in exported.modules()}
     assert nn.Conv2d in kinds and nn.Linear in kinds and ln.OrthoConv2d not in kinds
 
