@@ -1,0 +1,66 @@
+"""Cost of computing the constrained weights alone (no data) of the layers benchmark's network, per
+core method, with the resulting per-layer Lipschitz bounds; then a profile of the default method.
+
+    python benchmarks/layer_weights.py [--repeats 7] [--threads N]
+
+Answers: how much of a training step is orthogonalization, and would another core method (or fewer
+steps) be faster while staying orthogonal? Interleaved timing, median of ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+from torch.profiler import profile
+
+import lipnet.nn as ln
+
+VARIANTS = {"convergent": ("convergent", None), "convergent, 5 steps": ("convergent", 5),
+            "svd": ("svd", None), "bjorck": ("bjorck", None)}
+
+
+def build(method: str, steps: int | None) -> nn.ModuleList:
+    torch.manual_seed(0)
+    kw = dict(method=method, steps=steps)
+    return nn.ModuleList([
+        ln.OrthoConv2d(3, 32, 3, **kw), ln.OrthoConv2d(32, 64, 3, stride=2, padding=1, **kw), ln.OrthoConv2d(64, 64, 3, **kw),
+        ln.OrthoConv2d(64, 128, 3, stride=2, padding=1, **kw), ln.OrthoConv2d(128, 128, 3, stride=2, padding=1, **kw),
+        ln.OrthoLinear(2048, 10, **kw),
+    ])
+
+
+def weights_forward_backward(layers: nn.ModuleList) -> None:
+    sum(layer.weight.sum() for layer in layers).backward()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {name: build(*cfg) for name, cfg in VARIANTS.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, layers in models.items():
+            start = time.perf_counter()
+            weights_forward_backward(layers)
+            times[name].append(time.perf_counter() - start)
+    print(f"{torch.get_num_threads()} threads, median of {args.repeats}, weights forward+backward:")
+    base = sorted(times["convergent"])[args.repeats // 2]
+    for name, layers in models.items():
+        median = sorted(times[name])[args.repeats // 2]
+        bounds = ", ".join(f"{ln.lipschitz_bound(layer):.6f}" for layer in layers)
+        print(f"  {name:20s} {median * 1e3:7.1f} ms  ({median / base:.2f}x)  bounds: {bounds}")
+    with profile() as prof:
+        for _ in range(3):
+            weights_forward_backward(models["convergent"])
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
