@@ -44,6 +44,15 @@ def _out_size(n: int, kernel: int, stride: int, padding: Padding, dilation: int)
     return (n + 2 * p - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _check_circular(x: torch.Tensor, layer: str, kernel: tuple[int, int], stride: tuple[int, int],
+                    padding: Padding | tuple[int, int], dilation: tuple[int, int]) -> None:
+    """Shape-only, always on (not behind ``set_input_checks``): the bound depends on it."""
+    size = tuple(x.shape[-2:])
+    pads = (padding, padding) if isinstance(padding, (str, int)) else padding
+    out = tuple(_out_size(size[i], kernel[i], stride[i], pads[i], dilation[i]) for i in range(2))
+    check_circular_input(size, out, stride, layer)
+
+
 class OrthoConv2d(nn.Module):
     """Orthogonal convolution: the AOC construction (Boissin et al., 2025) -- BCOP for stride 1, RKO
     for kernel == stride, BCOP x RKO for native strides; dilation, groups, transposed -- built by
@@ -146,10 +155,9 @@ class OrthoConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "OrthoConv2d", channels=self.in_channels, ndims=(3, 4))
-        if self.padding_mode == "circular":  # shape-only, always on: the bound depends on it
-            size = tuple(x.shape[-2:])
-            out = tuple(_out_size(n, self.kernel_size, self.stride, self.padding, self.dilation) for n in size)
-            check_circular_input(size, out, (self.stride, self.stride), "OrthoConv2d")
+        if self.padding_mode == "circular":
+            k, s, d = self.kernel_size, self.stride, self.dilation
+            _check_circular(x, "OrthoConv2d", (k, k), (s, s), self.padding, (d, d))
         return self.conv(x)
 
     def extra_repr(self) -> str:
@@ -184,10 +192,6 @@ class AOLConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "AOLConv2d", channels=self.in_channels, ndims=(3, 4))
-        if self.padding_mode == "circular":  # shape-only, always on: the bound depends on it
-            size = tuple(x.shape[-2:])
-            out = tuple(
-                _out_size(n, self.kernel_size[i], self.stride[i], self.padding if isinstance(self.padding, str)
-                          else self.padding[i], self.dilation[i]) for i, n in enumerate(size))
-            check_circular_input(size, out, self.stride, "AOLConv2d")
+        if self.padding_mode == "circular":
+            _check_circular(x, "AOLConv2d", self.kernel_size, self.stride, self.padding, self.dilation)
         return super().forward(x)

@@ -89,7 +89,7 @@ def conv_gram_kernel(kernel: torch.Tensor, groups: int = 1, dilation: int | tupl
     sum_{o in group g} (K[o, i] correlated with K[o, j])[u], i.e. the Gram block of group g.
     """
     co, cig, k1, k2 = kernel.shape
-    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    dh, dw = _pair(dilation)
     x = kernel.transpose(0, 1)  # batch = input channel i, channels = all outputs o
     w = kernel.view(groups, co // groups, cig, k1, k2).transpose(1, 2).reshape(groups * cig, co // groups, k1, k2)
     return F.conv2d(x, w, groups=groups, padding=(dh * (k1 - 1), dw * (k2 - 1)), dilation=(dh, dw))
@@ -125,18 +125,19 @@ def conv_operator_norm_bound(
     check_matrices(kernel.flatten(1), "kernel", allow_zero=True)
     k = polyphase_kernel(kernel.detach().to(torch.float64), stride, dilation)
     co, ci, k1, k2 = k.shape
-    k = k.reshape(groups, co // groups, ci, k1, k2)
     if k1 == 1 and k2 == 1:  # a plain (grouped) matrix: the core's rigorous bound
-        return float(spectral_norm_bound(k[..., 0, 0]).max())
+        return float(spectral_norm_bound(k.reshape(groups, co // groups, ci)).max())
 
+    # Step 6: weighted Schur test on the Gram kernel's absolute tap sums. Certifies AOL-rescaled
+    # kernels at 1; tight where the grid bound keeps its 1% slack.
+    gram = conv_gram_kernel(k, groups).abs()
+    schur = math.sqrt(_weighted_schur_bound(gram.view(ci, groups, ci, -1).sum(-1).transpose(0, 1)))
+    schur *= 1 + SAFETY_MARGIN
+
+    k = k.reshape(groups, co // groups, ci, k1, k2)
     d1, d2 = k1 - 1, k2 - 1
     tap_frobenius_sum = k.flatten(3).norm(dim=(1, 2)).sum(-1).max().item()
     margin = _EIG_MARGIN * tap_frobenius_sum**2
-    # Step 6: sqrt of the largest absolute row sum of the Gram kernel (Schur test). Equals 1 for
-    # AOL-rescaled kernels by construction; tight where the grid bound keeps its 1% slack.
-    gram = conv_gram_kernel(k.reshape(groups * co // groups, ci, k1, k2), groups).abs()
-    schur = math.sqrt(_weighted_schur_bound(gram.view(ci, groups, ci, -1).sum(-1).transpose(0, 1)))
-    schur *= 1 + SAFETY_MARGIN
     if grid_size is not None:
         return min(schur, *_grid_bound(k, int(grid_size), margin))
     # Coarse grid first: enough for (nearly) orthogonal kernels, whose near-orthogonal bound only

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import check_input
-from .parametrizations import DEFAULT_LAYER_METHOD, AOLScaling, Orthogonalize
+from .parametrizations import DEFAULT_LAYER_METHOD, AOLScaling, CoreOrthogonalizer
 
 
 class OrthoLinear(nn.Linear):
@@ -25,7 +25,7 @@ class OrthoLinear(nn.Linear):
         nn.init.orthogonal_(self.weight)
         if bias:
             nn.init.zeros_(self.bias)
-        parametrize.register_parametrization(self, "weight", Orthogonalize(method, steps))
+        parametrize.register_parametrization(self, "weight", CoreOrthogonalizer(self.weight.shape, method, steps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, type(self).__name__, channels=self.in_features, ndims=(1, 2))

@@ -1,10 +1,9 @@
 """Weight parametrizations (``torch.nn.utils.parametrize`` style): the raw parameter is kept, the
 constrained weight is derived on access, ``state_dict`` holds only raw parameters.
 
-* :class:`Orthogonalize` -- the core's ``orthogonalize`` on the weight viewed as (..., out, fan_in).
-* :class:`CoreOrthogonalizer` / :func:`core_ortho_params` -- the same, in the ``ClassParam`` factory
-  form orthogonium's ``OrthoParams`` expects, so every matrix orthogonalization inside an AOC
-  convolution runs through our core.
+* :class:`CoreOrthogonalizer` -- the core's ``orthogonalize`` of a raw (..., m, n) parameter; with
+  :func:`core_ortho_params` it fills orthogonium's ``OrthoParams`` slots, so every matrix
+  orthogonalization inside an AOC convolution runs through our core too.
 * :class:`AOLScaling` -- AOL rescaling (Prach & Lampert, 2022): W diag(d), d_j = (sum_i |W^T W|_ij)^(-1/2),
   which guarantees ||W diag(d)||_2 <= 1. Dense weights use the core's ``aol_rescale`` (short
   side); for a kernel the Gram matrix is that of the convolution operator (a (2k-1)^2 kernel).
@@ -31,25 +30,10 @@ def check_method(method: str, steps: int | None) -> None:
         raise ValueError(f"steps must be a positive int or None, got {steps!r}")
 
 
-class Orthogonalize(nn.Module):
-    """weight = orthogonalize(raw viewed as (..., out, fan_in)) reshaped back; semi-orthogonal if
-    out != fan_in. Guarantee: whatever the core returns; the layers' ``lipschitz_bound`` measures it."""
-
-    def __init__(self, method: str = DEFAULT_LAYER_METHOD, steps: int | None = None) -> None:
-        super().__init__()
-        check_method(method, steps)
-        self.method, self.steps = method, steps
-
-    def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        q = orthogonalize(raw.flatten(1), method=self.method, steps=self.steps)
-        return q.view_as(raw)
-
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight  # an orthogonal matrix is its own preimage (the polar factor of itself)
-
-
 class CoreOrthogonalizer(nn.Module):
-    """orthogonium ``orthogonalizer`` slot filled by our core (called as ``cls(weight_shape=...)``)."""
+    """weight = the core's ``orthogonalize`` of the raw (..., m, n) parameter: semi-orthogonal when
+    m != n. Also orthogonium's ``orthogonalizer`` slot (called as ``cls(weight_shape=...)``).
+    Guarantee: whatever the core returns; ``lipschitz_bound`` measures the result."""
 
     def __init__(self, weight_shape: tuple[int, ...], method: str = DEFAULT_LAYER_METHOD,
                  steps: int | None = None) -> None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_input
-from .parametrizations import conv_gram_kernel
+from .conv_norm import conv_gram_kernel
 
 # Relative inflation of T: keeps T - W^T W dominated by the diagonal despite float rounding.
 _T_INFLATION = 1e-5
