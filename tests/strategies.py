@@ -58,3 +58,17 @@ def any_matrix(draw):
         W = torch.randn(*batch, m, n, generator=g, dtype=torch.float64) ** 3
     scale = draw(st.sampled_from([1e-4, 1.0, 1e4]))
     return (W * scale).float()
+
+
+@st.composite
+def conv_geometry(draw, max_per_group: int, dilations=st.integers(1, 2)):
+    """(groups, in_channels, out_channels, kernel, stride, dilation) of a small 2-D convolution."""
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cin = groups * draw(st.integers(1, max_per_group))
+    cout = groups * draw(st.integers(1, max_per_group))
+    return groups, cin, cout, draw(st.integers(1, 4)), draw(st.integers(1, 2)), draw(dilations)
+
+
+def strided_padding(kernel: int, stride: int, dilation: int) -> int:
+    """Padding that gives size / stride outputs for even sizes (what circular padding allows)."""
+    return (dilation * (kernel - 1) - stride + 2) // 2

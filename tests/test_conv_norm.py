@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lipnet.nn.conv_norm import conv_operator_norm_bound, polyphase_kernel
+from strategies import conv_geometry
 
 
 def dense_conv_norm(kernel, n, stride, dilation, groups, padding_mode, padding):
@@ -29,12 +30,7 @@ def dense_conv_norm(kernel, n, stride, dilation, groups, padding_mode, padding):
 
 @st.composite
 def conv_configs(draw):
-    groups = draw(st.sampled_from([1, 1, 2]))
-    ci = groups * draw(st.integers(1, 3))
-    co = groups * draw(st.integers(1, 3))
-    k = draw(st.integers(1, 4))
-    stride = draw(st.integers(1, 2))
-    dilation = draw(st.integers(1, 2))
+    groups, ci, co, k, stride, dilation = draw(conv_geometry(max_per_group=3))
     seed = draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([1e-3, 1.0, 30.0]))
     g = torch.Generator().manual_seed(seed)

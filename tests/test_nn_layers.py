@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 import lipnet.nn as ln
 from attacks import empirical_lipschitz
+from strategies import conv_geometry, strided_padding
 
 
 @contextlib.contextmanager
@@ -40,14 +41,9 @@ def assert_bound_holds(module: nn.Module, shape, seed=0) -> tuple[float, float]:
 
 @st.composite
 def ortho_conv_configs(draw):
-    groups = draw(st.sampled_from([1, 1, 2]))
-    cin = groups * draw(st.integers(1, 4))
-    cout = groups * draw(st.integers(1, 4))
-    k = draw(st.integers(1, 4))
-    s = draw(st.integers(1, 2))
-    d = draw(st.sampled_from([1, 1, 2]))
+    groups, cin, cout, k, s, d = draw(conv_geometry(max_per_group=4, dilations=st.sampled_from([1, 1, 2])))
     transposed = draw(st.booleans())
-    padding = "same" if s == 1 and not transposed else (d * (k - 1) - s + 2) // 2
+    padding = "same" if s == 1 and not transposed else strided_padding(k, s, d)
     return dict(in_channels=cin, out_channels=cout, kernel_size=k, stride=s, dilation=d, groups=groups,
                 transposed=transposed, padding=padding, padding_mode=None if transposed else draw(st.sampled_from(["circular", "zeros"])))
 
@@ -118,7 +114,7 @@ def test_aol_linear(fin, fout, scale, seed):
        s=st.integers(1, 2), d=st.integers(1, 2), mode=st.sampled_from(["zeros", "circular"]), seed=st.integers(0, 1000))
 def test_aol_conv(groups, cin, cout, k, s, d, mode, seed):
     torch.manual_seed(seed)
-    padding = "same" if s == 1 else (d * (k - 1) - s + 2) // 2
+    padding = "same" if s == 1 else strided_padding(k, s, d)
     m = ln.AOLConv2d(groups * cin, groups * cout, k, stride=s, padding=padding, dilation=d, groups=groups, padding_mode=mode)
     with torch.no_grad():
         m.parametrizations.weight.original.normal_()
