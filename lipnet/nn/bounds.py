@@ -22,6 +22,7 @@ from .centering import BatchCentering, LayerCentering
 from .conv import OrthoConv2d
 from .conv_norm import conv_operator_norm_bound
 from .export import ExportedSLL
+from .normalization import InputNormalization
 from .pooling import FirstChannels, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
 from .sll import SLLBlock
@@ -83,6 +84,12 @@ def _scaled_avg(m: ScaledAvgPool2d) -> float:
     k1, k2 = m.kernel_size
     kernel = torch.full((1, 1, k1, k2), m.scale / (k1 * k2), dtype=torch.float64)
     return conv_operator_norm_bound(kernel, m.stride)
+
+
+@lipschitz_bound.register(InputNormalization)
+def _input_normalization(m: InputNormalization) -> float:
+    # exact constant 1/min(std), rounded up so the float is never below it
+    return float(1.0 / m.std.detach().double().min()) * (1.0 + SAFETY_MARGIN)
 
 
 @lipschitz_bound.register(nn.Sequential)

@@ -188,7 +188,7 @@ class AOLConv2d(nn.Conv2d):
         nn.init.dirac_(self.weight, groups)
         if bias:
             nn.init.zeros_(self.bias)
-        parametrize.register_parametrization(self, "weight", AOLScaling(groups, self.dilation))
+        parametrize.register_parametrization(self, "weight", AOLScaling(groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "AOLConv2d", channels=self.in_channels, ndims=(3, 4))

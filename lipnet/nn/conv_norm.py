@@ -82,17 +82,18 @@ def polyphase_kernel(
     return k.permute(0, 1, 3, 5, 2, 4).reshape(co, ci * sh * sw, ph // sh, pw // sw)
 
 
-def conv_gram_kernel(kernel: torch.Tensor, groups: int = 1, dilation: int | tuple[int, int] = 1) -> torch.Tensor:
-    """Kernel of T^T T for the stride-1 convolution T with ``kernel`` (out, in/groups, k1, k2).
+def conv_gram_kernel(kernel: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Kernel of T^T T for the stride-1, undilated convolution T with ``kernel`` (out, in/groups, k1, k2).
 
     Returns (in/groups, in, 2k1-1, 2k2-1) in conv-output layout: entry [i, (g, j), u] is
     sum_{o in group g} (K[o, i] correlated with K[o, j])[u], i.e. the Gram block of group g.
+    A dilated convolution's Gram kernel is this one with its taps spread by the dilation (same
+    entries); for strided/dilated operators use ``polyphase_kernel`` first.
     """
     co, cig, k1, k2 = kernel.shape
-    dh, dw = _pair(dilation)
     x = kernel.transpose(0, 1)  # batch = input channel i, channels = all outputs o
     w = kernel.view(groups, co // groups, cig, k1, k2).transpose(1, 2).reshape(groups * cig, co // groups, k1, k2)
-    return F.conv2d(x, w, groups=groups, padding=(dh * (k1 - 1), dw * (k2 - 1)), dilation=(dh, dw))
+    return F.conv2d(x, w, groups=groups, padding=(k1 - 1, k2 - 1))
 
 
 def default_grid_size(kernel_size: tuple[int, int]) -> int:

@@ -72,11 +72,12 @@ def core_ortho_params(method: str = DEFAULT_LAYER_METHOD, steps: int | None = No
     )
 
 
-def aol_conv_scale(kernel: torch.Tensor, groups: int = 1, dilation: int | tuple[int, int] = 1,
-                   eps: float = 1e-12) -> torch.Tensor:
-    """AOL input-channel scales d (length ``in``) for a conv kernel: ||conv(K diag(d))|| <= 1."""
+def aol_conv_scale(kernel: torch.Tensor, groups: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """AOL input-channel scales d (length ``in``) for a conv kernel: ||conv(K diag(d))|| <= 1 for
+    every stride and dilation (dilation spreads the Gram kernel's taps without changing them, so
+    the row sums -- and the scales -- do not depend on it; strides only subsample)."""
     cig = kernel.shape[1]
-    gram = conv_gram_kernel(kernel, groups, dilation).abs()  # (cig, groups*cig, ...)
+    gram = conv_gram_kernel(kernel, groups).abs()  # (cig, groups*cig, ...)
     row_sums = gram.view(cig, groups, cig, -1).sum(dim=(2, 3))  # (cig, groups): [i, g]
     return (row_sums.transpose(0, 1).reshape(-1) + eps).rsqrt()  # index g*cig + i
 
@@ -89,14 +90,14 @@ class AOLScaling(nn.Module):
     strides only subsample, so <= 1 as well. ``lipschitz_bound`` re-checks it on the actual weights.
     """
 
-    def __init__(self, groups: int = 1, dilation: int | tuple[int, int] = 1) -> None:
+    def __init__(self, groups: int = 1) -> None:
         super().__init__()
-        self.groups, self.dilation = groups, dilation
+        self.groups = groups
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         if raw.dim() == 2:
             return aol_rescale(raw)  # the core's AOL, on the short side (the smaller Gram matrix)
-        d = aol_conv_scale(raw, self.groups, self.dilation)
+        d = aol_conv_scale(raw, self.groups)
         co, cig = raw.shape[:2]
         d = d.view(self.groups, 1, cig).expand(self.groups, co // self.groups, cig).reshape(co, cig)
         return raw * d[:, :, None, None]
