@@ -1,5 +1,13 @@
 """lipnet.certify: certified robustness from sound Lipschitz bounds (installed as ``lipnet.certify``).
 
-Certified radii, certified accuracy, network Lipschitz bounds and robust conformal prediction land
-here (issues #4, #5); they divide by :func:`lipnet.ortho.spectral_norm_bound`-based bounds.
+``network_lipschitz_bound`` (sound) and ``lipschitz_lower_bound`` (empirical, beside it);
+``certified_radius`` = margin / (sqrt(2) L); ``certified_accuracy`` over a loader; ``pgd_l2``, an
+L2 attack for empirical robustness and soundness checks.
 """
+
+from .attacks import pgd_l2, robust_accuracy
+from .lipschitz import lipschitz_lower_bound, network_lipschitz_bound
+from .radius import CertificationReport, certified_accuracy, certified_radius
+
+__all__ = ["CertificationReport", "certified_accuracy", "certified_radius", "lipschitz_lower_bound",
+           "network_lipschitz_bound", "pgd_l2", "robust_accuracy"]

@@ -99,7 +99,7 @@ def _sequential(m: nn.Sequential) -> float:
 
 @lipschitz_bound.register(ConvexResidual)
 def _convex_residual(m: ConvexResidual) -> float:
-    alpha = float(m.alpha())
+    alpha = float(m.alpha().detach())
     return (1 - alpha) + alpha * lipschitz_bound(m.f)
 
 

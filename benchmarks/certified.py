@@ -1,0 +1,82 @@
+"""Train a preset model and report clean / certified / PGD accuracy, bounds and training time.
+
+    python benchmarks/certified.py --dataset mnist --epochs 8 --width 32 --offset 2.0 \\
+        --data-root ../shared/datasets --json benchmarks/results/certified_mnist.json
+
+Output JSON: {"dataset", "clean", "certified": {eps: acc}, "pgd": {eps: acc}, "lipschitz_bound",
+"lipschitz_lower", "train_seconds", "seconds_per_epoch", "config", "history", "machine"}.
+The CIFAR-10 copy in ../shared/datasets is a lossy JPEG re-encoding: its numbers are close to,
+not identical with, published CIFAR-10 numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lipnet import data as lipdata
+from lipnet.certify import certified_accuracy, lipschitz_lower_bound
+from lipnet.models import build_model
+from lipnet.nn import set_input_checks
+from lipnet.training import PRESETS, TrainConfig, fit, save_checkpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist", choices=sorted(PRESETS))
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--offset", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eps", type=float, nargs="+", default=None)
+    p.add_argument("--pgd-steps", type=int, default=20)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="also save the checkpoint here")
+    p.add_argument("--json", default=None)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args()
+    set_input_checks(False)
+    config = TrainConfig.from_preset(args.dataset, epochs=args.epochs, offset=args.offset, lr=args.lr,
+                                     batch_size=args.batch_size, limit=args.limit)
+    if args.width is not None:
+        config.model_config = {**config.model_config, "width": args.width}
+    eps = args.eps or list(config.eval_eps)
+    torch.manual_seed(config.seed)
+    train = lipdata.load_dataset(args.dataset, "train", args.data_root, limit=args.limit)
+    test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit)
+    train_loader = lipdata.BatchLoader(train, config.batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(config.seed))
+    test_loader = lipdata.BatchLoader(test, 500)
+    model = build_model(config.model, **config.model_config).to(args.device)
+    start = time.perf_counter()
+    history = fit(model, train_loader, test_loader, config, device=args.device, progress=args.progress)
+    wall = time.perf_counter() - start
+    train_seconds = sum(h["train_seconds"] for h in history)
+    if args.out:
+        save_checkpoint(args.out, model, config, history)
+    report = certified_accuracy(model, test_loader, eps, pgd_steps=args.pgd_steps, device=args.device)
+    lower = lipschitz_lower_bound(model, next(iter(test_loader))[0][:256].to(args.device))
+    result = {"dataset": args.dataset, "n_test": report.n, "clean": report.clean, "certified": report.certified,
+              "pgd": report.pgd, "pgd_steps": args.pgd_steps, "lipschitz_bound": report.lipschitz_bound,
+              "lipschitz_lower": lower, "train_seconds": train_seconds, "wall_seconds_with_eval": wall,
+              "seconds_per_epoch": train_seconds / config.epochs, "config": config.__dict__, "history": history,
+              "machine": {"device": args.device, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                          "platform": platform.platform(), "torch": torch.__version__}}
+    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config", "machine")}, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

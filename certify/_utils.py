@@ -1,0 +1,45 @@
+"""Small helpers shared by the certification modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (certificates are about the eval-mode function), then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def first_batch(data: torch.Tensor | Iterable) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        x = data
+    else:
+        try:
+            x, _ = split_batch(next(iter(data)))
+        except StopIteration:
+            raise ValueError("the data loader is empty") from None
+    check_finite(x)
+    return x
+
+
+def check_finite(x: torch.Tensor) -> None:
+    if x.numel() == 0:
+        raise ValueError("empty input batch")
+    if not torch.isfinite(x).all():
+        raise ValueError("input contains NaN or inf values; a certificate for it would be meaningless")

@@ -1,0 +1,250 @@
+"""Datasets from a local data root (never downloaded): MNIST, Fashion-MNIST, CIFAR-10 (JPEG archive).
+
+The root comes from ``--data-root`` / the ``data_root`` argument, else ``$LIPNET_DATA``. Images are
+held as one uint8 tensor (N, C, H, W); ``BatchLoader`` slices it into float batches in [0, 1]
+without per-item Python, which is what the training loop and certification use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DIGITS = tuple(str(i) for i in range(10))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    channels: int
+    size: int
+    mean: tuple[float, ...]  # per-channel mean of the train split, pixels in [0, 1]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), DIGITS),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), FASHION_CLASSES),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CIFAR10_CLASSES),
+}
+
+
+class DataError(Exception):
+    """Base class of the dataset errors."""
+
+
+class DataRootError(DataError, ValueError):
+    """No data root was given."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A dataset file or folder is missing."""
+
+
+class DatasetCorruptError(DataError, ValueError):
+    """A dataset file exists but cannot be read as expected."""
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """``data_root`` if given, else ``$LIPNET_DATA``; an existing directory, or a clear error."""
+    root = data_root if data_root is not None else os.environ.get("LIPNET_DATA")
+    if not root:
+        raise DataRootError("no data root: pass --data-root DIR (data_root=...) or set LIPNET_DATA=DIR "
+                            "to the folder holding MNIST/, FashionMNIST/ and cifar10-jpg.tar.gz")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"data root {path} does not exist or is not a directory")
+    return path
+
+
+def default_cache_dir() -> Path:
+    """``$LIPNET_CACHE``, else ``~/.cache/lipnet`` (CIFAR-10 is extracted and decoded there once)."""
+    return Path(os.environ.get("LIPNET_CACHE") or Path.home() / ".cache" / "lipnet")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) and int64 labels; items are float32 (C, H, W) in [0, 1] and an int."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
+            raise ValueError("ImageDataset needs uint8 (N, C, H, W) images and N labels")
+        self.images, self.labels, self.info = images, labels.long(), info
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float().div_(255), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------- MNIST
+_IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _check_idx(path: Path, header: int, item_bytes: int) -> None:
+    """The idx header's item count must match the file size (catches truncated copies)."""
+    if not path.is_file():
+        raise DatasetNotFoundError(f"missing dataset file {path}")
+    raw = path.read_bytes()[:header]
+    count = int.from_bytes(raw[4:8], "big") if len(raw) >= 8 else -1
+    if count < 0 or path.stat().st_size != header + count * item_bytes:
+        raise DatasetCorruptError(f"corrupt dataset file {path}: size {path.stat().st_size} bytes does not "
+                                  f"match its header ({count} items)")
+
+
+def _load_idx(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+
+    cls, folder = {"mnist": (torchvision.datasets.MNIST, "MNIST"),
+                   "fashion-mnist": (torchvision.datasets.FashionMNIST, "FashionMNIST")}[name]
+    images, labels = (root / folder / "raw" / f for f in _IDX_FILES[train])
+    _check_idx(images, 16, 28 * 28)
+    _check_idx(labels, 8, 1)
+    try:
+        ds = cls(str(root), train=train, download=False)
+    except Exception as err:  # torchvision's own checks / readers
+        raise DatasetCorruptError(f"cannot read {folder} from {root / folder / 'raw'}: {err}") from err
+    return ds.data[:, None].contiguous(), ds.targets.long()
+
+
+# -------------------------------------------------------------------------------------- CIFAR-10
+CIFAR_ARCHIVE = "cifar10-jpg.tar.gz"
+
+
+def _extract_once(archive: Path, cache: Path) -> Path:
+    """Extract ``archive`` into ``cache/cifar10-jpg`` once (atomic rename; a marker file says done)."""
+    target = cache / "cifar10-jpg"
+    if (target / ".complete").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".cifar10-", dir=cache))
+    try:
+        with tarfile.open(archive) as tar:
+            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, **kw)
+        (tmp / ".complete").touch()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DatasetCorruptError(f"cannot extract {archive}: {err}") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _decode_split(folder: Path, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+    import torchvision
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise DatasetCorruptError(f"the CIFAR-10 archive has no folder {folder}")
+    ds = torchvision.datasets.ImageFolder(str(folder))
+    if tuple(ds.classes) != CIFAR10_CLASSES:
+        raise DatasetCorruptError(f"{folder}: class folders {ds.classes} are not CIFAR-10's {list(CIFAR10_CLASSES)}")
+    images = torch.empty(len(ds.samples), 3, 32, 32, dtype=torch.uint8)
+    for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"decoding {folder.name}", disable=not progress)):
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as err:
+            raise DatasetCorruptError(f"cannot decode {path}: {err}") from err
+        if arr.shape != (32, 32, 3):
+            raise DatasetCorruptError(f"{path}: expected a 32x32 RGB image, got shape {arr.shape}")
+        images[i] = torch.from_numpy(arr).permute(2, 0, 1)
+    return images, torch.tensor(ds.targets, dtype=torch.int64)
+
+
+def _load_cifar(root: Path, train: bool, cache: Path, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    split = "train" if train else "test"
+    decoded = cache / "cifar10-jpg" / f"{split}.pt"
+    if decoded.is_file():
+        return torch.load(decoded, weights_only=True)
+    archive = root / CIFAR_ARCHIVE
+    if not archive.is_file() and not (cache / "cifar10-jpg" / ".complete").is_file():
+        raise DatasetNotFoundError(f"missing CIFAR-10 archive {archive}")
+    folder = _extract_once(archive, cache) / "CIFAR10_jpg" / split
+    images, labels = _decode_split(folder, progress)
+    tmp = decoded.with_suffix(".tmp")
+    torch.save((images, labels), tmp)
+    os.replace(tmp, decoded)
+    return images, labels
+
+
+# -------------------------------------------------------------------------------------- public
+def load_dataset(name: str, split: str = "train", data_root: str | os.PathLike | None = None, *,
+                 limit: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 progress: bool = True) -> ImageDataset:
+    """The ``split`` ("train" / "test") of dataset ``name`` ("mnist", "fashion-mnist", "cifar10").
+
+    ``limit``: a fixed subset of that many examples (a seed-0 permutation, so classes are mixed;
+    the same subset on every call). Never downloads; missing / corrupt files raise
+    ``DatasetNotFoundError`` / ``DatasetCorruptError`` naming the expected path.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be > 0, got {limit}")
+    root = resolve_data_root(data_root)
+    if name == "cifar10":
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        images, labels = _load_cifar(root, split == "train", cache, progress)
+    else:
+        images, labels = _load_idx(name, root, split == "train")
+    if limit is not None and limit < len(labels):
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit]
+        images, labels = images[keep], labels[keep]
+    return ImageDataset(images, labels, DATASETS[name])
+
+
+def batches(dataset: ImageDataset, batch_size: int, *, shuffle: bool = False,
+            generator: torch.Generator | None = None, drop_last: bool = False,
+            device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Float32 image batches in [0, 1] and labels, by slicing the whole tensors (one epoch)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        x = dataset.images[idx].to(device, non_blocking=True).float().div_(255)
+        yield x, dataset.labels[idx].to(device, non_blocking=True)
+
+
+class BatchLoader:
+    """Iterable over :func:`batches` with ``len()`` (number of batches); reshuffles every epoch."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool = False,
+                 generator: torch.Generator | None = None, drop_last: bool = False,
+                 device: str | torch.device = "cpu") -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.generator, self.drop_last, self.device = generator, drop_last, device
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return batches(self.dataset, self.batch_size, shuffle=self.shuffle, generator=self.generator,
+                       drop_last=self.drop_last, device=self.device)

@@ -1,0 +1,105 @@
+"""Ready 1-Lipschitz architectures, built only from ``lipnet.nn``.
+
+Every model starts with its ``InputNormalization``, so ``lipschitz_bound(model)`` -- and every
+certified radius -- is stated for raw pixels in [0, 1]. ``build_model(name, **config)`` rebuilds a
+model from the (name, config) pair a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from .. import nn as ln
+from ..nn.parametrizations import DEFAULT_LAYER_METHOD
+
+
+def _conv_block(cin: int, cout: int, kernel: int, stride: int, method: str) -> list[nn.Module]:
+    padding = "same" if stride == 1 else (kernel - stride) // 2
+    return [ln.OrthoConv2d(cin, cout, kernel, stride=stride, padding=padding, padding_mode="zeros", method=method),
+            ln.BatchCentering(cout), ln.MaxMin()]
+
+
+def mnist_convnet(num_classes: int = 10, in_channels: int = 1, width: int = 16, hidden: int = 256,
+                  mean: Sequence[float] = (0.1307,), std: Sequence[float] | None = None,
+                  method: str = DEFAULT_LAYER_METHOD) -> nn.Sequential:
+    """Small 1-Lipschitz ConvNet for 28x28 inputs (MNIST, Fashion-MNIST).
+
+    Normalization -> 2 x [orthogonal 3x3 conv, centering, MaxMin] at 28x28 -> orthogonal 2x2/stride-2
+    downsampling (RKO) -> 3x3 conv at 14x14 -> downsampling to 7x7 -> orthogonal dense layers.
+    ``std=None`` subtracts the mean only, so the network bound stays 1 (dividing by MNIST's
+    std=0.31 would multiply every bound by 3.2).
+    """
+    w = width
+    layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
+    layers += _conv_block(in_channels, w, 3, 1, method) + _conv_block(w, w, 3, 1, method)
+    layers += _conv_block(w, 2 * w, 2, 2, method) + _conv_block(2 * w, 2 * w, 3, 1, method)
+    layers += _conv_block(2 * w, 4 * w, 2, 2, method)
+    layers += [ln.Flatten(), ln.OrthoLinear(4 * w * 7 * 7, hidden, method=method), ln.MaxMin(),
+               ln.OrthoLinear(hidden, num_classes, method=method)]
+    return nn.Sequential(*layers)
+
+
+def liresnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 64,
+             blocks: Sequence[int] = (2, 2, 2), stem_stride: int = 1, max_width: int = 512,
+             hidden: int = 512, mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
+             std: Sequence[float] | None = None, method: str = DEFAULT_LAYER_METHOD) -> nn.Sequential:
+    """1-Lipschitz residual CNN in the spirit of AOC / LiResNet.
+
+    Stem (orthogonal conv, stride ``stem_stride``), then stages of ``ConvexResidual`` blocks
+    x -> (1-a) x + a MaxMin(center(conv(x))) (learned a in (0, 1): 1-Lipschitz by the convex rule),
+    each stage but the last followed by an orthogonal 2x2/stride-2 conv that doubles the width (up to
+    ``max_width``); then flatten and an orthogonal dense head. Bound of the whole net: the product
+    of its layers' bounds (~1 with ``std=None``; ``1/min(std)`` otherwise).
+    """
+    if image_size % stem_stride:
+        raise ValueError(f"liresnet: image_size={image_size} is not divisible by stem_stride={stem_stride}")
+    size, w = image_size // stem_stride, width
+    layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
+    layers += _conv_block(in_channels, w, max(3, stem_stride), stem_stride, method)
+    for stage, n in enumerate(blocks):
+        for _ in range(n):
+            inner = nn.Sequential(*_conv_block(w, w, 3, 1, method))
+            layers.append(ln.ConvexResidual(inner, alpha=0.5, learnable=True))
+        if stage < len(blocks) - 1:
+            if size % 2:
+                raise ValueError(f"liresnet: feature map {size}x{size} cannot be halved; use fewer stages")
+            layers += _conv_block(w, min(2 * w, max_width), 2, 2, method)
+            w, size = min(2 * w, max_width), size // 2
+    if size > 8:  # keep the dense head small: fold the remaining map with a kernel == stride conv
+        fold = size // 4
+        layers += [ln.OrthoConv2d(w, w, fold, stride=fold, padding=0, padding_mode="zeros", method=method)]
+        size //= fold
+    layers += [ln.Flatten(), ln.OrthoLinear(w * size * size, hidden, method=method), ln.MaxMin(),
+               ln.OrthoLinear(hidden, num_classes, method=method)]
+    return nn.Sequential(*layers)
+
+
+def cifar_liresnet(num_classes: int = 10, width: int = 64, blocks: Sequence[int] = (2, 2, 2), **kw) -> nn.Sequential:
+    """CIFAR-10 config of :func:`liresnet` (32x32 -> 8x8, widths 64/128/256)."""
+    return liresnet(num_classes=num_classes, in_channels=3, image_size=32, width=width, blocks=blocks, **kw)
+
+
+def imagenet_liresnet(num_classes: int = 1000, width: int = 64, blocks: Sequence[int] = (1, 1, 1, 1), **kw) -> nn.Sequential:
+    """ImageNet-sized config of :func:`liresnet`: 224x224 inputs, stride-4 stem, 4 stages (56 -> 7)."""
+    kw.setdefault("mean", (0.485, 0.456, 0.406))
+    return liresnet(num_classes=num_classes, in_channels=3, image_size=224, width=width, blocks=blocks,
+                    stem_stride=4, **kw)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mnist-convnet": mnist_convnet,
+    "cifar-liresnet": cifar_liresnet,
+    "imagenet-liresnet": imagenet_liresnet,
+}
+
+
+def build_model(name: str, **config) -> nn.Module:
+    """The model ``name`` built with keyword ``config`` (what a checkpoint stores to rebuild it)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name](**config)
+
+
+__all__ = ["MODELS", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet", "mnist_convnet"]

@@ -1,0 +1,56 @@
+"""The `lipnet` command end to end on a tiny subset: train -> checkpoint -> certify (table, JSON, PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lipnet.cli import main
+from lipnet.training import load_checkpoint
+
+
+def test_train_then_certify(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--width", "4",
+               "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0
+    assert (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()
+    model, config, history = load_checkpoint(out)
+    assert config.dataset == "mnist" and config.model_config["width"] == 4 and len(history) == 1
+    assert "clean" in capsys.readouterr().out
+    result = tmp_path / "cert.json"
+    rc = main(["certify", "--checkpoint", str(out), "--eps", "0.5", "1.0", "--limit", "200", "--pgd-steps", "3",
+               "--json", str(result), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "certified" in text and "sound upper bound" in text and "PGD-3" in text
+    res = json.loads(result.read_text())
+    assert res["dataset"] == "mnist" and res["n"] == 200
+    assert set(res["certified"]) == {"0.5", "1.0"} and set(res["pgd"]) == {"0.5", "1.0"}
+    assert res["lipschitz_lower"] <= res["lipschitz_bound"] <= 1.001
+    for eps in ("0.5", "1.0"):
+        assert res["certified"][eps] <= res["pgd"][eps] <= res["clean"]
+    assert (out / "certified.png").stat().st_size > 1000
+
+
+def test_errors_are_clear(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LIPNET_DATA", raising=False)
+    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--out", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--data-root" in err and "LIPNET_DATA" in err
+    rc = main(["certify", "--checkpoint", str(tmp_path / "nothing")])
+    assert rc == 2 and "no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "imagenet", "--out", str(tmp_path)])
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("lipnet", path=os.path.dirname(sys.executable)) or shutil.which("lipnet")
+    assert exe, "the `lipnet` console script is not installed (pip install -e .)"
+    res = subprocess.run([exe, "certify", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--eps" in res.stdout

@@ -1,0 +1,129 @@
+"""Datasets: read from the data root only, clear errors for missing/corrupt data, fast batching."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lipnet import data as D
+
+
+def test_data_root_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("LIPNET_DATA", raising=False)
+    with pytest.raises(D.DataRootError, match="--data-root") as err:
+        D.load_dataset("mnist")
+    assert "LIPNET_DATA" in str(err.value)
+    with pytest.raises(D.DatasetNotFoundError, match="nowhere"):
+        D.resolve_data_root(tmp_path / "nowhere")
+    monkeypatch.setenv("LIPNET_DATA", str(tmp_path))
+    assert D.resolve_data_root() == tmp_path
+    with pytest.raises(ValueError, match="unknown dataset"):
+        D.load_dataset("imagenet", data_root=tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        D.load_dataset("mnist", "val", data_root=tmp_path)
+    with pytest.raises(ValueError, match="limit"):
+        D.load_dataset("mnist", data_root=tmp_path, limit=0)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_idx_datasets(data_root, name):
+    train = D.load_dataset(name, "train", data_root)
+    test = D.load_dataset(name, "test", data_root)
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
+    assert set(train.labels.unique().tolist()) == set(range(10))
+    mean = train.images.float().mean().item() / 255
+    assert mean == pytest.approx(D.DATASETS[name].mean[0], abs=1e-3)
+    x, y = train[0]
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and isinstance(y, int)
+
+
+def test_limit_is_a_fixed_mixed_subset(data_root):
+    a = D.load_dataset("mnist", "test", data_root, limit=500)
+    b = D.load_dataset("mnist", "test", data_root, limit=500)
+    assert len(a) == 500 and torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
+    assert len(a.labels.unique()) == 10
+    assert len(D.load_dataset("mnist", "test", data_root, limit=10**6)) == 10000
+
+
+def test_missing_and_corrupt_idx_files(data_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(data_root / "MNIST" / "raw", raw)
+    for f in raw.iterdir():
+        f.chmod(0o644)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(D.DatasetNotFoundError, match="t10k-labels-idx1-ubyte"):
+        D.load_dataset("mnist", "test", tmp_path)
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:100_000])
+    with pytest.raises(D.DatasetCorruptError, match="train-images-idx3-ubyte"):
+        D.load_dataset("mnist", "train", tmp_path)
+
+
+def _jpeg(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _archive(path, classes, per_class=2, corrupt=False):
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for c, name in enumerate(classes):
+                for i in range(per_class):
+                    payload = b"not a jpeg" if corrupt and c == 3 else _jpeg(c * 10 + i)
+                    info = tarfile.TarInfo(f"CIFAR10_jpg/{split}/{name}/{i:04d}.jpg")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def test_cifar10_archive_is_extracted_once_and_cached(tmp_path):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    root.mkdir()
+    with pytest.raises(D.DatasetNotFoundError, match="cifar10-jpg.tar.gz"):
+        D.load_dataset("cifar10", "train", root, cache_dir=cache)
+    classes = list(D.CIFAR10_CLASSES)
+    _archive(root / D.CIFAR_ARCHIVE, classes[::-1])  # archive order must not matter
+    ds = D.load_dataset("cifar10", "train", root, cache_dir=cache, progress=False)
+    assert ds.images.shape == (20, 3, 32, 32) and ds.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    (root / D.CIFAR_ARCHIVE).unlink()  # the decoded cache serves later calls
+    again = D.load_dataset("cifar10", "train", root, cache_dir=cache, progress=False)
+    assert torch.equal(again.images, ds.images)
+    assert len(D.load_dataset("cifar10", "test", root, cache_dir=cache, progress=False)) == 20
+
+
+def test_cifar10_bad_archives(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    _archive(root / D.CIFAR_ARCHIVE, [c.upper() for c in D.CIFAR10_CLASSES])
+    with pytest.raises(D.DatasetCorruptError, match="class folders"):
+        D.load_dataset("cifar10", "train", root, cache_dir=tmp_path / "c1", progress=False)
+    _archive(root / D.CIFAR_ARCHIVE, D.CIFAR10_CLASSES, corrupt=True)
+    with pytest.raises(D.DatasetCorruptError, match="cannot decode"):
+        D.load_dataset("cifar10", "train", root, cache_dir=tmp_path / "c2", progress=False)
+    (root / D.CIFAR_ARCHIVE).write_bytes(b"truncated")
+    with pytest.raises(D.DatasetCorruptError, match="cannot extract"):
+        D.load_dataset("cifar10", "train", root, cache_dir=tmp_path / "c3", progress=False)
+
+
+def test_batch_loader_covers_every_example_once():
+    ds = D.ImageDataset(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone(),
+                        torch.arange(10), D.DATASETS["mnist"])
+    loader = D.BatchLoader(ds, 4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert len(loader) == 3
+    epoch1 = torch.cat([y for _, y in loader])
+    epoch2 = torch.cat([y for _, y in loader])
+    assert sorted(epoch1.tolist()) == list(range(10)) and not torch.equal(epoch1, epoch2)
+    x, y = next(iter(loader))
+    assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0, 0] * 255, y.float())
+    dropped = D.BatchLoader(ds, 4, drop_last=True)
+    assert len(dropped) == 2 and sum(len(y) for _, y in dropped) == 8
+    with pytest.raises(ValueError, match="batch_size"):
+        D.BatchLoader(ds, 0)

@@ -1,0 +1,55 @@
+"""Ready architectures: build, run, stay 1-Lipschitz (sound bound), export exactly, rebuild by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lipnet.models import MODELS, build_model, cifar_liresnet, liresnet, mnist_convnet
+from lipnet.nn import InputNormalization, export, lipschitz_bound
+
+
+@pytest.mark.parametrize("name,kw,shape,classes", [
+    ("mnist-convnet", {"width": 8, "hidden": 32}, (3, 1, 28, 28), 10),
+    ("cifar-liresnet", {"width": 16, "blocks": (1, 1, 1), "hidden": 64}, (3, 3, 32, 32), 10),
+])
+def test_small_models_are_one_lipschitz_and_export(name, kw, shape, classes):
+    torch.manual_seed(0)
+    model = build_model(name, **kw).eval()
+    assert isinstance(model[0], InputNormalization)
+    x = torch.rand(shape)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (shape[0], classes) and torch.isfinite(out).all()
+    assert 0.99 < lipschitz_bound(model) <= 1.001
+    plain = export(model)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), out, rtol=1e-4, atol=1e-5)
+
+
+def test_default_configs_build():
+    assert set(MODELS) == {"mnist-convnet", "cifar-liresnet", "imagenet-liresnet"}
+    assert sum(p.numel() for p in mnist_convnet().parameters()) > 100_000
+    assert sum(p.numel() for p in cifar_liresnet().parameters()) > 1_000_000
+
+
+def test_imagenet_config_runs_a_forward_pass():
+    torch.manual_seed(0)
+    model = build_model("imagenet-liresnet").eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 224, 224))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_std_normalization_enters_the_bound():
+    model = mnist_convnet(width=4, hidden=8, mean=(0.1307,), std=(0.3081,)).eval()
+    assert lipschitz_bound(model) == pytest.approx(1 / 0.3081, rel=2e-3)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet50")
+    with pytest.raises(ValueError, match="divisible"):
+        liresnet(image_size=30, stem_stride=4)
+    with pytest.raises(ValueError, match="halved"):
+        liresnet(image_size=12, blocks=(1, 1, 1, 1))
