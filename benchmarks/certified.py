@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--eps", type=float, nargs="+", default=None)
     p.add_argument("--pgd-steps", type=int, default=20)
+    p.add_argument("--pgd-points", type=int, default=1000)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,10 +64,11 @@ def main() -> None:
     train_seconds = sum(h["train_seconds"] for h in history)
     if args.out:
         save_checkpoint(args.out, model, config, history)
-    report = certified_accuracy(model, test_loader, eps, pgd_steps=args.pgd_steps, device=args.device)
+    report = certified_accuracy(model, test_loader, eps, pgd_steps=args.pgd_steps, pgd_points=args.pgd_points,
+                                device=args.device)
     lower = lipschitz_lower_bound(model, next(iter(test_loader))[0][:256].to(args.device))
     result = {"dataset": args.dataset, "n_test": report.n, "clean": report.clean, "certified": report.certified,
-              "pgd": report.pgd, "pgd_steps": args.pgd_steps, "lipschitz_bound": report.lipschitz_bound,
+              "pgd": report.pgd, "pgd_steps": args.pgd_steps, "pgd_n": report.pgd_n, "lipschitz_bound": report.lipschitz_bound,
               "lipschitz_lower": lower, "train_seconds": train_seconds, "wall_seconds_with_eval": wall,
               "seconds_per_epoch": train_seconds / config.epochs, "config": config.__dict__, "history": history,
               "machine": {"device": args.device, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),

@@ -111,7 +111,10 @@ def test_certified_accuracy_is_consistent(trained):
     for e in eps:  # an attack can never beat a certificate
         assert rep.pgd[e] >= rep.certified[e]
     assert rep.radii.shape == (len(x),)
-    assert rep.as_dict()["lipschitz_bound"] == rep.lipschitz_bound
+    assert rep.as_dict()["lipschitz_bound"] == rep.lipschitz_bound and rep.pgd_n == len(x)
+    sub = certify.certified_accuracy(model, data, [1.0], pgd_steps=5, pgd_points=150)
+    assert sub.pgd_n == 150 and sub.n == len(x)
+    assert sub.pgd[1.0] >= certify.certified_accuracy(model, data[:1] + [(x[100:150], y[100:150])], [1.0]).certified[1.0]
 
 
 def test_bounds_upper_above_lower(trained):
