@@ -61,7 +61,7 @@ class MaxMin(nn.Module):
         if n % 2:
             raise ValueError(f"MaxMin needs an even size along dim {self.dim}, got shape {list(x.shape)}")
         a, b = x.split(n // 2, dim=self.dim)
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and torch.is_grad_enabled() and x.requires_grad:
             return self._with_grad(a, b)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
 
