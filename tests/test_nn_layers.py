@@ -227,6 +227,13 @@ def test_bad_inputs_raise_clear_errors():
         conv(torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="NaN"):
         conv(torch.full((1, 4, 8, 8), math.nan))
+    one_bad = torch.randn(1, 4, 8, 8)
+    for bad in (math.inf, -math.inf, math.nan):
+        one_bad[0, 2, 3, 3] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            conv(one_bad)
+    huge = torch.full((1, 4, 8, 8), 3e38)  # finite entries whose sum overflows: accepted
+    assert conv(huge).shape == huge.shape
     with pytest.raises(ValueError, match="divisible by the stride"):
         ln.OrthoConv2d(4, 8, 3, stride=2, padding=1)(torch.randn(1, 4, 7, 7))
     with pytest.raises(ValueError, match="used twice"):
