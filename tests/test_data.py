@@ -127,3 +127,13 @@ def test_batch_loader_covers_every_example_once():
     assert len(dropped) == 2 and sum(len(y) for _, y in dropped) == 8
     with pytest.raises(ValueError, match="batch_size"):
         D.BatchLoader(ds, 0)
+
+
+def test_real_cifar10_archive(data_root, tmp_path):
+    """The shared JPEG archive: canonical class order, 1000 test images per class (~10 s)."""
+    ds = D.load_dataset("cifar10", "test", data_root, cache_dir=tmp_path, progress=False)
+    assert ds.images.shape == (10000, 3, 32, 32)
+    assert ds.labels.bincount().tolist() == [1000] * 10
+    mean = (ds.images.float() / 255).mean((0, 2, 3))
+    # canonical CIFAR-10 test-split channel means; the README says the JPEG copy matches to 1e-4
+    assert torch.allclose(mean, torch.tensor([0.4942, 0.4851, 0.4504]), atol=2e-3)
