@@ -13,6 +13,7 @@ import torch
 
 from . import data as lipdata
 from .certify import certified_accuracy, lipschitz_lower_bound
+from .models import build_model
 from .nn import set_input_checks
 from .training import PRESETS, TrainConfig, fit, format_table, load_checkpoint, save_checkpoint
 
@@ -66,7 +67,6 @@ def cmd_train(args) -> int:
         config.model_config = {**config.model_config, "width": args.width}
     torch.manual_seed(config.seed)
     train_loader, test_loader = _loaders(args.dataset, args, config.batch_size, config.seed)
-    from .models import build_model
     model = build_model(config.model, **config.model_config).to(args.device)
     print(f"training {config.model} on {args.dataset} ({len(train_loader.dataset)} train / "
           f"{len(test_loader.dataset)} test) for {config.epochs} epochs on {args.device}")

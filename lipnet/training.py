@@ -71,11 +71,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad
     """Random crop (zero padding ``pad``) and horizontal flip, per sample, on a batch tensor."""
     b, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=generator)).tolist()
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
-    flip = torch.rand(b, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator).to(x.device)
+    rows = dy + torch.arange(h, device=x.device)                      # (b, h)
+    cols = dx + torch.arange(w, device=x.device)                      # (b, w)
+    flip = (torch.rand(b, 1, generator=generator) < 0.5).to(x.device)
+    cols = torch.where(flip, cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: Callable,

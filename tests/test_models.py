@@ -53,3 +53,17 @@ def test_bad_configs():
         liresnet(image_size=30, stem_stride=4)
     with pytest.raises(ValueError, match="halved"):
         liresnet(image_size=12, blocks=(1, 1, 1, 1))
+
+
+def test_augment_batch_crops_and_flips_per_sample():
+    from lipnet.training import augment_batch
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    out = augment_batch(x, g, pad=2)
+    assert out.shape == x.shape
+    for i in range(2):  # every output is a (possibly flipped) window of the zero-padded input
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        windows = [padded[:, a:a + 6, b:b + 6] for a in range(5) for b in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    outs = torch.stack([augment_batch(x, g, pad=2) for _ in range(20)])
+    assert not all(torch.equal(o, outs[0]) for o in outs)
