@@ -54,3 +54,12 @@ def test_console_script_is_installed():
     assert exe, "the `lipnet` console script is not installed (pip install -e .)"
     res = subprocess.run([exe, "certify", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--eps" in res.stdout
+
+
+def test_example_runs(tmp_path, data_root):
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "certified_mnist.py")
+    plot = tmp_path / "cert.png"
+    res = subprocess.run([sys.executable, example, "--data-root", str(data_root), "--epochs", "1", "--limit", "200",
+                          "--plot", str(plot)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sound bound" in res.stdout and "certified" in res.stdout and plot.stat().st_size > 1000
