@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._utils import eval_mode
+
 
 def _margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """max_{j != y} z_j - z_y per sample: > 0 exactly when the prediction is wrong."""
@@ -33,7 +35,7 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torc
     [0, 1]); ``None`` attacks the whole ball (what a certificate covers). Step size defaults to
     2.5 eps / steps (Madry et al.). Returns, per sample, the iterate with the largest margin loss
     seen (so a misclassifying point, once found, is kept). An empirical attack: its success rate is
-    an upper bound on robust accuracy, never a certificate.
+    an upper bound on robust accuracy, never a certificate. The model runs in eval mode.
     """
     if steps < 1:
         raise ValueError(f"pgd_l2: steps must be >= 1, got {steps}")
@@ -49,17 +51,18 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torc
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
         delta = noise / _norms(noise).clamp_min(1e-12) * eps_t * 0.5
     best, best_score = x.clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)
-    for _ in range(steps + 1):
-        adv = x + delta if clamp is None else (x + delta).clamp(*clamp)
-        adv.requires_grad_(True)
-        logits = model(adv)
-        margin = _margin_loss(logits, y)
-        improved = margin.detach() > best_score
-        best[improved], best_score[improved] = adv.detach()[improved], margin.detach()[improved]
-        objective = margin if loss == "margin" else F.cross_entropy(logits, y, reduction="none")
-        (grad,) = torch.autograd.grad(objective.sum(), adv)
-        delta = delta + alpha * grad / _norms(grad).clamp_min(1e-12)
-        delta = delta * (eps_t / _norms(delta).clamp_min(1e-12)).clamp(max=1.0)  # project onto the ball
+    with eval_mode(model):
+        for _ in range(steps + 1):
+            adv = x + delta if clamp is None else (x + delta).clamp(*clamp)
+            adv.requires_grad_(True)
+            logits = model(adv)
+            margin = _margin_loss(logits, y)
+            improved = margin.detach() > best_score
+            best[improved], best_score[improved] = adv.detach()[improved], margin.detach()[improved]
+            objective = margin if loss == "margin" else F.cross_entropy(logits, y, reduction="none")
+            (grad,) = torch.autograd.grad(objective.sum(), adv)
+            delta = delta + alpha * grad / _norms(grad).clamp_min(1e-12)
+            delta = delta * (eps_t / _norms(delta).clamp_min(1e-12)).clamp(max=1.0)  # onto the ball
     return best
 
 

@@ -15,6 +15,7 @@ from . import data as lipdata
 from .certify import certified_accuracy, lipschitz_lower_bound
 from .models import build_model
 from .nn import set_input_checks
+from .nn._checks import input_checks_enabled
 from .training import PRESETS, TrainConfig, fit, format_table, load_checkpoint, save_checkpoint
 
 
@@ -125,12 +126,15 @@ def cmd_certify(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    set_input_checks(False)  # inputs are checked once per batch by the loaders / certify
+    checks = input_checks_enabled()
+    set_input_checks(False)  # uint8 datasets are finite; certify checks each batch itself
     try:
         return cmd_train(args) if args.command == "train" else cmd_certify(args)
     except (lipdata.DataError, ValueError, FileNotFoundError) as err:
         print(f"lipnet {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        set_input_checks(checks)
 
 
 if __name__ == "__main__":
