@@ -99,11 +99,13 @@ def _check_idx(path: Path, header: int, item_bytes: int) -> None:
     """The idx header's item count must match the file size (catches truncated copies)."""
     if not path.is_file():
         raise DatasetNotFoundError(f"missing dataset file {path}")
-    raw = path.read_bytes()[:header]
-    count = int.from_bytes(raw[4:8], "big") if len(raw) >= 8 else -1
-    if count < 0 or path.stat().st_size != header + count * item_bytes:
-        raise DatasetCorruptError(f"corrupt dataset file {path}: size {path.stat().st_size} bytes does not "
-                                  f"match its header ({count} items)")
+    with path.open("rb") as f:
+        raw = f.read(header)
+    count = int.from_bytes(raw[4:8], "big") if len(raw) == header else -1
+    size = path.stat().st_size
+    if count < 0 or size != header + count * item_bytes:
+        raise DatasetCorruptError(f"corrupt dataset file {path}: size {size} bytes does not match its header "
+                                  f"({count} items of {item_bytes} bytes)")
 
 
 def _load_idx(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +139,9 @@ def _extract_once(archive: Path, cache: Path) -> Path:
             kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp, **kw)
         (tmp / ".complete").touch()
-        if target.exists():
+        if (target / ".complete").is_file():  # another process finished first
+            return target
+        if target.exists():  # a tree without its marker: not ours to trust
             shutil.rmtree(target)
         os.replace(tmp, target)
     except (tarfile.TarError, OSError, EOFError) as err:
@@ -155,14 +159,17 @@ def _decode_split(folder: Path, progress: bool) -> tuple[torch.Tensor, torch.Ten
 
     if not folder.is_dir():
         raise DatasetCorruptError(f"the CIFAR-10 archive has no folder {folder}")
-    ds = torchvision.datasets.ImageFolder(str(folder))
+    try:
+        ds = torchvision.datasets.ImageFolder(str(folder))
+    except FileNotFoundError as err:  # no class folders, or an empty one
+        raise DatasetCorruptError(f"{folder}: {err}") from err
     if tuple(ds.classes) != CIFAR10_CLASSES:
         raise DatasetCorruptError(f"{folder}: class folders {ds.classes} are not CIFAR-10's {list(CIFAR10_CLASSES)}")
     images = torch.empty(len(ds.samples), 3, 32, 32, dtype=torch.uint8)
     for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"decoding {folder.name}", disable=not progress)):
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.array(im.convert("RGB"))
         except Exception as err:
             raise DatasetCorruptError(f"cannot decode {path}: {err}") from err
         if arr.shape != (32, 32, 3):
@@ -181,7 +188,7 @@ def _load_cifar(root: Path, train: bool, cache: Path, progress: bool) -> tuple[t
         raise DatasetNotFoundError(f"missing CIFAR-10 archive {archive}")
     folder = _extract_once(archive, cache) / "CIFAR10_jpg" / split
     images, labels = _decode_split(folder, progress)
-    tmp = decoded.with_suffix(".tmp")
+    tmp = decoded.with_name(f".{split}.{os.getpid()}.tmp")
     torch.save((images, labels), tmp)
     os.replace(tmp, decoded)
     return images, labels
@@ -222,10 +229,10 @@ def batches(dataset: ImageDataset, batch_size: int, *, shuffle: bool = False,
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     n = len(dataset)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = torch.randperm(n, generator=generator) if shuffle else None
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start:start + batch_size] if shuffle else slice(start, start + batch_size)
         x = dataset.images[idx].to(device, non_blocking=True).float().div_(255)
         yield x, dataset.labels[idx].to(device, non_blocking=True)
 
