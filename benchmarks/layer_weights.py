@@ -17,19 +17,25 @@ from torch import nn
 from torch.profiler import profile
 
 import lipnet.nn as ln
+from lipnet.nn.parametrizations import CoreOrthogonalizer
 
 VARIANTS = {"convergent": ("convergent", None), "convergent, 5 steps": ("convergent", 5),
+            "convergent, iteration backward": ("convergent", None, "iteration"),
             "svd": ("svd", None), "bjorck": ("bjorck", None)}
 
 
-def build(method: str, steps: int | None) -> nn.ModuleList:
+def build(method: str, steps: int | None, backward: str | None = None) -> nn.ModuleList:
     torch.manual_seed(0)
     kw = dict(method=method, steps=steps)
-    return nn.ModuleList([
+    layers = nn.ModuleList([
         ln.OrthoConv2d(3, 32, 3, **kw), ln.OrthoConv2d(32, 64, 3, stride=2, padding=1, **kw), ln.OrthoConv2d(64, 64, 3, **kw),
         ln.OrthoConv2d(64, 128, 3, stride=2, padding=1, **kw), ln.OrthoConv2d(128, 128, 3, stride=2, padding=1, **kw),
         ln.OrthoLinear(2048, 10, **kw),
     ])
+    for m in layers.modules():  # the layers' default is backward="polar" for converging methods
+        if isinstance(m, CoreOrthogonalizer) and backward is not None:
+            m.backward = backward
+    return layers
 
 
 def weights_forward_backward(layers: nn.ModuleList) -> None:
@@ -55,7 +61,7 @@ def main() -> None:
     for name, layers in models.items():
         median = sorted(times[name])[args.repeats // 2]
         bounds = ", ".join(f"{ln.lipschitz_bound(layer):.6f}" for layer in layers)
-        print(f"  {name:20s} {median * 1e3:7.1f} ms  ({median / base:.2f}x)  bounds: {bounds}")
+        print(f"  {name:31s} {median * 1e3:7.1f} ms  ({median / base:.2f}x)  bounds: {bounds}")
     with profile() as prof:
         for _ in range(3):
             weights_forward_backward(models["convergent"])

@@ -40,12 +40,12 @@ class CoreOrthogonalizer(nn.Module):
         super().__init__()
         check_method(method, steps)
         self.weight_shape, self.method, self.steps = tuple(weight_shape), method, steps
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
         # Converging schedules: differentiate the polar factor they converge to (one eigh of the
         # small side) instead of every step -- the same gradient up to convergence error, cheaper.
-        backward = "polar" if self.method in ("convergent", "bjorck") else "iteration"
-        return orthogonalize(w, method=self.method, steps=self.steps, backward=backward)
+        self.backward = "polar" if method in ("convergent", "bjorck") else "iteration"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return orthogonalize(w, method=self.method, steps=self.steps, backward=self.backward)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w
