@@ -45,7 +45,8 @@ def lr_scale(m: int, n: int, adjust_lr: str) -> float:
 def normuon_normalize(O: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
     """NorMuon's neuron-wise normalization of orthogonalized updates ``O`` (..., m, n), in place on
     ``second_moment`` (..., m, 1): v <- beta2 v + (1 - beta2) mean_j O_ij^2, then O / (sqrt(v) + 1e-10)
-    rescaled so each matrix keeps the Frobenius norm O had. Returns the new update (float32+)."""
+    rescaled so each matrix keeps the Frobenius norm O had. Returns the new update, computed in
+    float32 for half-precision inputs (v is kept in the parameter's dtype, as torch optimizers do)."""
     O = O.float() if O.dtype in (torch.float16, torch.bfloat16) else O
     second_moment.lerp_(O.square().mean(dim=-1, keepdim=True).to(second_moment.dtype), 1 - beta2)
     norm = torch.linalg.matrix_norm(O, keepdim=True)
@@ -128,7 +129,7 @@ class TurboMuon(torch.optim.Optimizer):
                 O = self._orthogonalize(U, group["ns_steps"], shard, rank, world_size)
                 if group["normuon"]:
                     v = torch.stack([self.state[params[i]].setdefault(
-                        "second_moment", torch.zeros(m, 1, dtype=torch.float32, device=O.device)) for i in idx])
+                        "second_moment", torch.zeros(m, 1, dtype=params[i].dtype, device=O.device)) for i in idx])
                     O = normuon_normalize(O, v, group["beta2"])
                     for i, vi in zip(idx, v.unbind()):
                         self.state[params[i]]["second_moment"] = vi
