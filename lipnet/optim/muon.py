@@ -146,10 +146,11 @@ class TurboMuon(torch.optim.Optimizer):
         ortho = lambda X: orthogonalize(X, "turbo", steps, low_precision=self.low_precision, validate=False)
         if not shard or world_size == 1:
             return ortho(U)
-        chunk = -(-len(U) // world_size)
-        if chunk * world_size > len(U):
-            U = torch.cat([U, U.new_zeros(chunk * world_size - len(U), *U.shape[1:])])
-        return all_gather_stack(ortho(U[rank * chunk:(rank + 1) * chunk]))[:len(U)]
+        count = len(U)
+        chunk = -(-count // world_size)
+        if chunk * world_size > count:
+            U = torch.cat([U, U.new_zeros(chunk * world_size - count, *U.shape[1:])])
+        return all_gather_stack(ortho(U[rank * chunk:(rank + 1) * chunk]))[:count]
 
 
 def _layer_name(param_name: str) -> str:
