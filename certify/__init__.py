@@ -2,12 +2,14 @@
 
 ``network_lipschitz_bound`` (sound) and ``lipschitz_lower_bound`` (empirical, beside it);
 ``certified_radius`` = margin / (sqrt(2) L); ``certified_accuracy`` over a loader; ``pgd_l2``, an
-L2 attack for empirical robustness and soundness checks.
+L2 attack for empirical robustness and soundness checks. ``ConformalClassifier``: split conformal
+prediction sets that keep coverage under L2 attacks (``lipnet.certify.conformal``).
 """
 
 from .attacks import pgd_l2, robust_accuracy
+from .conformal import ConformalClassifier, ConformalReport
 from .lipschitz import lipschitz_lower_bound, network_lipschitz_bound
 from .radius import CertificationReport, certified_accuracy, certified_radius
 
-__all__ = ["CertificationReport", "certified_accuracy", "certified_radius", "lipschitz_lower_bound",
+__all__ = ["CertificationReport", "ConformalClassifier", "ConformalReport", "certified_accuracy", "certified_radius", "lipschitz_lower_bound",
            "network_lipschitz_bound", "pgd_l2", "robust_accuracy"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,20 +28,23 @@ def _norms(v: torch.Tensor) -> torch.Tensor:
 
 
 def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, steps: int = 20,
-           *, step_size: float | None = None, loss: str = "margin", random_start: bool = True,
+           *, step_size: float | None = None, loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "margin",
+           random_start: bool = True,
            clamp: tuple[float, float] | None = (0.0, 1.0), generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient ascent inside {x + delta : ||delta||_2 <= eps} (per sample).
 
     ``eps``: a float or a (batch,) tensor of per-sample budgets. ``loss``: "margin" (max_{j!=y} z_j -
-    z_y, the quantity a certificate bounds) or "ce". ``clamp``: the valid input box (pixels in
+    z_y, the quantity a certificate bounds), "ce", or a callable ``(logits, y) -> (batch,)`` objective to
+    maximize (e.g. a conformal score of the true label). ``clamp``: the valid input box (pixels in
     [0, 1]); ``None`` attacks the whole ball (what a certificate covers). Step size defaults to
     2.5 eps / steps (Madry et al.). Returns, per sample, the iterate with the largest margin loss
-    seen (so a misclassifying point, once found, is kept). An empirical attack: its success rate is
+    seen (so a misclassifying point, once found, is kept; with a callable loss, the largest
+    objective). An empirical attack: its success rate is
     an upper bound on robust accuracy, never a certificate. The model runs in eval mode.
     """
     if steps < 1:
         raise ValueError(f"pgd_l2: steps must be >= 1, got {steps}")
-    if loss not in ("margin", "ce"):
+    if not callable(loss) and loss not in ("margin", "ce"):
         raise ValueError(f"pgd_l2: loss must be 'margin' or 'ce', got {loss!r}")
     eps_t = _per_sample(eps, x)
     if (eps_t < 0).any() or not torch.isfinite(eps_t).all():
@@ -56,10 +61,14 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torc
             adv = x + delta if clamp is None else (x + delta).clamp(*clamp)
             adv.requires_grad_(True)
             logits = model(adv)
-            margin = _margin_loss(logits, y)
-            improved = margin.detach() > best_score
-            best[improved], best_score[improved] = adv.detach()[improved], margin.detach()[improved]
-            objective = margin if loss == "margin" else F.cross_entropy(logits, y, reduction="none")
+            if callable(loss):
+                objective = loss(logits, y)
+                tracked = objective
+            else:
+                tracked = _margin_loss(logits, y)
+                objective = tracked if loss == "margin" else F.cross_entropy(logits, y, reduction="none")
+            improved = tracked.detach() > best_score
+            best[improved], best_score[improved] = adv.detach()[improved], tracked.detach()[improved].to(best_score.dtype)
             (grad,) = torch.autograd.grad(objective.sum(), adv)
             delta = delta + alpha * grad / _norms(grad).clamp_min(1e-12)
             delta = delta * (eps_t / _norms(delta).clamp_min(1e-12)).clamp(max=1.0)  # onto the ball
