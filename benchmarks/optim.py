@@ -1,0 +1,226 @@
+"""Side-by-side optimizer benchmark: TurboMuon, TurboMuon+NorMuon, torch.optim.Muon, AdamW.
+
+    python benchmarks/optim.py --steps 60 --json benchmarks/results/optim_cpu.json --md benchmarks/results/optim_cpu.md
+
+Task: a CIFAR-10-sized CNN (32x32x3 inputs, conv widths 32/64/128, BatchNorm, 10 classes) on a
+synthetic teacher task (low-pass-filtered Gaussian images labelled by a fixed random CNN), so it
+needs no dataset. Conv kernels are stored as 2-D (out, in*k*k) parameters because
+``torch.optim.Muon`` only accepts 2-D parameters; every optimizer trains the same matrices.
+``lipnet.optim.split_params`` sends the hidden matrices to the Muon variant and the head, biases and
+BatchNorm gains to an auxiliary AdamW (the AdamW row trains everything with AdamW).
+
+All runs start from the same weights and see the same batches. They are interleaved round-robin
+(one step of each per round, the order rotated each round) so machine noise hits them alike; we
+report medians. Columns: ``step`` = the whole optimizer step (matrix optimizer + aux AdamW),
+``matrix step`` = the Muon-variant step only, ``ortho`` = the orthogonalization alone on the net's
+matrices (stacked per shape for TurboMuon, one by one for torch's Muon, also interleaved; plus
+Keller Jordan's ns5 in fp32 through the same core: the equal-precision reference), losses
+= mean training loss of the last 10 steps and loss / accuracy on 2048 held-out examples.
+Precision: ``torch.optim.Muon`` runs its Newton-Schulz steps in bf16 on every device; the lipnet
+core runs fp32 on CPU by default (``turbomuon``) or bf16 with a final fp32 step and an fp32 Gram
+matrix (``turbomuon-bf16``, ``low_precision=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+from lipnet.optim import TurboMuon, split_params  # noqa: E402
+from lipnet.ortho import orthogonalize  # noqa: E402
+
+
+class FlatConv2d(nn.Module):
+    """3x3 'same' convolution whose kernel is stored as a 2-D (out, in*9) parameter."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.shape = (cout, cin, 3, 3)
+        self.weight = nn.Parameter(nn.init.kaiming_normal_(torch.empty(self.shape)).reshape(cout, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight.view(self.shape), padding=1)
+
+
+def make_net(widths=(32, 64, 128)) -> nn.Sequential:
+    layers, cin = [FlatConv2d(3, widths[0]), nn.BatchNorm2d(widths[0]), nn.GELU()], widths[0]
+    for w in widths:
+        layers += [FlatConv2d(cin, w), nn.MaxPool2d(2), nn.BatchNorm2d(w), nn.GELU(),
+                   FlatConv2d(w, w), nn.BatchNorm2d(w), nn.GELU()]
+        cin = w
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
+    return nn.Sequential(*layers)
+
+
+def make_task(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    x = F.avg_pool2d(F.avg_pool2d(x, 3, 1, 1), 3, 1, 1) * 3
+    torch.manual_seed(1234)  # the teacher is the same for every call
+    teacher = nn.Sequential(nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(),
+                            nn.Linear(16 * 64, 10))
+    with torch.no_grad():
+        y = teacher(x).argmax(dim=1)
+    return x, y
+
+
+def make_optimizers(name: str, model: nn.Module, lr: float, aux_lr: float) -> list[torch.optim.Optimizer]:
+    hidden, rest = split_params(model)
+    if name == "adamw":
+        return [torch.optim.AdamW(model.parameters(), lr=aux_lr, weight_decay=0.0)]
+    aux = torch.optim.AdamW(rest, lr=aux_lr, weight_decay=0.0)
+    if name == "torch-muon":
+        return [torch.optim.Muon(hidden, lr=lr, momentum=0.95, nesterov=True, weight_decay=0.0,
+                                 adjust_lr_fn="original"), aux]
+    kw = dict(lr=lr, momentum=0.95, nesterov=True, weight_decay=0.0, adjust_lr="spectral")
+    if name == "turbomuon":
+        return [TurboMuon(hidden, **kw), aux]
+    if name == "turbomuon-bf16":
+        return [TurboMuon(hidden, low_precision=True, **kw), aux]
+    if name == "turbomuon+normuon":
+        return [TurboMuon(hidden, normuon=True, **kw), aux]
+    raise ValueError(name)
+
+
+def ortho_timers(shapes: list[tuple[int, int]], seed: int = 0) -> dict:
+    """Callables orthogonalizing one gradient per matrix of the net, as each optimizer does."""
+    from torch.optim._muon import _zeropower_via_newtonschulz  # the function torch.optim.Muon calls
+    g = torch.Generator().manual_seed(seed)
+    mats = [torch.randn(s, generator=g) for s in shapes]
+    stacks = {}
+    for m in mats:
+        stacks.setdefault(tuple(m.shape), []).append(m)
+    stacks = [torch.stack(v) for v in stacks.values()]
+    return {
+        "turbomuon": lambda: [orthogonalize(s, "turbo", 4, validate=False) for s in stacks],
+        "turbomuon-bf16": lambda: [orthogonalize(s, "turbo", 4, low_precision=True, validate=False) for s in stacks],
+        "torch-muon": lambda: [_zeropower_via_newtonschulz(m, (3.4445, -4.7750, 2.0315), 5, 1e-7) for m in mats],
+        # equal-precision reference: Keller Jordan's 5 quintic steps through the same core, fp32, stacked
+        "ns5-fp32 (ortho only)": lambda: [orthogonalize(s, "ns5", 5, low_precision=False, validate=False) for s in stacks],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.02, help="Muon-variant learning rate")
+    p.add_argument("--aux-lr", type=float, default=2e-3, help="AdamW learning rate (aux and baseline)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ortho-repeats", type=int, default=30)
+    p.add_argument("--json", default=None)
+    p.add_argument("--md", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    names = ["turbomuon", "turbomuon-bf16", "turbomuon+normuon", "torch-muon", "adamw"]
+    if not hasattr(torch.optim, "Muon"):
+        names.remove("torch-muon")
+
+    x_train, y_train = make_task(args.steps * args.batch_size, seed=0)
+    x_eval, y_eval = make_task(2048, seed=1)
+    torch.manual_seed(0)
+    init = make_net().state_dict()
+    runs = {}
+    for name in names:
+        model = make_net()
+        model.load_state_dict(init)
+        runs[name] = dict(model=model, opts=make_optimizers(name, model, args.lr, args.aux_lr),
+                          step=[], matrix=[], loss=[])
+
+    for t in range(args.steps):
+        xb = x_train[t * args.batch_size:(t + 1) * args.batch_size]
+        yb = y_train[t * args.batch_size:(t + 1) * args.batch_size]
+        order = names[t % len(names):] + names[:t % len(names)]
+        for name in order:
+            r = runs[name]
+            loss = F.cross_entropy(r["model"](xb), yb)
+            for o in r["opts"]:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            start = time.perf_counter()
+            r["opts"][0].step()
+            mid = time.perf_counter()
+            for o in r["opts"][1:]:
+                o.step()
+            r["matrix"].append(mid - start)
+            r["step"].append(time.perf_counter() - start)
+            r["loss"].append(loss.item())
+        if (t + 1) % 10 == 0:
+            print(f"step {t + 1}/{args.steps}: " + "  ".join(f"{n} {runs[n]['loss'][-1]:.3f}" for n in names),
+                  flush=True)
+
+    hidden, _ = split_params(runs[names[0]]["model"])
+    timers = ortho_timers([(len(w), w[0].numel()) for w in hidden])
+    timers = {k: v for k, v in timers.items() if k in names or "ortho only" in k}
+    ortho = {k: [] for k in timers}
+    for f in timers.values():
+        f()
+    for i in range(args.ortho_repeats):
+        for name in list(timers)[i % len(timers):] + list(timers)[:i % len(timers)]:
+            start = time.perf_counter()
+            timers[name]()
+            ortho[name].append(time.perf_counter() - start)
+    ortho["turbomuon+normuon"] = ortho["turbomuon"]
+
+    rows = []
+    for name in names:
+        r = runs[name]
+        model = r["model"].eval()
+        with torch.no_grad():
+            logits = torch.cat([model(xe) for xe in x_eval.split(512)])
+        warm = r["step"][2:]  # the first steps allocate state
+        rows.append({
+            "optimizer": name,
+            "step_ms": 1e3 * statistics.median(warm),
+            "matrix_step_ms": 1e3 * statistics.median(r["matrix"][2:]) if name != "adamw" else None,
+            "ortho_ms": 1e3 * statistics.median(ortho[name]) if name in ortho else None,
+            "train_loss_last10": statistics.fmean(r["loss"][-10:]),
+            "eval_loss": F.cross_entropy(logits, y_eval).item(),
+            "eval_acc": (logits.argmax(1) == y_eval).float().mean().item(),
+        })
+    rows.append({"optimizer": "ns5-fp32 (ortho only)", "step_ms": None, "matrix_step_ms": None,
+                 "ortho_ms": 1e3 * statistics.median(ortho["ns5-fp32 (ortho only)"]), "train_loss_last10": None,
+                 "eval_loss": None, "eval_acc": None})
+    ref = next((row for row in rows if row["optimizer"] == "torch-muon"), None)
+    for row in rows:
+        for key in ("matrix_step_ms", "ortho_ms"):
+            ok = ref is not None and row[key] is not None and ref[key] is not None
+            row[f"{key.split('_ms')[0]}_speedup_vs_torch_muon"] = ref[key] / row[key] if ok else None
+
+    meta = {"torch": torch.__version__, "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size,
+            "lr": args.lr, "aux_lr": args.aux_lr, "machine": platform.processor() or platform.machine(),
+            "matrices": [list(w.shape) for w in hidden],
+            "note": "CPU shared with other jobs (noisy); runs interleaved round-robin, medians"}
+    header = ["optimizer", "step ms", "matrix step ms", "ortho ms", "matrix step speed-up vs torch Muon",
+              "ortho speed-up", "train loss (last 10)", "eval loss", "eval acc"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            row["optimizer"], fmt(row["step_ms"], ".1f"), fmt(row["matrix_step_ms"], ".1f"), fmt(row["ortho_ms"], ".1f"),
+            fmt(row["matrix_step_speedup_vs_torch_muon"], ".2f") + ("x" if row["matrix_step_speedup_vs_torch_muon"] else ""),
+            fmt(row["ortho_speedup_vs_torch_muon"], ".2f") + ("x" if row["ortho_speedup_vs_torch_muon"] else ""),
+            fmt(row["train_loss_last10"], ".3f"), fmt(row["eval_loss"], ".3f"), fmt(row["eval_acc"], ".1%")]) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if args.md:
+        cmd = "python benchmarks/optim.py " + " ".join(sys.argv[1:])
+        Path(args.md).write_text(f"# Optimizer benchmark (CPU)\n\n`{cmd}`\n\n{meta['note']}; torch {meta['torch']}, "
+                                 f"{args.threads} thread(s), {args.steps} steps of batch {args.batch_size}.\n\n"
+                                 f"{table}\n")
+
+
+if __name__ == "__main__":
+    main()
