@@ -1,4 +1,4 @@
-"""The ``lipnet`` command: ``lipnet train`` and ``lipnet certify``."""
+"""The ``lipnet`` command: ``lipnet train``, ``lipnet certify`` and ``lipnet conformal``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import data as lipdata
-from .certify import certified_accuracy, lipschitz_lower_bound
+from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
 from .models import build_model
 from .nn import set_input_checks
 from .nn._checks import input_checks_enabled
@@ -48,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", default=None, help="write the results as JSON here")
     c.add_argument("--plot", default=None, help="PNG path (default: CHECKPOINT/certified.png)")
     _add_common(c)
+    k = sub.add_parser("conformal", help="robust conformal prediction sets: coverage and set size per eps")
+    k.add_argument("--checkpoint", required=True, help="directory written by `lipnet train --out`")
+    k.add_argument("--alpha", type=float, default=0.1, help="miscoverage level (sets cover with prob. >= 1 - alpha)")
+    k.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5], help="L2 attack budgets (raw pixels)")
+    k.add_argument("--score", choices=["lac", "aps"], default="lac")
+    k.add_argument("--randomized", action="store_true", help="randomized APS (u ~ U(0, 1))")
+    k.add_argument("--temperature", type=float, default=None, help="softmax temperature (default: the training loss')")
+    k.add_argument("--calibration-fraction", type=float, default=0.5,
+                   help="share of the test split used for calibration; the rest is the test/hold-out set")
+    k.add_argument("--delta", type=float, default=0.05, help="failure probability of the vanilla coverage bound")
+    k.add_argument("--pgd-steps", type=int, default=10, help="PGD steps of the set-exclusion attack (0: no attack)")
+    k.add_argument("--pgd-points", type=int, default=1000, help="attack the first N test points")
+    k.add_argument("--seed", type=int, default=0, help="seed of the calibration/test split")
+    k.add_argument("--json", default=None, help="write the rows as JSON here")
+    k.add_argument("--plot", default=None, help="PNG path (default: CHECKPOINT/conformal.png)")
+    _add_common(k)
     return parser
 
 
@@ -124,12 +140,94 @@ def cmd_certify(args) -> int:
     return 0
 
 
+def _conformal_plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    eps = [r["eps"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(eps, [r["vanilla_size"] for r in rows], "o-", label="vanilla CP")
+    left.plot(eps, [r["robust_size"] for r in rows], "s-", label="robust CP (sound)")
+    left.set_xlabel("L2 budget eps (pixels in [0, 1])")
+    left.set_ylabel("mean set size")
+    right.plot(eps, [r["vanilla_coverage_bound"] for r in rows], "o--", label="vanilla: guaranteed (lower bound)")
+    if rows[0].get("vanilla_attacked_coverage") is not None:
+        right.plot(eps, [r["vanilla_attacked_coverage"] for r in rows], "o-", label="vanilla under PGD")
+        right.plot(eps, [r["robust_attacked_coverage"] for r in rows], "s-", label="robust under PGD")
+    right.axhline(1 - rows[0]["alpha"], color="gray", lw=0.8, label="1 - alpha")
+    right.set_xlabel("L2 budget eps (pixels in [0, 1])")
+    right.set_ylabel("coverage")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_conformal(args) -> int:
+    if args.pgd_steps < 0 or args.pgd_points < 0:
+        raise ValueError("--pgd-steps and --pgd-points must be >= 0")
+    model, config, _ = load_checkpoint(args.checkpoint, map_location=args.device)
+    temperature = config.temperature if args.temperature is None else args.temperature
+    test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
+    cal_set, test_set = lipdata.random_split(test, args.calibration_fraction, seed=args.seed)
+    cal = lipdata.BatchLoader(cal_set, 500, device=args.device)
+    held = lipdata.BatchLoader(test_set, 500, device=args.device)
+    attacked = lipdata.BatchLoader(test_set.subset(torch.arange(min(args.pgd_points, len(test_set)))), 500,
+                                   device=args.device)
+    kw = dict(score=args.score, alpha=args.alpha, temperature=temperature, randomized=args.randomized,
+              device=args.device, progress=not args.no_progress)
+    vanilla = ConformalClassifier(model, **kw).calibrate(cal).fit_coverage_bound(held, args.delta)
+    robust = ConformalClassifier(model, lipschitz=vanilla.lipschitz, **kw).calibrate(cal)
+    attack = args.pgd_steps > 0 and args.pgd_points > 0
+    rows = []
+    for eps in args.eps:
+        v, r = vanilla.evaluate(held, eps=0.0), robust.evaluate(held, eps=eps)
+        row = {"eps": eps, "alpha": args.alpha, "vanilla_coverage": v.coverage, "vanilla_size": v.mean_size,
+               "vanilla_coverage_bound": vanilla.vanilla_coverage_lower_bound(eps),
+               "robust_coverage": r.coverage, "robust_size": r.mean_size, "robust_median_size": r.median_size,
+               "robust_singletons": r.singleton_rate, "vanilla_attacked_coverage": None, "robust_attacked_coverage": None}
+        if attack:
+            row["vanilla_attacked_coverage"] = vanilla.evaluate(attacked, eps=0.0, attack="pgd", attack_eps=eps,
+                                                                attack_steps=args.pgd_steps).coverage
+            row["robust_attacked_coverage"] = robust.evaluate(attacked, eps=eps, attack="pgd",
+                                                              attack_steps=args.pgd_steps).coverage
+        rows.append(row)
+    print(f"{config.model} on {config.dataset}: {args.score.upper()} score, T={temperature:g}, alpha={args.alpha}, "
+          f"{len(cal_set)} calibration / {len(test_set)} test points, Lipschitz bound {vanilla.lipschitz:.6f}")
+
+    def pct(value):
+        return "-" if value is None else f"{value:.2%}"
+    table = [[f"{r['eps']:.4g}", pct(r["vanilla_coverage"]), f"{r['vanilla_size']:.2f}", pct(r["vanilla_attacked_coverage"]),
+              pct(r["vanilla_coverage_bound"]), pct(r["robust_coverage"]), f"{r['robust_size']:.2f}",
+              pct(r["robust_attacked_coverage"])] for r in rows]
+    pgd = f"PGD-{args.pgd_steps}, first {min(args.pgd_points, len(test_set))}"
+    print(format_table(table, ["eps", "vanilla cov", "vanilla size", f"vanilla cov ({pgd})",
+                               f"vanilla guaranteed (1-{args.delta:g} conf.)", "robust cov", "robust size",
+                               f"robust cov ({pgd})"]))
+    print(f"robust sets: coverage >= {1 - args.alpha:.0%} under every L2 attack of size eps (sound); "
+          "vanilla guaranteed: lower bound on vanilla CP's coverage under any such attack")
+    plot = Path(args.plot) if args.plot else Path(args.checkpoint) / "conformal.png"
+    _conformal_plot(rows, plot, f"{config.dataset}: conformal sets, alpha={args.alpha}")
+    print(f"plot: {plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dataset": config.dataset, "score": args.score, "temperature": temperature,
+                                               "alpha": args.alpha, "lipschitz_bound": vanilla.lipschitz,
+                                               "n_calibration": len(cal_set), "n_test": len(test_set), "rows": rows}, indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "certify": cmd_certify, "conformal": cmd_conformal}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     checks = input_checks_enabled()
     set_input_checks(False)  # uint8 datasets are finite; certify checks each batch itself
     try:
-        return cmd_train(args) if args.command == "train" else cmd_certify(args)
+        return COMMANDS[args.command](args)
     except (lipdata.DataError, ValueError, FileNotFoundError) as err:
         print(f"lipnet {args.command}: error: {err}", file=sys.stderr)
         return 2

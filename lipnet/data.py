@@ -89,6 +89,21 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i].float().div_(255), int(self.labels[i])
 
+    def subset(self, index: torch.Tensor) -> ImageDataset:
+        return ImageDataset(self.images[index], self.labels[index], self.info)
+
+
+def random_split(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """Split into two disjoint random parts, the first holding round(fraction * n) examples
+    (e.g. conformal calibration / test). Deterministic for a given ``seed``."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    k = round(fraction * len(dataset))
+    if k == 0 or k == len(dataset):
+        raise ValueError(f"cannot split {len(dataset)} examples with fraction {fraction}: one part would be empty")
+    return dataset.subset(perm[:k]), dataset.subset(perm[k:])
+
 
 # ----------------------------------------------------------------------------------------- MNIST
 _IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -63,3 +63,39 @@ def test_example_runs(tmp_path, data_root):
                           "--plot", str(plot)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "sound bound" in res.stdout and "certified" in res.stdout and plot.stat().st_size > 1000
+
+
+def test_conformal_command(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "400", "--width", "4",
+                 "--out", str(out), "--data-root", str(data_root), "--no-progress"]) == 0
+    result = tmp_path / "conformal.json"
+    rc = main(["conformal", "--checkpoint", str(out), "--alpha", "0.2", "--eps", "0", "0.3", "--limit", "300",
+               "--pgd-steps", "3", "--pgd-points", "60", "--json", str(result), "--data-root", str(data_root),
+               "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "robust size" in text and "vanilla guaranteed" in text
+    res = json.loads(result.read_text())
+    assert res["n_calibration"] == 150 and res["n_test"] == 150 and len(res["rows"]) == 2
+    zero, attacked = res["rows"]
+    assert zero["robust_size"] == zero["vanilla_size"] and zero["robust_coverage"] == zero["vanilla_coverage"]
+    assert attacked["robust_size"] >= zero["vanilla_size"] and attacked["robust_coverage"] >= zero["vanilla_coverage"]
+    assert attacked["vanilla_coverage_bound"] <= zero["vanilla_coverage_bound"] <= 1
+    assert (out / "conformal.png").stat().st_size > 1000
+    assert main(["conformal", "--checkpoint", str(out), "--alpha", "1.5", "--limit", "300",
+                 "--data-root", str(data_root), "--no-progress"]) == 2
+    assert "alpha" in capsys.readouterr().err
+    # 20 calibration points cannot give a finite quantile at alpha = 0.01 (needs 99)
+    assert main(["conformal", "--checkpoint", str(out), "--alpha", "0.01", "--limit", "40",
+                 "--data-root", str(data_root), "--no-progress"]) == 2
+    assert "need n >= 99" in capsys.readouterr().err
+
+
+def test_robust_conformal_example_runs(tmp_path, data_root):
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "robust_conformal.py")
+    plot = tmp_path / "rcp.png"
+    res = subprocess.run([sys.executable, example, "--data-root", str(data_root), "--limit", "300",
+                          "--alpha", "0.2", "--plot", str(plot)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "robust sets size" in res.stdout and "guaranteed" in res.stdout and plot.stat().st_size > 1000

@@ -154,3 +154,19 @@ def test_real_cifar10_archive_layout(data_root):
                 counts[top, split, name] += 1
     assert counts == {**{("CIFAR10_jpg", "train", c): 5000 for c in D.CIFAR10_CLASSES},
                       **{("CIFAR10_jpg", "test", c): 1000 for c in D.CIFAR10_CLASSES}}
+
+
+def test_random_split_is_disjoint_and_deterministic(data_root):
+    from lipnet.data import load_dataset, random_split
+    ds = load_dataset("mnist", "test", data_root, limit=100)
+    a, b = random_split(ds, 0.3, seed=1)
+    assert len(a) == 30 and len(b) == 70
+    a2, _ = random_split(ds, 0.3, seed=1)
+    assert torch.equal(a.images, a2.images)
+    rows = {bytes(img.numpy()) for img in ds.images}
+    assert {bytes(img.numpy()) for img in a.images} | {bytes(img.numpy()) for img in b.images} <= rows
+    assert sorted(a.labels.tolist() + b.labels.tolist()) == sorted(ds.labels.tolist())
+    with pytest.raises(ValueError, match="fraction"):
+        random_split(ds, 1.0)
+    with pytest.raises(ValueError, match="empty"):
+        random_split(load_dataset("mnist", "test", data_root, limit=2), 0.1)
