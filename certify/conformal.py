@@ -472,8 +472,15 @@ class ConformalClassifier:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if self._calibration is None:
             raise RuntimeError("call calibrate(loader) first")
-        z, y = self._collect(holdout, "hold-out")
+        return self.fit_coverage_bound_logits(*self._collect(holdout, "hold-out"), delta=delta)
+
+    def fit_coverage_bound_logits(self, logits: torch.Tensor, labels: torch.Tensor,
+                                  delta: float = 0.05) -> ConformalClassifier:
+        """As :meth:`fit_coverage_bound`, from precomputed hold-out logits."""
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
         q = self.quantile(0.0)  # the vanilla threshold, in both modes
+        z, y = logits.detach().double().cpu(), labels.reshape(-1).long().cpu()
         self._coverage_radii = coverage_radii(z, y, q, self.lipschitz, self.score, self.temperature, self._u(len(y)))
         self._coverage_delta = float(delta)
         return self

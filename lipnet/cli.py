@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import data as lipdata
+from . import distributed as lipdist
 from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
 from .models import build_model
 from .nn import set_input_checks
@@ -38,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, default=None, help="model width (channels of the first stage)")
     t.add_argument("--offset", type=float, default=None, help="margin asked by the loss (logit units)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (DDP; gloo on CPU, nccl on CUDA); "
+                        "under torchrun this is taken from its environment")
     _add_common(t)
     c = sub.add_parser("certify", help="certified / PGD accuracy of a checkpoint, with a plot")
     c.add_argument("--checkpoint", required=True, help="directory written by `lipnet train --out`")
@@ -67,30 +72,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loaders(dataset: str, args, batch_size: int, seed: int):
+def _loaders(dataset: str, args, batch_size: int, seed: int, world_size: int = 1):
     train = lipdata.load_dataset(dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
     test = lipdata.load_dataset(dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
-    generator = torch.Generator().manual_seed(seed)
-    return (lipdata.BatchLoader(train, batch_size, shuffle=True, generator=generator),
-            lipdata.BatchLoader(test, 500, shuffle=False))
+    if world_size > 1:  # this rank's share of the same global batches (same seed on every rank)
+        train_loader = lipdist.ShardedBatchLoader(train, batch_size, shuffle=True, seed=seed)
+    else:
+        train_loader = lipdata.BatchLoader(train, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return train_loader, lipdata.BatchLoader(test, 500, shuffle=False)
+
+
+def _train_process(argv: list[str]) -> None:
+    """One process of ``lipnet train --nproc N`` (started by ``lipnet.distributed.launch``)."""
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_train(args) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    batch_size = args.batch_size if args.batch_size is not None else PRESETS[args.dataset].batch_size
+    if batch_size % max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))):
+        raise ValueError(f"--batch-size {batch_size} (the global batch) must be divisible by the number of processes")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun: start the processes ourselves
+        lipdist.launch(_train_process, args.nproc, args=(args.argv,))
+        return 0
+    ctx = lipdist.init_distributed(args.device)
+    try:
+        return _train(args, ctx)
+    finally:
+        lipdist.destroy_distributed()
+
+
+def _train(args, ctx: lipdist.DistributedContext) -> int:
     config = TrainConfig.from_preset(args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                      offset=args.offset, seed=args.seed, limit=args.limit)
     if args.width is not None:
         config.model_config = {**config.model_config, "width": args.width}
     torch.manual_seed(config.seed)
-    train_loader, test_loader = _loaders(args.dataset, args, config.batch_size, config.seed)
-    model = build_model(config.model, **config.model_config).to(args.device)
-    print(f"training {config.model} on {args.dataset} ({len(train_loader.dataset)} train / "
-          f"{len(test_loader.dataset)} test) for {config.epochs} epochs on {args.device}")
+    train_loader, test_loader = _loaders(args.dataset, args, config.batch_size, config.seed, ctx.world_size)
+    model = build_model(config.model, **config.model_config).to(ctx.device)
+    log = print if ctx.is_main else (lambda _: None)
+    procs = f" x {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else ""
+    log(f"training {config.model} on {args.dataset} ({len(train_loader.dataset)} train / "
+        f"{len(test_loader.dataset)} test) for {config.epochs} epochs on {ctx.device}{procs}")
     start = time.perf_counter()
-    history = fit(model, train_loader, test_loader, config, device=args.device, progress=not args.no_progress)
-    path = save_checkpoint(args.out, model, config, history)
-    print(f"saved {path} ({time.perf_counter() - start:.0f}s)")
+    history = fit(model, train_loader, test_loader, config, device=ctx.device, progress=not args.no_progress,
+                  log=log, dist_ctx=ctx)
+    if ctx.is_main:
+        path = save_checkpoint(args.out, model, config, history)
+        log(f"saved {path} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 
@@ -223,7 +257,9 @@ COMMANDS = {"train": cmd_train, "certify": cmd_certify, "conformal": cmd_conform
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # `train --nproc N` re-runs the same command line in each process
     checks = input_checks_enabled()
     set_input_checks(False)  # uint8 datasets are finite; certify checks each batch itself
     try:

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .certify import certified_accuracy
+from .distributed import DistributedContext, all_reduce_mean, wrap_ddp
 from .models import build_model
 from .nn import LipschitzCrossEntropy
 
@@ -105,20 +106,32 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
 
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, device: str | torch.device = "cpu",
-        progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+        progress: bool = True, log: Callable[[str], None] = print,
+        dist_ctx: DistributedContext | None = None) -> list[dict]:
     """Adam + one-cycle schedule on ``LipschitzCrossEntropy(temperature, offset)``; after each epoch,
-    clean and certified accuracy on ``test_loader`` at ``config.eval_eps``. Returns the history."""
+    clean and certified accuracy on ``test_loader`` at ``config.eval_eps``. Returns the history.
+
+    Multi-process (``dist_ctx.world_size > 1``): ``train_loader`` must give this rank's share of
+    every global batch (``lipnet.distributed.ShardedBatchLoader``); the model trains under DDP
+    (gradients averaged: a step uses the whole global batch), the logged loss is the mean over
+    ranks, and only rank 0 evaluates, logs and shows progress (the history is rank 0's)."""
+    distributed = dist_ctx is not None and dist_ctx.world_size > 1
+    main = not distributed or dist_ctx.is_main
+    forward = wrap_ddp(model, dist_ctx) if distributed else model
     loss_fn = LipschitzCrossEntropy(temperature=config.temperature, offset=config.offset)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps = config.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.2)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + (dist_ctx.rank if distributed else 0))  # augmentation
     history = []
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
-        loss = train_epoch(model, train_loader, optimizer, loss_fn, scheduler, device, config.augment, generator,
-                           progress, desc=f"epoch {epoch}/{config.epochs}")
+        loss = train_epoch(forward, train_loader, optimizer, loss_fn, scheduler, device, config.augment, generator,
+                           progress and main, desc=f"epoch {epoch}/{config.epochs}")
+        loss = all_reduce_mean(loss) if distributed else loss
         seconds = time.perf_counter() - start
+        if not main:
+            continue
         report = certified_accuracy(model, test_loader, config.eval_eps, device=device)
         row = {"epoch": epoch, "loss": loss, "train_seconds": seconds, "clean": report.clean,
                "certified": report.certified, "lipschitz_bound": report.lipschitz_bound}

@@ -99,3 +99,15 @@ def test_robust_conformal_example_runs(tmp_path, data_root):
                           "--alpha", "0.2", "--plot", str(plot)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "robust sets size" in res.stdout and "guaranteed" in res.stdout and plot.stat().st_size > 1000
+
+
+def test_train_with_two_processes(tmp_path, data_root, capsys):
+    out = tmp_path / "ddp"
+    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "256", "--width", "4", "--batch-size", "64",
+               "--nproc", "2", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0 and (out / "checkpoint.pt").is_file()
+    model, config, history = load_checkpoint(out)
+    assert len(history) == 1 and config.batch_size == 64
+    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--batch-size", "63", "--nproc", "2",
+                 "--out", str(tmp_path / "bad"), "--data-root", str(data_root), "--no-progress"]) == 2
+    assert "divisible" in capsys.readouterr().err
