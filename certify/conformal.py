@@ -40,14 +40,13 @@ from tqdm.auto import tqdm
 from ._utils import check_finite, eval_mode, split_batch
 from .attacks import pgd_l2
 from .lipschitz import network_lipschitz_bound
+# certified_radius' float-evaluation slack: r grows by 64 ulp (fp32) of max |z| when r > 0
+from .radius import _FLOAT_SLACK_ULPS
 
 SCORES = ("lac", "aps")
 MODES = ("inference", "calibration")
 BOUNDS = ("local", "lipschitz")
 _SQRT2 = math.sqrt(2.0)
-# Same float-evaluation slack as certified_radius: r grows by 64 ulp (fp32) of max |z| whenever
-# r > 0, covering the logits' own rounding error.
-_FLOAT_SLACK_ULPS = 64
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -364,13 +363,7 @@ class ConformalClassifier:
     def calibrate(self, loader: Iterable) -> ConformalClassifier:
         """Score the calibration data (clean inputs, held out from training). Keeps the logits so
         that thresholds for other eps (robust calibration) cost no further forward pass."""
-        z, y = self._collect(loader, "calibrate")
-        if z.shape[0] < min_calibration_size(self.alpha):
-            raise ValueError(f"calibration set too small for alpha={self.alpha}: got n={z.shape[0]}, "
-                             f"need n >= {min_calibration_size(self.alpha)}")
-        self._calibration = (z, y, self._u(z.shape[0]))
-        self._quantiles = {}
-        return self
+        return self.calibrate_logits(*self._collect(loader, "calibrate"))
 
     def calibrate_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> ConformalClassifier:
         """As :meth:`calibrate`, from precomputed (clean) logits."""
@@ -400,12 +393,15 @@ class ConformalClassifier:
         """Boolean (batch, classes) prediction sets from logits of the (possibly attacked) inputs."""
         eps = self.eps if eps is None else _check_eps(eps)
         u = self._u(logits.shape[0]) if u is None else u
-        q = self.quantile(eps)
+        return self._rule_scores(logits, eps, u) <= self.quantile(eps)
+
+    def _rule_scores(self, logits: torch.Tensor, eps: float, u: torch.Tensor) -> torch.Tensor:
+        """The scores the set rule compares with q_hat: plain scores in calibration mode and at
+        eps = 0, the lower score bounds over the eps-ball in inference mode."""
+        u = u.to(logits.device)
         if self.mode == "calibration" or eps == 0:
-            s = class_scores(logits, self.score, self.temperature, u.to(logits.device))
-        else:
-            s, _ = score_bounds(logits, self._radius(eps), self.score, self.temperature, u.to(logits.device), self.bound)
-        return s <= q
+            return class_scores(logits, self.score, self.temperature, u)
+        return score_bounds(logits, self._radius(eps), self.score, self.temperature, u, self.bound)[0]
 
     def predict_sets(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
         """Prediction sets for inputs ``x`` (clean or attacked), robust to ``eps`` (default self.eps)."""
@@ -419,12 +415,8 @@ class ConformalClassifier:
         q = self.quantile(eps)
 
         def objective(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            uu = torch.ones(len(y), dtype=torch.float64, device=logits.device) if u is None else u.to(logits.device)
-            if self.mode == "calibration" or eps == 0:
-                s = class_scores(logits, self.score, self.temperature, uu)
-            else:
-                s, _ = score_bounds(logits, self._radius(eps), self.score, self.temperature, uu, self.bound)
-            return s.gather(1, y[:, None])[:, 0] - q
+            uu = torch.ones(len(y), dtype=torch.float64) if u is None else u
+            return self._rule_scores(logits, eps, uu).gather(1, y[:, None])[:, 0] - q
         return objective
 
     def evaluate(self, loader: Iterable, *, eps: float | None = None, attack: str | Callable | None = None,

@@ -213,24 +213,26 @@ def cmd_conformal(args) -> int:
                                    device=args.device)
     kw = dict(score=args.score, alpha=args.alpha, temperature=temperature, randomized=args.randomized,
               device=args.device, progress=not args.no_progress)
-    vanilla = ConformalClassifier(model, **kw).calibrate(cal).fit_coverage_bound(held, args.delta)
-    robust = ConformalClassifier(model, lipschitz=vanilla.lipschitz, **kw).calibrate(cal)
+    # One calibration serves both: in inference mode the same threshold gives vanilla sets (eps = 0)
+    # and sets robust to any eps.
+    clf = ConformalClassifier(model, **kw).calibrate(cal).fit_coverage_bound(held, args.delta)
     attack = args.pgd_steps > 0 and args.pgd_points > 0
+    v = clf.evaluate(held, eps=0.0)
     rows = []
     for eps in args.eps:
-        v, r = vanilla.evaluate(held, eps=0.0), robust.evaluate(held, eps=eps)
+        r = clf.evaluate(held, eps=eps)
         row = {"eps": eps, "alpha": args.alpha, "vanilla_coverage": v.coverage, "vanilla_size": v.mean_size,
-               "vanilla_coverage_bound": vanilla.vanilla_coverage_lower_bound(eps),
+               "vanilla_coverage_bound": clf.vanilla_coverage_lower_bound(eps),
                "robust_coverage": r.coverage, "robust_size": r.mean_size, "robust_median_size": r.median_size,
                "robust_singletons": r.singleton_rate, "vanilla_attacked_coverage": None, "robust_attacked_coverage": None}
         if attack:
-            row["vanilla_attacked_coverage"] = vanilla.evaluate(attacked, eps=0.0, attack="pgd", attack_eps=eps,
-                                                                attack_steps=args.pgd_steps).coverage
-            row["robust_attacked_coverage"] = robust.evaluate(attacked, eps=eps, attack="pgd",
-                                                              attack_steps=args.pgd_steps).coverage
+            row["vanilla_attacked_coverage"] = clf.evaluate(attacked, eps=0.0, attack="pgd", attack_eps=eps,
+                                                            attack_steps=args.pgd_steps).coverage
+            row["robust_attacked_coverage"] = clf.evaluate(attacked, eps=eps, attack="pgd",
+                                                           attack_steps=args.pgd_steps).coverage
         rows.append(row)
     print(f"{config.model} on {config.dataset}: {args.score.upper()} score, T={temperature:g}, alpha={args.alpha}, "
-          f"{len(cal_set)} calibration / {len(test_set)} test points, Lipschitz bound {vanilla.lipschitz:.6f}")
+          f"{len(cal_set)} calibration / {len(test_set)} test points, Lipschitz bound {clf.lipschitz:.6f}")
 
     def pct(value):
         return "-" if value is None else f"{value:.2%}"
@@ -248,7 +250,7 @@ def cmd_conformal(args) -> int:
     print(f"plot: {plot}")
     if args.json:
         Path(args.json).write_text(json.dumps({"dataset": config.dataset, "score": args.score, "temperature": temperature,
-                                               "alpha": args.alpha, "lipschitz_bound": vanilla.lipschitz,
+                                               "alpha": args.alpha, "lipschitz_bound": clf.lipschitz,
                                                "n_calibration": len(cal_set), "n_test": len(test_set), "rows": rows}, indent=2))
     return 0
 
