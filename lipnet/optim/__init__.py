@@ -2,9 +2,14 @@
 
 * :class:`TurboMuon` -- momentum -> the core's Turbo orthogonalization -> update (Muon), with
   optional NorMuon normalization; same-shape matrices in one batched call, sharded under DDP.
+* :class:`SchattenMuon` -- Schatten-p descent U S^(1/p) V^T (p = 1 SGD ... p = inf Muon), p fixed or
+  chosen per layer by the paper's one-step regression criterion; optional Adam / MuAdam preconditioning.
+* :func:`schatten_update` -- U S^(1/p) V^T of stacks of matrices from one small-side eigh.
 * :func:`split_params` -- hidden matrices to TurboMuon, the rest (biases, embeddings, head) to AdamW.
 """
 
 from .muon import ADJUST_LR, TurboMuon, lr_scale, normuon_normalize, split_params
+from .schatten import SchattenMuon, schatten_update
 
-__all__ = ["ADJUST_LR", "TurboMuon", "lr_scale", "normuon_normalize", "split_params"]
+__all__ = ["ADJUST_LR", "SchattenMuon", "TurboMuon", "lr_scale", "normuon_normalize", "schatten_update",
+           "split_params"]

@@ -1,0 +1,396 @@
+"""Schatten-p descent: the family from SGD (p = 1) to Muon (p = inf), with per-layer adaptive p.
+
+Massena, Friedrich, Serrurier, "From SGD to Muon: Adaptive Optimization via Schatten-p Norms"
+(arXiv 2605.19781; blog "Adaptive Schatten-p Norm Descent"; code: deel-ai-papers/schatten-muon).
+For a momentum matrix M = U S V^T the update direction is
+
+    schatten_update(M, p) = U S^(1/p) V^T        p = 1: M (SGD),  p -> inf: U V^T (Muon)
+
+the steepest-descent direction for the Schatten-(p+1) norm. Computed on the short side, never with
+an SVD of M: with X the wide orientation of M (k <= n rows) and A = X X^T = W diag(lam) W^T (one
+k x k ``eigh``), U S^(1/p) V^T = A^((1/p - 1)/2) X. Singular values below ``floor * sigma_max``
+(where fp32 Gram eigenvalues are noise) are continued linearly: g(s) = s * tau^(1/p - 1), tau =
+floor * sigma_max, so the map stays bounded and monotone. p = inf goes to the ``lipnet.ortho`` core
+(Turbo-Muon). ``root="newton"`` computes the same power with the coupled Newton inverse-root
+iteration (Guo & Higham 2006) for integer p -- kept for the measurement in benchmarks/optim.py
+(``--roots``): on CPU eigh is both faster and more accurate.
+
+Adaptive p (the paper's criterion, as implemented in its repository, smuon/svs/momentum_exact.py):
+view the layer as a random-feature regression y = W a on its input features A (rows = samples, the
+im2col patches for a conv). One step W - eta S of that quadratic decreases the loss by at least
+max_eta [eta <G, S> - eta^2/2 ||S A^T||_F^2] >= <G, S>^2 / (2 ||S||_{S_(p+1)}^2 ||A||_{S_k}^2), by
+Hoelder with 1/2 = 1/(p+1) + 1/k, i.e. k(p) = 2(p+1)/(p-1). So each layer takes
+
+    p* = argmax_{p in [pmin, pmax]}  f(p),   f(p) = relu(<G, S_p> / ||S_p||_{S_(p+1)})^2 / ||A||_{S_k(p)}^2
+
+with S_p = schatten_update(M, p), G the gradient. p -> 1 weighs A by its spectral norm (SGD's
+curvature), p -> inf by its Frobenius norm (Muon's). Our choices (the repository uses full SVDs and
+scipy's bounded scalar search every 100 steps): f is evaluated every step on a geometric grid of
+``p_points`` values from the eigh the update needs anyway (no extra SVD, no host sync); the
+numerator ratio is an EMA over steps (``stat_beta``); the activation spectrum comes from <= ``act_rows``
+sampled rows every ``act_every`` steps (forward hooks, :meth:`SchattenMuon.watch`); a layer with no
+recorded activations assumes white ones (||A||_{S_k} = n^(1/k)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ortho import orthogonalize
+from ..ortho.validation import check_matrices
+from .muon import ADJUST_LR, lr_scale
+
+ROOTS = ("eigh", "newton")
+PRECONDITIONERS = (None, "adam", "muadam")
+
+
+def _check_p(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or p < 1:
+        raise ValueError(f"p must be a number in [1, inf], got {p!r}")
+    return float(p)
+
+
+def _wide(X: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return (X.mT, True) if X.shape[-2] > X.shape[-1] else (X, False)
+
+
+def _gram_eigh(X: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X wide (..., k, n): eigenpairs of A = X X^T (ascending) and the eigenvalues clamped at
+    (floor * sigma_max)^2 (the floor of the power; sigma_max^2 = the largest eigenvalue)."""
+    lam, W = torch.linalg.eigh(X @ X.mT)
+    lam = lam.clamp_min(0)
+    tiny = torch.finfo(lam.dtype).tiny
+    lam_c = lam.clamp_min((floor ** 2 * lam[..., -1:]).clamp_min(tiny))
+    return lam, lam_c, W
+
+
+def _inverse_root_newton(A: torch.Tensor, r: int, iters: int) -> torch.Tensor:
+    """A^(-1/r) of SPD matrices (..., k, k) by the coupled Newton iteration (Guo & Higham 2006):
+    X <- X T, N <- T^r N with T = ((r+1) I - N) / r, from X = I / c, N = A / c^r, c^r = trace(A)
+    (so N's spectrum is in (0, 1] and the iteration converges: X -> A^(-1/r), N -> I)."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    trace = A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    X, N = eye / trace ** (1 / r), A / trace
+    for _ in range(iters):
+        T = ((r + 1) * eye - N) / r
+        X, N = X @ T, torch.linalg.matrix_power(T, r) @ N
+    return X
+
+
+def schatten_update(M: torch.Tensor, p: float | torch.Tensor, *, root: str = "eigh", polar: str = "turbo",
+                    floor: float = 1e-3, newton_iters: int = 30, validate: bool = True) -> torch.Tensor:
+    """U g(S) V^T for each matrix M = U S V^T of a stack (..., m, n), g(s) = s^(1/p).
+
+    Guarantees (exact arithmetic; ``root="eigh"``): g(s) = s^(1/p) for every singular value
+    s >= floor * sigma_max(M), g(s) = s * (floor * sigma_max)^(1/p - 1) below (bounded, monotone);
+    p = 1 returns M itself; a float p = inf returns ``orthogonalize(M, polar)`` (the core's polar
+    factor; singular values in the method's band, see ``lipnet.ortho.orthogonalize``). A zero matrix
+    maps to zero. ``p`` may be a tensor broadcasting against the batch dims (one p per matrix; then
+    every p, inf included, goes through the eigh route). ``root="newton"`` (integer p only) replaces
+    the eigh by the coupled Newton iteration on A + (floor sigma_max)^2 I. Output dtype = input dtype;
+    computation in fp32 (fp64 for fp64 inputs).
+    """
+    if root not in ROOTS:
+        raise ValueError(f"unknown root {root!r}; expected one of {ROOTS}")
+    if not 0 <= floor < 1:
+        raise ValueError(f"floor must be in [0, 1), got {floor!r}")
+    if validate:
+        check_matrices(M, "M", allow_zero=True)
+    elif M.ndim < 2:
+        raise ValueError(f"M must have at least 2 dims (..., m, n), got shape {tuple(M.shape)}")
+    if isinstance(p, torch.Tensor):
+        if validate and (torch.isnan(p).any() or (p < 1).any()):
+            raise ValueError("every p must be in [1, inf]")
+        if root != "eigh":
+            raise ValueError("a tensor p needs root='eigh'")
+    else:
+        p = _check_p(p)
+        if p == 1:
+            return M
+        if p == math.inf:
+            return orthogonalize(M, polar, validate=False)
+    dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    X, transposed = _wide(M.to(dtype))
+    if root == "newton":
+        if p != int(p):
+            raise ValueError(f"root='newton' needs an integer p, got {p}")
+        A = X @ X.mT
+        lam_max = A.diagonal(dim1=-2, dim2=-1).amax(-1)                     # <= sigma_max^2 <= k lam_max
+        eye = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
+        A = A + (floor ** 2 * lam_max[..., None, None]).clamp_min(torch.finfo(dtype).tiny) * eye
+        S = torch.linalg.matrix_power(_inverse_root_newton(A, 2 * int(p), newton_iters), int(p) - 1) @ X
+    else:
+        _, lam_c, W = _gram_eigh(X, floor)
+        p_t = torch.as_tensor(p, dtype=dtype, device=X.device)
+        exponent = (1 / p_t - 1) / 2
+        if exponent.ndim:
+            exponent = exponent[..., None]
+        S = (W * lam_c.pow(exponent).unsqueeze(-2)) @ (W.mT @ X)
+    return (S.mT if transposed else S).to(M.dtype)
+
+
+# ---- the adaptive criterion -------------------------------------------------------------------------
+
+def p_grid(pmin: float, pmax: float, points: int) -> torch.Tensor:
+    """The candidate p values: ``points`` geometrically spaced in [pmin, pmax] (float64)."""
+    return torch.logspace(math.log10(pmin), math.log10(pmax), points, dtype=torch.float64)
+
+
+def activation_log_norms(singular_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """log ||A||_{S_k(p)} for every p of ``grid`` (k(p) = 2(p+1)/(p-1); p = 1: the spectral norm),
+    from A's singular values (..., r). Zero singular values are ignored."""
+    grid = grid.to(singular_values)
+    log_s = singular_values.clamp_min(torch.finfo(singular_values.dtype).tiny).log().unsqueeze(-1)
+    k = torch.where(grid > 1, 2 * (grid + 1) / (grid - 1).clamp_min(1e-12), torch.inf)
+    finite = torch.isfinite(k)
+    k_safe = torch.where(finite, k, torch.ones_like(k))
+    schatten = torch.logsumexp(k_safe * log_s, dim=-2) / k_safe
+    return torch.where(finite, schatten, log_s.amax(dim=-2))
+
+
+def alignment_ratio(lam: torch.Tensor, lam_c: torch.Tensor, W: torch.Tensor, X: torch.Tensor, G: torch.Tensor,
+                    grid: torch.Tensor) -> torch.Tensor:
+    """<G, S_p> / ||S_p||_{S_(p+1)} for every p of ``grid`` (..., P), S_p = schatten_update(X, p), from
+    the eigenpairs of X X^T that the update computes (X, G wide, same orientation)."""
+    grid = grid.to(lam)
+    exponent = (1 / grid - 1) / 2                                           # (P,)
+    log_gain = lam_c.log().unsqueeze(-1) * exponent                          # (..., k, P)
+    d = torch.einsum("...ki,...kl,...li->...i", W, X @ G.mT, W)             # (..., k) = <G, u_i s_i v_i^T>
+    numerator = (d.unsqueeze(-1) * log_gain.exp()).sum(-2)                   # <G, S_p>
+    log_sv = 0.5 * lam.clamp_min(torch.finfo(lam.dtype).tiny).log().unsqueeze(-1) + log_gain
+    log_norm = torch.logsumexp((grid + 1) * log_sv, dim=-2) / (grid + 1)    # log ||S_p||_{S_(p+1)}
+    return numerator * torch.exp(-log_norm)
+
+
+def choose_p(alignment: torch.Tensor, act_log_norm: torch.Tensor, grid: torch.Tensor,
+             previous: torch.Tensor) -> torch.Tensor:
+    """argmax over the grid of relu(alignment)^2 / ||A||_{S_k(p)}^2; ``previous`` where no p has a
+    positive alignment (no guaranteed decrease for any p)."""
+    log_f = 2 * alignment.clamp_min(0).log() - 2 * act_log_norm
+    best = log_f.argmax(dim=-1)
+    return torch.where(alignment.amax(dim=-1) > 0, grid.to(previous)[best], previous)
+
+
+def layer_features(module: nn.Module, x: torch.Tensor, max_rows: int) -> torch.Tensor | None:
+    """At most ``max_rows`` rows (evenly strided) of the feature matrix of ``module``'s input: x
+    itself for ``nn.Linear``, the im2col patches (rows = (image, position), cols = in * kh * kw) for
+    a groups=1 ``nn.Conv2d`` with integer padding. None for other modules."""
+    if isinstance(module, nn.Linear):
+        A = x.reshape(-1, x.shape[-1])
+    elif isinstance(module, nn.Conv2d) and module.groups == 1 and not isinstance(module.padding, str) \
+            and module.padding_mode == "zeros" and x.ndim == 4:
+        out_hw = [(x.shape[2 + i] + 2 * module.padding[i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1)
+                  // module.stride[i] + 1 for i in (0, 1)]
+        images = min(len(x), max(1, -(-max_rows // (out_hw[0] * out_hw[1]))))
+        x = x[torch.linspace(0, len(x) - 1, images).long()]
+        A = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).mT.reshape(
+            -1, x.shape[1] * module.kernel_size[0] * module.kernel_size[1])
+    else:
+        return None
+    if len(A) > max_rows:
+        A = A[torch.linspace(0, len(A) - 1, max_rows).long()]
+    return A
+
+
+# ---- the optimizer ----------------------------------------------------------------------------------
+
+class SchattenMuon(torch.optim.Optimizer):
+    """Schatten-p descent with momentum; p fixed or chosen per layer by the paper's criterion.
+
+    One step, for every parameter W viewed as (m, n) (as :class:`~lipnet.optim.TurboMuon`):
+
+        B = beta B + (1 - beta) G;  U = (1 - beta) G + beta B (nesterov) else B
+        (precondition) v = beta2 v + (1 - beta2) G^2;  D = (v / (1 - beta2^t) + eps)^(-e);  U <- D * U
+        S = schatten_update(U, p);  (precondition) S <- D * S
+        W = (1 - lr wd) W - lr * scale(m, n) * sqrt(min(m, n)) * S / ||S||_F
+
+    The Frobenius norm is pinned to that of U V^T (the paper's repository does the same), so one lr
+    serves every p; p = inf is exactly :class:`TurboMuon` (the core's turbo polar factor, not pinned).
+    ``precondition``: ``"adam"`` (e = 1/(2(p+1)): p = 1 is Adam's direction m / sqrt(v + eps), p -> inf
+    Muon) or ``"muadam"`` (e = 1/4: p = 1 Adam, p -> inf MuAdam); both from the paper's repository
+    (moments "padam" / "adam"); fixed p only.
+
+    Adaptive p (``p="adaptive"``): every step each matrix takes the grid p maximizing the module
+    docstring's f(p) (its ``<G, S_p>`` ratio averaged over steps with ``stat_beta``; activation
+    spectra recorded by :meth:`watch` every ``act_every`` steps, else white activations). Starts at
+    ``pmax``. Guarantees: p stays in [pmin, pmax] (a grid value); no host synchronization in
+    ``step``; same-shape matrices share one batched eigh. Not sharded under torch.distributed:
+    every rank computes every matrix (and, recording activations, its own local batch's spectrum,
+    so ranks may pick different p -- untested under DDP).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float, p: float | str = "adaptive",
+                 momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+                 adjust_lr: str = "spectral", *, pmin: float = 1.02, pmax: float = 10.0, p_points: int = 32,
+                 stat_beta: float = 0.9, act_every: int = 25, act_rows: int = 256, floor: float = 1e-3,
+                 precondition: str | None = None, beta2: float = 0.999, eps: float = 1e-8, ns_steps: int = 4,
+                 low_precision: bool | None = None) -> None:
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        if p != "adaptive":
+            if isinstance(p, str):
+                raise ValueError(f"p must be 'adaptive' or a number in [1, inf], got {p!r}")
+            p = _check_p(p)
+        if not 0 <= momentum < 1 or not 0 <= beta2 < 1 or not 0 <= stat_beta < 1:
+            raise ValueError(f"momentum, beta2, stat_beta must be in [0, 1), got {momentum}, {beta2}, {stat_beta}")
+        if weight_decay < 0 or eps < 0:
+            raise ValueError(f"weight_decay and eps must be >= 0, got {weight_decay!r}, {eps!r}")
+        if adjust_lr not in ADJUST_LR:
+            raise ValueError(f"unknown adjust_lr {adjust_lr!r}; expected one of {ADJUST_LR}")
+        if not (1 <= pmin < pmax < math.inf):
+            raise ValueError(f"need 1 <= pmin < pmax < inf, got pmin={pmin!r}, pmax={pmax!r}")
+        for name, v in dict(p_points=p_points, act_every=act_every, act_rows=act_rows, ns_steps=ns_steps).items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "p_points" else 1):
+                raise ValueError(f"{name} must be a positive int (p_points >= 2), got {v!r}")
+        if not 0 <= floor < 1:
+            raise ValueError(f"floor must be in [0, 1), got {floor!r}")
+        if precondition not in PRECONDITIONERS:
+            raise ValueError(f"unknown precondition {precondition!r}; expected one of {PRECONDITIONERS}")
+        if precondition is not None and p == "adaptive":
+            raise ValueError("precondition needs a fixed p (adaptive p with preconditioning is not implemented)")
+        defaults = dict(lr=lr, p=p, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        adjust_lr=adjust_lr, precondition=precondition, beta2=beta2, eps=eps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.dim() < 2:
+                    raise ValueError(f"SchattenMuon needs parameters with >= 2 dims, got shape {tuple(param.shape)}")
+        self.pmin, self.pmax, self.floor, self.stat_beta = float(pmin), float(pmax), floor, stat_beta
+        self.act_every, self.act_rows, self.ns_steps, self.low_precision = act_every, act_rows, ns_steps, low_precision
+        self.grid = p_grid(pmin, pmax, p_points)
+        self._pending: dict[nn.Parameter, torch.Tensor] = {}
+
+    # -- activation statistics ---------------------------------------------------------------------
+
+    def watch(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks on the ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` whose weight this
+        optimizer trains with adaptive p: in a grad-enabled forward before every ``act_every``-th step
+        they keep <= ``act_rows`` rows of the input features; the next ``step`` turns them into the
+        layer's activation spectrum. Returns the hook handles (``.remove()`` to stop)."""
+        adaptive = {param for g in self.param_groups if g["p"] == "adaptive" for param in g["params"]}
+        handles = []
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and weight is not None and weight in adaptive:
+                handles.append(module.register_forward_hook(self._record_hook))
+        return handles
+
+    def _record_hook(self, module: nn.Module, inputs: tuple, output) -> None:
+        if not torch.is_grad_enabled() or self.state[module.weight].get("step", 0) % self.act_every:
+            return
+        A = layer_features(module, inputs[0].detach(), self.act_rows)
+        if A is not None and A.shape[-1] * len(module.weight) == module.weight.numel():
+            self._pending[module.weight] = A
+
+    def _activation_log_norms(self, param: nn.Parameter, n: int, dtype: torch.dtype) -> torch.Tensor:
+        state, A = self.state[param], self._pending.pop(param, None)
+        if A is not None:
+            A = A.to(dtype)
+            gram = A @ A.mT if len(A) <= A.shape[-1] else A.mT @ A
+            sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+            fresh = activation_log_norms(sv, self.grid)
+            if "act_log_norm" in state:
+                state["act_log_norm"].lerp_(fresh.to(state["act_log_norm"]), 1 - self.stat_beta)
+            else:
+                state["act_log_norm"] = fresh
+        if "act_log_norm" in state:
+            return state["act_log_norm"].to(dtype)
+        k = 2 * (self.grid + 1) / (self.grid - 1)                              # white activations
+        return (math.log(n) / k).to(dtype)
+
+    # -- the step -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [q for q in group["params"] if q.grad is not None]
+            if not params:
+                continue
+            beta, lr, wd, p = group["momentum"], group["lr"], group["weight_decay"], group["p"]
+            grads = [q.grad for q in params]
+            bufs = [self.state[q].setdefault("momentum_buffer", torch.zeros_like(q)) for q in params]
+            torch._foreach_lerp_(bufs, grads, 1 - beta)
+            updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else list(bufs)
+            for q in params:
+                self.state[q]["step"] = self.state[q].get("step", 0) + 1
+            D = self._preconditioners(group, params, grads) if group["precondition"] else None
+            if D is not None:
+                updates = torch._foreach_mul(updates, D)
+            stacks: dict[tuple, list[int]] = defaultdict(list)
+            for i, q in enumerate(params):
+                stacks[(len(q), q[0].numel(), q.dtype, q.device)].append(i)
+            for (m, n, _, _), idx in stacks.items():
+                U = torch.stack([updates[i].reshape(m, n) for i in idx])
+                if p == math.inf and D is None:       # TurboMuon
+                    O = orthogonalize(U, "turbo", self.ns_steps, low_precision=self.low_precision, validate=False)
+                else:
+                    O = self._schatten(U, p, [params[i] for i in idx], n)
+                    if D is not None:
+                        O = O * torch.stack([D[i].reshape(m, n) for i in idx]).to(O.dtype)
+                    O = O * (math.sqrt(min(m, n)) / (torch.linalg.matrix_norm(O, keepdim=True) + 1e-12))
+                ps = [params[i] for i in idx]
+                if wd:
+                    torch._foreach_mul_(ps, 1 - lr * wd)
+                torch._foreach_add_(ps, [o.view_as(q).to(q.dtype) for o, q in zip(O.unbind(), ps)],
+                                    alpha=-lr * lr_scale(m, n, group["adjust_lr"]))
+        return loss
+
+    def _preconditioners(self, group: dict, params: list, grads: list) -> list[torch.Tensor]:
+        beta2, eps, p = group["beta2"], group["eps"], group["p"]
+        exponent = -0.25 if group["precondition"] == "muadam" else -1 / (2 * (p + 1))
+        out = []
+        for q, g in zip(params, grads):
+            state = self.state[q]
+            v = state.setdefault("second_moment", torch.zeros_like(q))
+            v.lerp_(g.square(), 1 - beta2)
+            out.append((v / (1 - beta2 ** state["step"]) + eps).pow(exponent))
+        return out
+
+    def _schatten(self, U: torch.Tensor, p: float | str, params: list, n: int) -> torch.Tensor:
+        """U S^(1/p) V^T of the stack U (B, m, n) (fp32/fp64), p fixed or chosen per matrix."""
+        if p == 1:
+            return U.float() if U.dtype in (torch.float16, torch.bfloat16) else U
+        dtype = torch.float64 if U.dtype == torch.float64 else torch.float32
+        X, transposed = _wide(U.to(dtype))
+        lam, lam_c, W = _gram_eigh(X, self.floor)
+        if p == "adaptive":
+            G, _ = _wide(torch.stack([q.grad.reshape(U.shape[-2:]) for q in params]).to(dtype))
+            ratio = alignment_ratio(lam, lam_c, W, X, G, self.grid)
+            states = [self.state[q] for q in params]
+            for s, r in zip(states, ratio.unbind()):
+                s["alignment"] = s["alignment"].lerp_(r.to(s["alignment"]), 1 - self.stat_beta) \
+                    if "alignment" in s else r * (1 - self.stat_beta)
+                s.setdefault("p", torch.full((), self.pmax, dtype=dtype, device=X.device))
+            act = torch.stack([self._activation_log_norms(q, n, dtype) for q in params])
+            previous = torch.stack([s["p"].to(dtype) for s in states])
+            p_vec = choose_p(torch.stack([s["alignment"].to(dtype) for s in states]), act, self.grid, previous)
+            for s, pi in zip(states, p_vec.unbind()):
+                s["p"] = pi
+            exponent = ((1 / p_vec - 1) / 2)[:, None, None]
+        else:
+            exponent = (1 / p - 1) / 2
+        S = (W * lam_c.unsqueeze(-2).pow(exponent)) @ (W.mT @ X)
+        return S.mT if transposed else S
+
+    def current_p(self) -> list[float]:
+        """p of every parameter (in param-group order): the adaptive choice of the last step (nan
+        before the first), or the group's fixed p. One host sync."""
+        out = []
+        for group in self.param_groups:
+            for q in group["params"]:
+                if group["p"] != "adaptive":
+                    out.append(float(group["p"]))
+                else:
+                    v = self.state[q].get("p")
+                    out.append(math.nan if v is None else float(v))
+        return out
