@@ -1,4 +1,24 @@
 """lipnet.privacy: clipping-free DP-SGD (installed as ``lipnet.privacy``).
 
-Analytic per-sample gradient-norm bounds, Poisson sampling and opacus accounting land here (issue #6).
+Per-sample gradient norms of a Lipschitz network are bounded analytically (no per-sample
+gradients, no clipping); batches are Poisson-sampled exactly as opacus' accountants assume; noise
+is calibrated with opacus' ``get_noise_multiplier`` and epsilon tracked with its RDP / PRV
+accountants.
+
+* :func:`gradient_norm_bounds` -- sound per-tensor bounds on one sample's gradient (sensitivity).
+* :class:`PrivateTrainer` / :func:`make_private` -- the private training loop.
+* :class:`PoissonBatchLoader` / :func:`poisson_loader` -- Poisson subsampling.
+* :func:`per_sample_gradient_norms` -- exact per-sample norms (torch.func), to audit the bounds.
 """
+
+from .audit import per_sample_gradient_norms
+from .engine import (ACCOUNTANTS, NOISE_MODES, EpochReport, PrivateTrainer, check_privacy_params, epoch_row,
+                     make_private)
+from .sampling import PoissonBatchLoader, poisson_loader
+from .sensitivity import BOUND_MARGIN, SensitivityReport, TensorBound, conv_reuse, gradient_norm_bounds, loss_lipschitz
+
+__all__ = [
+    "ACCOUNTANTS", "BOUND_MARGIN", "EpochReport", "NOISE_MODES", "PoissonBatchLoader", "PrivateTrainer",
+    "SensitivityReport", "TensorBound", "check_privacy_params", "conv_reuse", "epoch_row", "gradient_norm_bounds",
+    "loss_lipschitz", "make_private", "per_sample_gradient_norms", "poisson_loader",
+]

@@ -15,27 +15,48 @@ from .. import nn as ln
 from ..nn.parametrizations import DEFAULT_LAYER_METHOD
 
 
-def _conv_block(cin: int, cout: int, kernel: int, stride: int, method: str) -> list[nn.Module]:
+CENTERINGS = ("batch", "layer", "none")
+
+
+def _centering(channels: int, centering: str) -> list[nn.Module]:
+    # "batch" couples the samples of a batch (fine for ordinary training, refused by lipnet.privacy);
+    # "layer" is per sample; "none" keeps only the convolution's bias.
+    if centering == "batch":
+        return [ln.BatchCentering(channels)]
+    if centering == "layer":
+        return [ln.LayerCentering(channels)]
+    if centering == "none":
+        return []
+    raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+
+
+def _conv_block(cin: int, cout: int, kernel: int, stride: int, method: str, centering: str = "batch") -> list[nn.Module]:
     padding = "same" if stride == 1 else (kernel - stride) // 2
     return [ln.OrthoConv2d(cin, cout, kernel, stride=stride, padding=padding, padding_mode="zeros", method=method),
-            ln.BatchCentering(cout), ln.MaxMin()]
+            *_centering(cout, centering), ln.MaxMin()]
 
 
 def mnist_convnet(num_classes: int = 10, in_channels: int = 1, width: int = 16, hidden: int = 256,
                   mean: Sequence[float] = (0.1307,), std: Sequence[float] | None = None,
-                  method: str = DEFAULT_LAYER_METHOD) -> nn.Sequential:
+                  method: str = DEFAULT_LAYER_METHOD, centering: str = "batch",
+                  input_radius: float | None = None) -> nn.Sequential:
     """Small 1-Lipschitz ConvNet for 28x28 inputs (MNIST, Fashion-MNIST).
 
     Normalization -> 2 x [orthogonal 3x3 conv, centering, MaxMin] at 28x28 -> orthogonal 2x2/stride-2
     downsampling (RKO) -> 3x3 conv at 14x14 -> downsampling to 7x7 -> orthogonal dense layers.
     ``std=None`` subtracts the mean only, so the network bound stays 1 (dividing by MNIST's
-    std=0.31 would multiply every bound by 3.2).
+    std=0.31 would multiply every bound by 3.2). ``centering``: "batch" (BatchCentering), "layer"
+    (LayerCentering, per sample) or "none"; private training needs "layer" or "none".
+    ``input_radius``: project the normalized input onto the L2 ball of that radius
+    (``L2BallProjection``, 1-Lipschitz) -- it bounds what the first layer sees (``lipnet.privacy``).
     """
-    w = width
+    w, c = width, centering
     layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
-    layers += _conv_block(in_channels, w, 3, 1, method) + _conv_block(w, w, 3, 1, method)
-    layers += _conv_block(w, 2 * w, 2, 2, method) + _conv_block(2 * w, 2 * w, 3, 1, method)
-    layers += _conv_block(2 * w, 4 * w, 2, 2, method)
+    if input_radius is not None:
+        layers.append(ln.L2BallProjection(input_radius))
+    layers += _conv_block(in_channels, w, 3, 1, method, c) + _conv_block(w, w, 3, 1, method, c)
+    layers += _conv_block(w, 2 * w, 2, 2, method, c) + _conv_block(2 * w, 2 * w, 3, 1, method, c)
+    layers += _conv_block(2 * w, 4 * w, 2, 2, method, c)
     layers += [ln.Flatten(), ln.OrthoLinear(4 * w * 7 * 7, hidden, method=method), ln.MaxMin(),
                ln.OrthoLinear(hidden, num_classes, method=method)]
     return nn.Sequential(*layers)
@@ -102,4 +123,4 @@ def build_model(name: str, **config) -> nn.Module:
     return MODELS[name](**config)
 
 
-__all__ = ["MODELS", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet", "mnist_convnet"]
+__all__ = ["CENTERINGS", "MODELS", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet", "mnist_convnet"]

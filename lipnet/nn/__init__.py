@@ -2,7 +2,7 @@
 
 Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside), ``AOLLinear``,
 ``AOLConv2d``, ``SLLBlock``; activations ``MaxMin``, ``Abs``; pooling ``L2NormPool2d``,
-``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
+``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``L2BallProjection``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
 ``LayerCentering``, ``ConvexResidual``; losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``.
 Bounds: ``lipschitz_bound(module)``; export: ``export(model)``.
 """
@@ -15,7 +15,7 @@ from .conv import AOLConv2d, OrthoConv2d
 from .conv_norm import conv_operator_norm_bound
 from .export import export, register_exporter
 from .linear import AOLLinear, OrthoLinear
-from .normalization import InputNormalization
+from .normalization import InputNormalization, L2BallProjection
 from .losses import LipschitzCrossEntropy, MultiMarginHinge
 from .parametrizations import core_ortho_params
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
@@ -24,7 +24,7 @@ from .sll import SLLBlock
 
 __all__ = [
     "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ConvexResidual", "FirstChannels", "Flatten",
-    "GlobalL2NormPool2d", "InputNormalization", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
+    "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "MultiMarginHinge", "OrthoConv2d", "OrthoLinear", "SLLBlock", "ScaledAvgPool2d",
     "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
     "set_input_checks",

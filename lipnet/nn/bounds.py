@@ -22,7 +22,7 @@ from .centering import BatchCentering, LayerCentering
 from .conv import OrthoConv2d
 from .conv_norm import conv_operator_norm_bound
 from .export import ExportedSLL
-from .normalization import InputNormalization
+from .normalization import InputNormalization, L2BallProjection
 from .pooling import FirstChannels, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
 from .sll import SLLBlock
@@ -107,7 +107,7 @@ def _one(m: nn.Module) -> float:
     return 1.0
 
 
-for _cls in (MaxMin, Abs, L2NormPool2d, GlobalL2NormPool2d, FirstChannels, BatchCentering, LayerCentering,
+for _cls in (MaxMin, Abs, L2BallProjection, L2NormPool2d, GlobalL2NormPool2d, FirstChannels, BatchCentering, LayerCentering,
              nn.Flatten, nn.Unflatten, nn.Identity, nn.ReLU):
     lipschitz_bound.register(_cls)(_one)
 

@@ -43,7 +43,8 @@ class LipschitzCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check(logits, target, "LipschitzCrossEntropy")
-        shifted = logits - self.offset * F.one_hot(target, logits.shape[1]).to(logits.dtype)
+        # scatter, not F.one_hot: no data-dependent check, so torch.func.vmap can take per-sample gradients
+        shifted = logits - self.offset * torch.zeros_like(logits).scatter(1, target[:, None], 1.0)
         return F.cross_entropy(shifted / self.temperature, target, reduction=self.reduction) * self.temperature
 
 

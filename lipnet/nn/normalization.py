@@ -37,3 +37,28 @@ class InputNormalization(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+
+
+class L2BallProjection(nn.Module):
+    """x -> x * min(1, radius / ||x||) per sample (norm over all non-batch dims).
+
+    The Euclidean projection onto a closed convex set, hence 1-Lipschitz (exact), and every output
+    has norm <= ``radius``. Placed after ``InputNormalization`` it bounds what the first layer sees,
+    which is what per-sample gradient bounds (``lipnet.privacy``) are computed from.
+    """
+
+    def __init__(self, radius: float) -> None:
+        super().__init__()
+        if not (isinstance(radius, (int, float)) and torch.isfinite(torch.tensor(float(radius))) and radius > 0):
+            raise ValueError(f"L2BallProjection: radius must be finite and > 0, got {radius!r}")
+        self.radius = float(radius)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"L2BallProjection: expected a batched input (B, ...), got {list(x.shape)}")
+        norms = x.flatten(1).norm(dim=1).view([-1] + [1] * (x.dim() - 1))
+        # clamp_max(1) on radius / norm: a zero sample stays zero (inf * 0 is avoided by the clamp)
+        return x * (self.radius / norms.clamp_min(torch.finfo(x.dtype).tiny)).clamp_max(1.0)
+
+    def extra_repr(self) -> str:
+        return f"radius={self.radius}"

@@ -1,0 +1,243 @@
+"""Clipping-free DP-SGD: the ordinary batched backward pass plus Gaussian noise scaled to an
+analytic per-sample gradient bound. No per-sample gradients, no clipping.
+
+One step, on a Poisson batch B (each example independently with probability q):
+
+    x_i <- x_i * min(1, X / ||x_i||)                    inputs projected onto the ball of radius X
+    C_t  = gradient_norm_bounds(model, X, loss)         sound bound on one sample's gradient, from
+                                                        the weights in use at this step
+    G    = sum_{i in B} grad loss_i + N(0, sigma^2 C_t^2 I)   (effective tensors, see sensitivity.py)
+    raw parameters get J^T G / (q n); optimizer.step()  (post-processing of G)
+    accountant.step(noise_multiplier=sigma, sample_rate=q)
+
+Why this is (eps, delta)-DP: adding or removing one example changes sum_i grad loss_i by at most
+C_t in L2 norm (the bound holds for every sample, with the examples not interacting: layers that
+mix samples, like BatchCentering, are refused). C_t is a function of the current weights only,
+which are themselves post-processing of earlier releases, so each step is the sampled Gaussian
+mechanism with noise multiplier sigma, exactly what opacus' RDP / PRV accountants compose. The
+division by the *expected* batch size q n (not the realized, private one) and every optimizer
+(momentum, Adam) are post-processing. Noise comes from torch's PRNG (opacus' default, non-secure
+mode); the logged training loss is computed on private data and is not privatized.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from lipnet.data import ImageDataset
+from lipnet.nn import L2BallProjection
+
+from .sampling import poisson_loader
+from .sensitivity import SensitivityReport, gradient_norm_bounds, loss_lipschitz
+
+ACCOUNTANTS = ("rdp", "prv")
+NOISE_MODES = ("global", "per_layer")
+
+
+def check_privacy_params(target_epsilon: float | None, target_delta: float, n: int) -> None:
+    """epsilon > 0 and finite; 0 < delta < 1/n (delta >= 1/n admits releasing one random example in
+    the clear, so it is refused, not warned about)."""
+    if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}")
+    if not (0 < target_delta < 1):
+        raise ValueError(f"target_delta must be in (0, 1), got {target_delta!r}")
+    if target_delta >= 1 / n:
+        raise ValueError(f"target_delta={target_delta:g} >= 1/n = {1 / n:g} for n={n} training examples: such a "
+                         "delta allows publishing a random example in the clear; use delta << 1/n (e.g. 1e-5)")
+
+
+def _input_shape(data) -> tuple[int, ...]:
+    dataset = getattr(data, "dataset", data)
+    if isinstance(dataset, ImageDataset):
+        return tuple(dataset.images.shape[1:])
+    first = dataset[0][0]
+    return tuple(torch.as_tensor(first).shape)
+
+
+def _sum_reduced(loss: nn.Module) -> nn.Module:
+    if not hasattr(loss, "reduction"):
+        raise TypeError(f"loss {type(loss).__name__} has no `reduction`; private training needs the per-sample sum")
+    summed = copy.copy(loss)
+    summed.reduction = "sum"
+    return summed
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    steps: int               # total steps so far
+    samples: int             # examples drawn this epoch (Poisson: random)
+    loss: float              # mean training loss of the epoch (not privatized)
+    epsilon: float           # privacy spent so far, at delta
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    sensitivity: float       # C_t of the last step (bound on one sample's gradient norm)
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+class PrivateTrainer:
+    """Differentially private training of a Lipschitz network without per-sample gradients.
+
+    Args:
+        model: a model accepted by :func:`gradient_norm_bounds` (checked here, before any step).
+        optimizer: any torch optimizer over ``model``'s parameters (its update is post-processing).
+        data: the training data: lipnet ``ImageDataset`` / ``BatchLoader`` or a torch ``DataLoader``;
+            it is re-sampled with Poisson sampling (:func:`poisson_loader`).
+        loss: per-sample loss with a Lipschitz constant w.r.t. the logits.
+        input_bound: X; every input is projected onto the L2 ball of radius X (raw units).
+        target_epsilon, epochs: calibrate sigma with opacus' ``get_noise_multiplier`` so that
+            ``epochs`` epochs (``epochs * len(loader)`` steps) spend ``target_epsilon`` at
+            ``target_delta``; or pass ``noise_multiplier`` directly (then epsilon is only tracked).
+        sample_rate: q (default: batch_size / n of a loader; required for a bare dataset).
+        accountant: ``"rdp"`` or ``"prv"`` (opacus).
+        noise: ``"global"`` (std sigma C on every coordinate, C = sqrt(sum_k C_k^2)) or
+            ``"per_layer"`` (std sigma sqrt(K) C_k on tensor k of K; the whitened sensitivity is
+            sqrt(sum_k C_k^2 / (sigma^2 K C_k^2)) = 1/sigma, the same mechanism strength).
+
+    Guarantee: after T steps the training is (``epsilon()``, ``target_delta``)-DP w.r.t. adding or
+    removing one training example (opacus' accountant on (sigma, q, T)), under the assumptions of
+    the module docstring. Unsupported layers or losses raise ``TypeError`` in the constructor.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data, *, loss: nn.Module,
+                 input_bound: float, target_delta: float, target_epsilon: float | None = None,
+                 epochs: int | None = None, noise_multiplier: float | None = None,
+                 sample_rate: float | None = None, input_shape: Sequence[int] | None = None,
+                 accountant: str = "rdp", noise: str = "global", device: str | torch.device = "cpu",
+                 seed: int = 0, progress: bool = True) -> None:
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        self.model, self.optimizer, self.device, self.progress = model, optimizer, device, progress
+        self.loader, self.sample_rate = poisson_loader(data, sample_rate, device=device,
+                                                       generator=torch.Generator().manual_seed(seed))
+        self.n = len(self.loader.dataset)
+        check_privacy_params(target_epsilon, target_delta, self.n)
+        self.delta, self.noise_mode, self.accountant_name = float(target_delta), noise, accountant
+        self.projection = L2BallProjection(input_bound)
+        self.input_bound = float(input_bound)
+        self.loss = loss
+        self.summed_loss = _sum_reduced(loss)
+        self.loss_lipschitz = loss_lipschitz(loss)
+        self.input_shape = tuple(input_shape) if input_shape is not None else _input_shape(data)
+        self.expected_batch_size = self.sample_rate * self.n
+        self.planned_epochs = epochs
+        if noise_multiplier is None:
+            if target_epsilon is None or epochs is None:
+                raise ValueError("give target_epsilon and epochs (sigma is calibrated), or noise_multiplier")
+            if not (isinstance(epochs, int) and epochs > 0):
+                raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+            noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                                    sample_rate=self.sample_rate, steps=epochs * len(self.loader),
+                                                    accountant=accountant)
+        if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+            raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}")
+        self.noise_multiplier, self.target_epsilon = float(noise_multiplier), target_epsilon
+        self.accountant = create_accountant(accountant)
+        self.noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.steps, self.epochs_done, self.last_sensitivity = 0, 0, float("nan")
+        self.sensitivity()  # unsupported layers / losses fail here, before any data is touched
+
+    def sensitivity(self) -> SensitivityReport:
+        """Per-tensor bounds of one sample's gradient at the current weights."""
+        return gradient_norm_bounds(self.model, self.input_bound, self.loss, self.input_shape)
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Privacy spent so far (opacus accountant), at ``delta`` (default: the target delta)."""
+        return 0.0 if self.steps == 0 else float(self.accountant.get_epsilon(delta=delta or self.delta))
+
+    def _noise_stds(self, report: SensitivityReport) -> list[float]:
+        sigma = self.noise_multiplier
+        if self.noise_mode == "global":
+            return [sigma * report.total] * len(report.bounds)
+        k = len(report.bounds)
+        return [sigma * math.sqrt(k) * b.bound for b in report.bounds]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One private step on a Poisson batch (possibly empty); returns the batch's summed loss."""
+        model = self.model
+        x, y = x.to(self.device), y.to(self.device)
+        with parametrize.cached():  # each constrained weight computed once, shared by bound, noise and forward
+            for m in model.modules():  # fill the cache with autograd-tracked weights first
+                if parametrize.is_parametrized(m):
+                    for name in m.parametrizations:
+                        getattr(m, name)
+            report = self.sensitivity()
+            tensors = [b.tensor() for b in report.bounds]
+            noises = [torch.randn(t.shape, generator=self.noise_generator, device=t.device, dtype=t.dtype) * std
+                      for t, std in zip(tensors, self._noise_stds(report))]
+            self.optimizer.zero_grad(set_to_none=True)
+            roots, grads, loss_sum = list(tensors), list(noises), 0.0
+            if len(y):
+                loss = self.summed_loss(model(self.projection(x)), y)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"private training diverged: loss = {loss.item()}")
+                roots.insert(0, loss)
+                grads.insert(0, torch.ones_like(loss))
+                loss_sum = float(loss.detach())
+            # one backward: sum_i grad loss_i + noise at each effective tensor, then J^T to raw params
+            torch.autograd.backward(roots, grads)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(self.expected_batch_size)
+        self.optimizer.step()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps += 1
+        self.last_sensitivity = report.total
+        return loss_sum
+
+    def train_epoch(self) -> EpochReport:
+        """One epoch = ``len(loader)`` Poisson steps; returns the privacy report so far."""
+        self.model.train()
+        start, total, count = time.perf_counter(), 0.0, 0
+        bar = tqdm(self.loader, desc=f"private epoch {self.epochs_done + 1}", disable=not self.progress, leave=False)
+        for x, y in bar:
+            total += self.step(x, y)
+            count += len(y)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}", C=f"{self.last_sensitivity:.3g}")
+        self.epochs_done += 1
+        return EpochReport(self.epochs_done, self.steps, count, total / max(count, 1), self.epsilon(), self.delta,
+                           self.noise_multiplier, self.sample_rate, self.last_sensitivity,
+                           time.perf_counter() - start)
+
+    def describe(self) -> str:
+        return (f"clipping-free DP-SGD: sigma={self.noise_multiplier:.4g}, q={self.sample_rate:.4g} "
+                f"(expected batch {self.expected_batch_size:.1f} of n={self.n}), {len(self.loader)} steps/epoch, "
+                f"delta={self.delta:g}, accountant={self.accountant_name}, noise={self.noise_mode}, "
+                f"inputs projected to ||x|| <= {self.input_bound:g}, loss Lipschitz {self.loss_lipschitz:.4g}")
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader, target_epsilon: float,
+                 target_delta: float, epochs: int, *, loss: nn.Module, input_bound: float, **kwargs) -> PrivateTrainer:
+    """The opacus-style call: a :class:`PrivateTrainer` whose noise spends ``target_epsilon`` at
+    ``target_delta`` over ``epochs`` epochs of Poisson batches with ``data_loader``'s expected batch
+    size. Iterate ``trainer.train_epoch()``; ``trainer.epsilon()`` reports the budget spent."""
+    return PrivateTrainer(model, optimizer, data_loader, loss=loss, input_bound=input_bound,
+                          target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs, **kwargs)
+
+
+def epoch_row(report: EpochReport) -> dict:
+    row = asdict(report)
+    row["samples_per_s"] = report.samples_per_s
+    return row
+
+
+__all__ = ["ACCOUNTANTS", "EpochReport", "NOISE_MODES", "PrivateTrainer", "check_privacy_params", "epoch_row",
+           "make_private"]

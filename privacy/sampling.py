@@ -1,0 +1,78 @@
+"""Poisson subsampling, exactly as the accountant assumes.
+
+Every step includes each training example independently with probability q (the sampled Gaussian
+mechanism that opacus' RDP/PRV accountants analyse); batch sizes are Binomial(n, q), empty batches
+included. lip-dp shuffles fixed-size batches while accounting for Poisson sampling, a gap in its
+guarantee; here the batches are drawn by opacus' own ``UniformWithReplacementSampler`` (for lipnet's
+in-memory datasets) or ``DPDataLoader`` (any map-style dataset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from opacus.data_loader import DPDataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+from lipnet.data import BatchLoader, ImageDataset
+
+
+def check_sample_rate(sample_rate: float) -> float:
+    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)
+
+
+class PoissonBatchLoader:
+    """Poisson-sampled float batches in [0, 1] of an in-memory ``ImageDataset``.
+
+    ``len()`` = steps per epoch = int(1 / sample_rate) (opacus' convention, which its
+    ``get_noise_multiplier(epochs=...)`` assumes); each step draws a fresh Bernoulli(q) mask over the
+    whole dataset with ``generator``. Batches may be empty: (0, C, H, W) tensors."""
+
+    def __init__(self, dataset: ImageDataset, sample_rate: float, *, generator: torch.Generator | None = None,
+                 device: str | torch.device = "cpu", steps: int | None = None) -> None:
+        self.dataset, self.sample_rate, self.device = dataset, check_sample_rate(sample_rate), device
+        self.sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=self.sample_rate,
+                                                     generator=generator, steps=steps)
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * len(self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for indices in self.sampler:
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            x = self.dataset.images[idx].to(self.device, non_blocking=True).float().div_(255)
+            yield x, self.dataset.labels[idx].to(self.device, non_blocking=True)
+
+
+def poisson_loader(data, sample_rate: float | None = None, *, generator: torch.Generator | None = None,
+                   device: str | torch.device = "cpu"):
+    """A Poisson-sampling loader over ``data`` with the same expected batch size.
+
+    ``data``: an ``ImageDataset`` (needs ``sample_rate``), a lipnet ``BatchLoader`` (q = batch_size / n)
+    or a ``torch.utils.data.DataLoader`` over a map-style dataset (wrapped by opacus'
+    ``DPDataLoader.from_data_loader``: q = 1 / len(loader)). Returns (loader, sample_rate)."""
+    if isinstance(data, ImageDataset):
+        if sample_rate is None:
+            raise ValueError("poisson_loader(ImageDataset) needs sample_rate (expected batch size / dataset size)")
+        return PoissonBatchLoader(data, sample_rate, generator=generator, device=device), float(sample_rate)
+    if isinstance(data, BatchLoader):
+        q = sample_rate if sample_rate is not None else data.batch_size / len(data.dataset)
+        return PoissonBatchLoader(data.dataset, q, generator=generator, device=device), float(q)
+    if isinstance(data, torch.utils.data.DataLoader):
+        if sample_rate is not None:
+            return DPDataLoader(data.dataset, sample_rate=sample_rate, collate_fn=data.collate_fn,
+                                generator=generator), float(sample_rate)
+        loader = DPDataLoader.from_data_loader(data, generator=generator)
+        return loader, float(loader.sample_rate)
+    raise TypeError(f"cannot Poisson-sample from {type(data).__name__}: pass an ImageDataset, a lipnet BatchLoader "
+                    "or a torch DataLoader over a map-style dataset")
+
+
+__all__ = ["PoissonBatchLoader", "check_sample_rate", "poisson_loader"]
