@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, default=None, help="model width (channels of the first stage)")
     t.add_argument("--offset", type=float, default=None, help="margin asked by the loss (logit units)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dp", action="store_true",
+                   help="differentially private training (clipping-free DP-SGD, lipnet.privacy)")
+    t.add_argument("--epsilon", type=float, default=None, help="--dp: privacy budget spent by the end of training")
+    t.add_argument("--delta", type=float, default=1e-5, help="--dp: delta (must be < 1/n)")
+    t.add_argument("--input-bound", type=float, default=None,
+                   help="--dp: inputs are projected onto the L2 ball of this radius (raw pixels; default: preset)")
+    t.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="--dp: opacus accountant")
+    t.add_argument("--noise", choices=["global", "per_layer"], default="global", help="--dp: noise calibration")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (DDP; gloo on CPU, nccl on CUDA); "
                         "under torchrun this is taken from its environment")
@@ -92,6 +100,15 @@ def _train_process(argv: list[str]) -> None:
 def cmd_train(args) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.dp:
+        if args.epsilon is None:
+            raise ValueError("--dp needs --epsilon (the privacy budget), e.g. --dp --epsilon 1.0 --delta 1e-5")
+        if args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--dp runs in one process: multi-process private training (noise added once across "
+                             "ranks) is not implemented yet")
+        return _train_private(args)
+    if args.epsilon is not None:
+        raise ValueError("--epsilon is only meaningful with --dp")
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     batch_size = args.batch_size if args.batch_size is not None else PRESETS[args.dataset].batch_size
@@ -125,6 +142,32 @@ def _train(args, ctx: lipdist.DistributedContext) -> int:
     if ctx.is_main:
         path = save_checkpoint(args.out, model, config, history)
         log(f"saved {path} ({time.perf_counter() - start:.0f}s)")
+    return 0
+
+
+def _train_private(args) -> int:
+    from .training import PRIVATE_PRESETS, fit_private
+
+    config = TrainConfig.from_preset(args.dataset, private=True, epochs=args.epochs, batch_size=args.batch_size,
+                                     lr=args.lr, offset=args.offset, seed=args.seed, limit=args.limit)
+    if args.width is not None:
+        config.model_config = {**config.model_config, "width": args.width}
+    input_bound = args.input_bound if args.input_bound is not None else PRIVATE_PRESETS[args.dataset].input_bound
+    config.dp = {"epsilon": args.epsilon, "delta": args.delta, "input_bound": input_bound,
+                 "accountant": args.accountant, "noise": args.noise}
+    torch.manual_seed(config.seed)
+    train = lipdata.load_dataset(args.dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
+    test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
+    model = build_model(config.model, **config.model_config).to(args.device)
+    print(f"private training of {config.model} on {args.dataset} ({len(train)} train / {len(test)} test) for "
+          f"{config.epochs} epochs on {args.device}: target (epsilon={args.epsilon:g}, delta={args.delta:g})")
+    start = time.perf_counter()
+    history = fit_private(model, train, lipdata.BatchLoader(test, 500), config, device=args.device,
+                          progress=not args.no_progress)
+    config.dp["epsilon_spent"] = history[-1]["epsilon"]
+    path = save_checkpoint(args.out, model, config, history)
+    print(f"privacy: ({history[-1]['epsilon']:.3f}, {args.delta:g})-DP after {history[-1]['steps']} steps "
+          f"(accountant {args.accountant}); saved {path} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 

@@ -43,6 +43,30 @@ PRESETS: dict[str, Preset] = {
 
 
 @dataclass
+class PrivatePreset:
+    """Defaults of ``lipnet train --dp`` per dataset: a model without batch-coupled layers, the
+    expected (Poisson) batch size, the input ball radius X (raw pixels) and the optimizer."""
+
+    model_config: dict
+    batch_size: int
+    lr: float
+    epochs: int
+    input_bound: float
+    offset: float
+    temperature: float
+
+
+PRIVATE_PRESETS: dict[str, PrivatePreset] = {
+    "mnist": PrivatePreset({"mean": (0.1307,), "centering": "none", "width": 8, "hidden": 64}, 1024, 2e-3, 10,
+                           10.0, 1.0, 0.25),
+    "fashion-mnist": PrivatePreset({"mean": (0.2860,), "centering": "none", "width": 8, "hidden": 64}, 1024, 2e-3,
+                                   10, 12.0, 1.0, 0.25),
+    "cifar10": PrivatePreset({"mean": (0.4914, 0.4822, 0.4465), "centering": "none", "width": 32,
+                              "blocks": (1, 1, 1)}, 2048, 1e-3, 30, 20.0, 0.3, 0.125),
+}
+
+
+@dataclass
 class TrainConfig:
     """Everything needed to re-run a training job (stored in the checkpoint)."""
 
@@ -58,12 +82,18 @@ class TrainConfig:
     eval_eps: tuple[float, ...] = ()
     seed: int = 0
     limit: int | None = None
+    # private training: {"epsilon", "delta", "input_bound", "accountant", "noise"}; None = not private
+    dp: dict | None = None
 
     @classmethod
-    def from_preset(cls, dataset: str, **overrides) -> TrainConfig:
+    def from_preset(cls, dataset: str, private: bool = False, **overrides) -> TrainConfig:
         if dataset not in PRESETS:
             raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(PRESETS)}")
         p = asdict(PRESETS[dataset])
+        if private:
+            q = PRIVATE_PRESETS[dataset]
+            p.update(model_config={**p["model_config"], **q.model_config}, batch_size=q.batch_size, lr=q.lr,
+                     epochs=q.epochs, offset=q.offset, temperature=q.temperature, augment=False)
         p.update({k: v for k, v in overrides.items() if v is not None})
         return cls(dataset=dataset, **p)
 
@@ -142,6 +172,38 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, device
     return history
 
 
+def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, device: str | torch.device = "cpu",
+                progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Clipping-free DP-SGD (``lipnet.privacy.PrivateTrainer``) with Adam on
+    ``LipschitzCrossEntropy``: Poisson batches of expected size ``config.batch_size``, noise
+    calibrated to spend ``config.dp["epsilon"]`` at ``config.dp["delta"]`` over ``config.epochs``.
+    After each epoch: epsilon spent so far (the accountant), clean and certified test accuracy."""
+    from .privacy import PrivateTrainer, epoch_row
+
+    dp = config.dp
+    if not 0 < config.batch_size <= len(train_set):
+        raise ValueError(f"expected batch size {config.batch_size} must be in [1, {len(train_set)}] (the training set)")
+    loss_fn = LipschitzCrossEntropy(temperature=config.temperature, offset=config.offset)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    trainer = PrivateTrainer(model, optimizer, train_set, loss=loss_fn, input_bound=dp["input_bound"],
+                             target_epsilon=dp["epsilon"], target_delta=dp["delta"], epochs=config.epochs,
+                             sample_rate=config.batch_size / len(train_set), accountant=dp["accountant"],
+                             noise=dp["noise"], device=device, seed=config.seed, progress=progress)
+    log(trainer.describe())
+    history = []
+    for _ in range(config.epochs):
+        row = epoch_row(trainer.train_epoch())
+        report = certified_accuracy(model, test_loader, config.eval_eps, device=device)
+        row.update(clean=report.clean, certified=report.certified, lipschitz_bound=report.lipschitz_bound,
+                   train_seconds=row["seconds"])
+        history.append(row)
+        certs = "  ".join(f"cert@{e:.3g} {a:.2%}" for e, a in report.certified.items())
+        log(f"epoch {row['epoch']}/{config.epochs}  eps spent {row['epsilon']:.3f} (delta {row['delta']:g})  "
+            f"loss {row['loss']:.4f}  clean {report.clean:.2%}  {certs}  C={row['sensitivity']:.3g}  "
+            f"({row['seconds']:.0f}s, {row['samples_per_s']:.0f} samples/s)")
+    return history
+
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -179,5 +241,6 @@ def format_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PRESETS", "Preset", "TrainConfig", "augment_batch", "fit", "format_table", "load_checkpoint",
+__all__ = ["PRESETS", "PRIVATE_PRESETS", "Preset", "PrivatePreset", "TrainConfig", "augment_batch", "fit",
+           "fit_private", "format_table", "load_checkpoint",
            "save_checkpoint", "train_epoch"]

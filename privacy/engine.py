@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -42,6 +43,9 @@ from .sampling import poisson_loader
 from .sensitivity import SensitivityReport, gradient_norm_bounds, loss_lipschitz
 
 ACCOUNTANTS = ("rdp", "prv")
+# opacus' RDP accountant warns when the best order is its largest alpha: the epsilon it returns is
+# then a valid but not the tightest bound (larger orders could lower it) -- conservative, so muted.
+_RDP_ORDER_WARNING = "Optimal order is the largest alpha"
 NOISE_MODES = ("global", "per_layer")
 
 
@@ -144,9 +148,11 @@ class PrivateTrainer:
                 raise ValueError("give target_epsilon and epochs (sigma is calibrated), or noise_multiplier")
             if not (isinstance(epochs, int) and epochs > 0):
                 raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-            noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                                    sample_rate=self.sample_rate, steps=epochs * len(self.loader),
-                                                    accountant=accountant)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_RDP_ORDER_WARNING)
+                noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                                        sample_rate=self.sample_rate,
+                                                        steps=epochs * len(self.loader), accountant=accountant)
         if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
             raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}")
         self.noise_multiplier, self.target_epsilon = float(noise_multiplier), target_epsilon
@@ -161,7 +167,11 @@ class PrivateTrainer:
 
     def epsilon(self, delta: float | None = None) -> float:
         """Privacy spent so far (opacus accountant), at ``delta`` (default: the target delta)."""
-        return 0.0 if self.steps == 0 else float(self.accountant.get_epsilon(delta=delta or self.delta))
+        if self.steps == 0:
+            return 0.0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_RDP_ORDER_WARNING)
+            return float(self.accountant.get_epsilon(delta=delta or self.delta))
 
     def _noise_stds(self, report: SensitivityReport) -> list[float]:
         sigma = self.noise_multiplier

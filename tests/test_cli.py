@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,3 +112,41 @@ def test_train_with_two_processes(tmp_path, data_root, capsys):
     assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--batch-size", "63", "--nproc", "2",
                  "--out", str(tmp_path / "bad"), "--data-root", str(data_root), "--no-progress"]) == 2
     assert "divisible" in capsys.readouterr().err
+
+
+def test_train_dp_reports_epsilon_per_epoch(tmp_path, data_root, capsys):
+    out = tmp_path / "dp"
+    assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "2.0", "--delta", "1e-4", "--epochs", "2",
+                 "--limit", "400", "--batch-size", "100", "--width", "2", "--out", str(out), "--data-root",
+                 str(data_root), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    spent = [float(m) for m in re.findall(r"eps spent ([0-9.]+)", text)]
+    assert len(spent) == 2 and 0 < spent[0] < spent[1] <= 2.0 + 0.011
+    assert "-DP after 8 steps" in text
+    model, config, history = load_checkpoint(out)
+    assert config.dp["epsilon"] == 2.0 and config.dp["epsilon_spent"] == pytest.approx(spent[1], abs=1e-3)
+    assert [h["epsilon"] for h in history] == pytest.approx(spent, abs=1e-3)
+
+
+def test_train_dp_errors(tmp_path, data_root, capsys):
+    base = ["train", "--dataset", "mnist", "--out", str(tmp_path / "x"), "--data-root", str(data_root), "--limit", "200",
+            "--batch-size", "50"]
+    for extra, message in ((["--dp"], "--dp needs --epsilon"),
+                           (["--dp", "--epsilon", "1", "--delta", "0.01", "--no-progress"], "1/n"),
+                           (["--dp", "--epsilon", "0", "--no-progress"], "target_epsilon"),
+                           (["--dp", "--epsilon", "1", "--nproc", "2"], "one process"),
+                           (["--dp", "--epsilon", "1", "--batch-size", "500"], "training set"),
+                           (["--epsilon", "1"], "only meaningful with --dp")):
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_dp_example_runs(tmp_path, data_root):
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "dp_mnist.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, example, "--data-root", str(data_root), "--epochs", "1", "--limit", "300",
+                          "--batch-size", "100", "--delta", "1e-4"], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "privacy report: (" in res.stdout and "-DP" in res.stdout
