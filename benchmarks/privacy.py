@@ -1,0 +1,497 @@
+"""Clipping-free DP-SGD (lipnet.privacy) vs opacus' DP-SGD with per-sample clipping, side by side.
+
+    LIPNET_DATA=/work/shared/datasets python benchmarks/privacy.py --dataset mnist --eps 1 3 8 --epochs 3 \
+        --threads 1 --json benchmarks/results/privacy_cpu.json --md benchmarks/results/privacy_cpu.md
+    python benchmarks/privacy.py --quick          # smoke test (< 1 min; synthetic data if no data root)
+    python benchmarks/privacy.py --tune ...       # our hyperparameter search on a held-out part of TRAIN
+
+Both sides: the same data, the same Poisson-sampled expected batch size, epochs, epsilon budgets
+(delta = 1e-5), threads, and the same architecture family -- ``mnist_convnet``'s layer shapes:
+3x3 conv (w) -> 3x3 conv (w) -> 2x2/s2 conv (2w) -> 3x3 conv (2w) -> 2x2/s2 conv (4w) -> dense
+(hidden) -> dense (10), MaxMin (GroupSort-2) activations on both sides.
+
+* ours: ``lipnet.models.mnist_convnet`` (orthogonal convs/dense through their parametrizations),
+  ``lipnet.privacy.make_private`` (analytic per-sample gradient bound, no clipping), Lipschitz
+  cross-entropy; the input is projected onto an L2 ball after mean subtraction (``input_radius``).
+* opacus: the same layer shapes as plain ``nn.Conv2d`` / ``nn.Linear`` (opacus cannot take per-sample
+  gradients through orthogonal parametrizations) with MaxMin (parameter-free, so opacus' hooks on
+  Conv2d/Linear see the same graph), ``PrivacyEngine.make_private_with_epsilon`` (Poisson sampling,
+  RDP accountant, per-sample clipping at ``max_grad_norm``), cross-entropy.
+
+Throughput / memory (``--perf-batches``): each (side, batch) measurement runs in a fresh subprocess;
+Poisson batches are drawn before the clock starts (data loading is not timed on either side), a few
+warm-up steps, then ``--perf-steps`` timed steps; samples/s = drawn samples / wall time of the
+steps. Peak memory on CPU: VmHWM of the process after the steps, with the high-water mark reset
+(``echo 5 > /proc/self/clear_refs``) just before the first step; ``+train`` is that peak minus the
+RSS before training (model, data and batches loaded). On CUDA: ``torch.cuda.max_memory_allocated``
+(``+train`` = over the allocation before the first step). Sides alternate, ``--perf-repeats`` times;
+the medians are reported, with ratios ours/opacus.
+
+Accuracy: train each side to each epsilon (sigma calibrated by each side's accountant for the
+planned epochs; the epsilon actually spent is read back from the accountant), test accuracy on the
+official test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+import lipnet.nn as ln  # noqa: E402
+from lipnet.data import DATASETS, BatchLoader, ImageDataset, load_dataset  # noqa: E402
+from lipnet.models import mnist_convnet  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+
+DELTA = 1e-5
+
+# Our configuration, chosen by ``--tune`` on MNIST (train 50k / held-out 10k of the TRAIN split, eps=3).
+OURS = dict(width=8, hidden=128, centering="none", input_radius=8.0, freeze_bias=True, batch=1024, lr=1e-2,
+            optimizer="adam", temperature=0.1, offset=0.0, noise="global")
+# opacus: its MNIST example's recipe (SGD, max_grad_norm 1), lr from a small held-out search as well.
+OPACUS = dict(width=8, hidden=128, activation="maxmin", batch=1024, lr=0.5, optimizer="sgd", momentum=0.0,
+              max_grad_norm=1.0)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def synthetic(n: int, seed: int = 0) -> ImageDataset:
+    """10 classes of 28x28 blobs (a fixed template per class plus noise), for --quick without data."""
+    g = torch.Generator().manual_seed(1234)
+    templates = torch.rand(10, 1, 28, 28, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    x = (0.6 * templates[labels] + 0.4 * torch.rand(n, 1, 28, 28, generator=g)).clamp(0, 1)
+    info = dataclasses.replace(DATASETS["mnist"], name="synthetic", mean=(0.5,))
+    return ImageDataset((x * 255).round().to(torch.uint8), labels, info)
+
+
+def get_data(dataset: str, data_root: str | None, holdout: int = 0, limit: int | None = None):
+    """(train, eval) ImageDatasets. holdout > 0: eval = the last ``holdout`` examples of a fixed permutation
+    of TRAIN, train = the rest (hyperparameter search); else eval = the official test split."""
+    if dataset == "synthetic":
+        return synthetic(limit or 2000, 0), synthetic(500, 1)
+    train = load_dataset(dataset, "train", data_root, progress=False)
+    if holdout:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+        return train.subset(perm[:-holdout]), train.subset(perm[-holdout:])
+    test = load_dataset(dataset, "test", data_root, progress=False)
+    if limit:
+        train = train.subset(torch.arange(min(limit, len(train))))
+    return train, test
+
+
+class FloatDataset(torch.utils.data.Dataset):
+    """The same images as float tensors (opacus' DPDataLoader indexes a map-style dataset)."""
+
+    def __init__(self, ds: ImageDataset) -> None:
+        self.x, self.y = ds.images.float().div_(255), ds.labels
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+# ----------------------------------------------------------------------------------------------- models
+def ours_model(cfg: dict, mean: float) -> nn.Sequential:
+    model = mnist_convnet(width=cfg["width"], hidden=cfg["hidden"], mean=(mean,), centering=cfg["centering"],
+                          input_radius=cfg["input_radius"])
+    if cfg["freeze_bias"]:
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                with torch.no_grad():
+                    p.zero_()
+                p.requires_grad_(False)
+    return model
+
+
+def opacus_model(cfg: dict, mean: float) -> nn.Sequential:
+    """mnist_convnet's layer shapes, plain layers (no orthogonality), the chosen activation."""
+    w, act = cfg["width"], {"maxmin": ln.MaxMin, "tanh": nn.Tanh, "relu": nn.ReLU}[cfg["activation"]]
+
+    def conv(cin, cout, k, s):
+        return [nn.Conv2d(cin, cout, k, stride=s, padding="same" if s == 1 else 0), act()]
+
+    return nn.Sequential(ln.InputNormalization((mean,), None), *conv(1, w, 3, 1), *conv(w, w, 3, 1),
+                         *conv(w, 2 * w, 2, 2), *conv(2 * w, 2 * w, 3, 1), *conv(2 * w, 4 * w, 2, 2),
+                         nn.Flatten(), nn.Linear(4 * w * 49, cfg["hidden"]), act(), nn.Linear(cfg["hidden"], 10))
+
+
+def _optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"])
+    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0))
+
+
+# ----------------------------------------------------------------------------------------------- sides
+class Ours:
+    name = "ours (lipnet.privacy)"
+
+    def __init__(self, cfg, train, eps, epochs, device, seed=0):
+        from lipnet.privacy import make_private
+        torch.manual_seed(seed)
+        self.model = ours_model(cfg, train.info.mean[0]).to(device)
+        loader = BatchLoader(train, cfg["batch"])
+        # input_bound = sqrt(d): every image in [0,1]^d already lies in that ball (the projection is a no-op);
+        # the model's own L2BallProjection(input_radius) after mean subtraction is what bounds the first layer.
+        d = math.prod(train.images.shape[1:])
+        self.trainer = make_private(self.model, _optimizer(self.model.parameters(), cfg), loader, eps, DELTA, epochs,
+                                    loss=ln.LipschitzCrossEntropy(cfg["temperature"], cfg["offset"]),
+                                    input_bound=math.sqrt(d), noise=cfg["noise"], device=device, seed=seed,
+                                    progress=False)
+        self.loader, self.device = self.trainer.loader, device
+
+    def step(self, x, y):
+        self.trainer.step(x, y)
+
+    def epoch(self):
+        return self.trainer.train_epoch().loss
+
+    def epsilon(self):
+        return self.trainer.epsilon()
+
+    def sigma(self):
+        return self.trainer.noise_multiplier
+
+    def predict(self, x):
+        return self.model(x)
+
+
+class Opacus:
+    name = "opacus (per-sample clipping)"
+
+    def __init__(self, cfg, train, eps, epochs, device, seed=0):
+        from opacus import PrivacyEngine
+        torch.manual_seed(seed)
+        model = opacus_model(cfg, train.info.mean[0]).to(device)
+        data = FloatDataset(train)
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg["batch"])
+        self.engine = PrivacyEngine(accountant="rdp")
+        self.model, self.opt, self.loader = self.engine.make_private_with_epsilon(
+            module=model, optimizer=_optimizer(model.parameters(), cfg), data_loader=loader, target_epsilon=eps,
+            target_delta=DELTA, epochs=epochs, max_grad_norm=cfg["max_grad_norm"],
+            noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
+        self.device = device
+
+    def step(self, x, y):
+        x, y = x.to(self.device), y.to(self.device)
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach()) * len(y)
+
+    def epoch(self):
+        self.model.train()
+        total, count = 0.0, 0
+        for x, y in self.loader:
+            total += self.step(x, y)
+            count += len(y)
+        return total / max(count, 1)
+
+    def epsilon(self):
+        return float(self.engine.get_epsilon(DELTA))
+
+    def sigma(self):
+        return float(self.opt.noise_multiplier)
+
+    def predict(self, x):
+        return self.model(x)
+
+
+SIDES = {"ours": Ours, "opacus": Opacus}
+
+
+@torch.no_grad()
+def accuracy(side, ds: ImageDataset, device, batch: int = 2000) -> float:
+    model = side.model
+    model.eval()
+    correct = 0
+    for i in range(0, len(ds), batch):
+        x = ds.images[i:i + batch].to(device).float().div_(255)
+        correct += int((side.predict(x).argmax(1).cpu() == ds.labels[i:i + batch]).sum())
+    model.train()
+    return correct / len(ds)
+
+
+# ----------------------------------------------------------------------------------------------- perf
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def perf_worker(args) -> dict:
+    """One (side, batch) measurement in this (fresh) process."""
+    torch.set_num_threads(args.threads)
+    device = args.device
+    cfg = dict(OURS if args.side == "ours" else OPACUS, **json.loads(args.cfg or "{}"))
+    cfg["batch"] = args.batch
+    train, _ = get_data(args.dataset, args.data_root, limit=args.limit)
+    side = SIDES[args.side](cfg, train, 3.0, 1, device)
+    it = iter(side.loader)
+    batches = [next(it) for _ in range(args.warmup + args.steps)]
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    cuda = str(device).startswith("cuda")
+    for x, y in batches[:args.warmup]:
+        side.step(x, y)
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kb("VmRSS") * 1024
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            reset = True
+        except OSError:
+            reset = False
+    samples = 0
+    start = time.perf_counter()
+    for x, y in batches[args.warmup:]:
+        side.step(x, y)
+        samples += len(y)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+    return dict(side=args.side, batch=args.batch, steps=args.steps, samples=samples, seconds=seconds,
+                samples_per_s=samples / seconds, peak_mb=peak / 2**20, train_mb=(peak - base) / 2**20,
+                hwm_reset=True if cuda else reset, threads=args.threads, device=str(device))
+
+
+def run_perf(args) -> list[dict]:
+    """Alternate the sides in fresh subprocesses; medians per (side, batch); ratios ours / opacus."""
+    raw = []
+    for batch in args.perf_batches:
+        for r in range(args.perf_repeats):
+            order = ["ours", "opacus"] if r % 2 == 0 else ["opacus", "ours"]
+            for side in order:
+                cmd = [sys.executable, __file__, "--_perf-worker", side, "--batch", str(batch), "--steps",
+                       str(args.perf_steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                       "--dataset", args.dataset, "--device", args.device]
+                if args.data_root:
+                    cmd += ["--data-root", args.data_root]
+                if args.limit:
+                    cmd += ["--limit", str(args.limit)]
+                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if out.returncode:
+                    raise RuntimeError(f"perf worker failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row["repeat"] = r
+                raw.append(row)
+                print(f"  perf {side:6s} batch {batch:5d} rep {r}: {row['samples_per_s']:8.1f} samples/s, "
+                      f"peak {row['peak_mb']:7.1f} MB (+{row['train_mb']:.1f} MB training)", flush=True)
+    rows = []
+    for batch in args.perf_batches:
+        med = {}
+        for side in ("ours", "opacus"):
+            rs = [r for r in raw if r["side"] == side and r["batch"] == batch]
+            med[side] = {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "peak_mb", "train_mb")}
+        rows.append(dict(kind="perf", dataset=args.dataset, batch=batch, threads=args.threads, device=args.device,
+                         steps=args.perf_steps, repeats=args.perf_repeats,
+                         ours_samples_per_s=med["ours"]["samples_per_s"],
+                         opacus_samples_per_s=med["opacus"]["samples_per_s"],
+                         speedup=med["ours"]["samples_per_s"] / med["opacus"]["samples_per_s"],
+                         ours_peak_mb=med["ours"]["peak_mb"], opacus_peak_mb=med["opacus"]["peak_mb"],
+                         peak_ratio=med["ours"]["peak_mb"] / med["opacus"]["peak_mb"],
+                         ours_train_mb=med["ours"]["train_mb"], opacus_train_mb=med["opacus"]["train_mb"],
+                         train_mem_ratio=med["ours"]["train_mb"] / max(med["opacus"]["train_mb"], 1e-9),
+                         raw=[r for r in raw if r["batch"] == batch]))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- accuracy
+def train_eval(side_name: str, cfg: dict, train, evalset, eps: float, epochs: int, device, seed=0,
+               label: str = "") -> dict:
+    start = time.perf_counter()
+    side = SIDES[side_name](cfg, train, eps, epochs, device, seed)
+    losses = []
+    for e in range(epochs):
+        losses.append(side.epoch())
+        if not math.isfinite(losses[-1]):
+            break
+    seconds = time.perf_counter() - start
+    acc = accuracy(side, evalset, device)
+    row = dict(kind="accuracy", side=side_name, target_epsilon=eps, epsilon=side.epsilon(), delta=DELTA,
+               sigma=side.sigma(), epochs=epochs, batch=cfg["batch"], accuracy=acc, train_loss=losses[-1],
+               seconds=seconds, n_train=len(train), n_eval=len(evalset), config=cfg, label=label)
+    print(f"  {side_name:6s} eps {eps:g} ({row['epsilon']:.3f} spent, sigma {row['sigma']:.3f}) {label}: "
+          f"acc {acc:.4f}, loss {losses[-1]:.4f}, {seconds:.0f}s", flush=True)
+    return row
+
+
+def tune_grid(quick: bool):
+    """A small coordinate search for our side (one knob at a time from a base), and opacus' lr."""
+    base = dict(OURS)
+    ours = [dict(base)]
+    if not quick:
+        for k, vals in [("batch", [256]), ("freeze_bias", [False]), ("input_radius", [3.0, 20.0]),
+                        ("temperature", [0.03, 0.3]), ("lr", [3e-3, 3e-2]), ("noise", ["per_layer"]),
+                        ("centering", ["layer"]), ("width", [16])]:
+            for v in vals:
+                ours.append(dict(base, **{k: v}))
+    opac = [dict(OPACUS)] + ([] if quick else [dict(OPACUS, lr=v) for v in (0.1, 2.0)]
+                             + [dict(OPACUS, optimizer="adam", lr=1e-3)])
+    return ours, opac
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = [f"# Clipping-free DP-SGD vs opacus ({meta['dataset']})", "",
+           f"machine: {meta['machine']}, torch {meta['torch']}, opacus {meta['opacus']}, threads {meta['threads']}, "
+           f"device {meta['device']}", "", f"command: `{meta['command']}`", ""]
+    perf = [r for r in rows if r["kind"] == "perf"]
+    if perf:
+        out += ["## Throughput and peak memory (training steps, same expected batch, medians)", "",
+                "| dataset | batch | ours samples/s | opacus samples/s | speedup | ours peak MB | opacus peak MB | "
+                "peak ratio | ours +train MB | opacus +train MB | +train ratio |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in perf:
+            out.append(f"| {r['dataset']} | {r['batch']} | {r['ours_samples_per_s']:.0f} | {r['opacus_samples_per_s']:.0f} | "
+                       f"{r['speedup']:.2f}x | {r['ours_peak_mb']:.0f} | {r['opacus_peak_mb']:.0f} | "
+                       f"{r['peak_ratio']:.2f} | {r['ours_train_mb']:.0f} | {r['opacus_train_mb']:.0f} | "
+                       f"{r['train_mem_ratio']:.2f} |")
+        out.append("")
+    acc = [r for r in rows if r["kind"] == "accuracy"]
+    if acc:
+        out += ["## Accuracy at epsilon (delta = 1e-5)", "",
+                "| dataset | side | target eps | eps spent | sigma | epochs | batch | accuracy | train s | eval on |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in acc:
+            out.append(f"| {r.get('dataset', '')} | {r['side']} | {r['target_epsilon']:g} | {r['epsilon']:.3f} | "
+                       f"{r['sigma']:.3f} | {r['epochs']} | {r['batch']} | {100 * r['accuracy']:.2f} | "
+                       f"{r['seconds']:.0f} | {r['label']} ({r['n_eval']}) |")
+        out.append("")
+        cfgs = {r["side"]: r["config"] for r in acc}
+        for side, cfg in cfgs.items():
+            out.append(f"- {side} config: `{json.dumps(cfg)}`")
+        out.append("")
+    tune = [r for r in rows if r["kind"] == "tune"]
+    if tune:
+        out += ["## Hyperparameter search (held-out part of TRAIN)", "",
+                "| side | eps | epochs | change from base | held-out acc | s |", "|---|---|---|---|---|---|"]
+        for r in tune:
+            out.append(f"| {r['side']} | {r['target_epsilon']:g} | {r['epochs']} | {r['change']} | "
+                       f"{100 * r['accuracy']:.2f} | {r['seconds']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "synthetic"])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=None, help="override both sides' expected batch size")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sides", nargs="+", default=["ours", "opacus"], choices=list(SIDES))
+    p.add_argument("--perf-batches", type=int, nargs="*", default=[256, 1024])
+    p.add_argument("--perf-steps", type=int, default=12)
+    p.add_argument("--perf-repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-perf", action="store_true")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--tune", action="store_true", help="hyperparameter search on a held-out part of TRAIN")
+    p.add_argument("--tune-eps", type=float, default=3.0)
+    p.add_argument("--holdout", type=int, default=10000)
+    p.add_argument("--limit", type=int, default=None, help="use only this many training examples")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--md", default=None)
+    p.add_argument("--_perf-worker", dest="perf_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.perf_worker:
+        args.side = args.perf_worker
+        print(json.dumps(perf_worker(args)))
+        return
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        from lipnet.data import resolve_data_root
+        try:
+            resolve_data_root(args.data_root)
+            load_dataset(args.dataset, "train", args.data_root, progress=False, limit=10)
+        except Exception:  # no data in this checkout: synthetic blobs
+            args.dataset = "synthetic"
+        args.limit = args.limit or 2048
+        args.eps, args.epochs, args.perf_batches, args.perf_steps, args.perf_repeats, args.warmup = [3.0], 1, [256], 2, 1, 1
+        OURS["batch"] = OPACUS["batch"] = 256
+
+    import opacus
+    meta = dict(dataset=args.dataset, machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} cores", torch=torch.__version__, opacus=opacus.__version__, threads=args.threads,
+                device=args.device, command="python benchmarks/privacy.py " + " ".join(sys.argv[1:]))
+    rows: list[dict] = []
+
+    def save():
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        if args.md:
+            Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.md).write_text(markdown(rows, meta))
+
+    if args.tune:
+        train, held = get_data(args.dataset, args.data_root, holdout=args.holdout if not args.quick else 500,
+                               limit=args.limit)
+        ours, opac = tune_grid(args.quick)
+        for side, cfgs, base in (("ours", ours, OURS), ("opacus", opac, OPACUS)):
+            if side not in args.sides:
+                continue
+            for cfg in cfgs:
+                change = ", ".join(f"{k}={v}" for k, v in cfg.items() if base.get(k) != v) or "base"
+                row = train_eval(side, cfg, train, held, args.tune_eps, args.epochs, args.device, label=change)
+                row.update(kind="tune", change=change, dataset=args.dataset)
+                rows.append(row)
+                save()
+        return
+
+    if not args.no_perf:
+        print(f"throughput / memory ({args.dataset}, threads {args.threads}, {args.device}):", flush=True)
+        rows += run_perf(args)
+        save()
+    if not args.no_accuracy:
+        train, test = get_data(args.dataset, args.data_root, limit=args.limit)
+        print(f"accuracy ({args.dataset}: {len(train)} train, {len(test)} test, epochs {args.epochs}):", flush=True)
+        for eps in args.eps:
+            for side in args.sides:
+                cfg = dict(OURS if side == "ours" else OPACUS)
+                if args.batch:
+                    cfg["batch"] = args.batch
+                row = train_eval(side, cfg, train, test, eps, args.epochs, args.device, label="test")
+                row["dataset"] = args.dataset
+                rows.append(row)
+                save()
+    save()
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
