@@ -100,19 +100,14 @@ def _train_process(argv: list[str]) -> None:
 def cmd_train(args) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.dp:
-        if args.epsilon is None:
-            raise ValueError("--dp needs --epsilon (the privacy budget), e.g. --dp --epsilon 1.0 --delta 1e-5")
-        if args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("--dp runs in one process: multi-process private training (noise added once across "
-                             "ranks) is not implemented yet")
-        return _train_private(args)
-    if args.epsilon is not None:
+    if args.dp and args.epsilon is None:
+        raise ValueError("--dp needs --epsilon (the privacy budget), e.g. --dp --epsilon 1.0 --delta 1e-5")
+    if not args.dp and args.epsilon is not None:
         raise ValueError("--epsilon is only meaningful with --dp")
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     batch_size = args.batch_size if args.batch_size is not None else PRESETS[args.dataset].batch_size
-    if batch_size % max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))):
+    if not args.dp and batch_size % max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))):
         raise ValueError(f"--batch-size {batch_size} (the global batch) must be divisible by the number of processes")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun: start the processes ourselves
         lipdist.launch(_train_process, args.nproc, args=(args.argv,))
@@ -125,6 +120,8 @@ def cmd_train(args) -> int:
 
 
 def _train(args, ctx: lipdist.DistributedContext) -> int:
+    if args.dp:
+        return _train_private(args, ctx)
     config = TrainConfig.from_preset(args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                      offset=args.offset, seed=args.seed, limit=args.limit)
     if args.width is not None:
@@ -145,7 +142,9 @@ def _train(args, ctx: lipdist.DistributedContext) -> int:
     return 0
 
 
-def _train_private(args) -> int:
+def _train_private(args, ctx: lipdist.DistributedContext) -> int:
+    """--dp: one Poisson batch per step split over the ranks, noise added once across them
+    (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and saves."""
     from .training import PRIVATE_PRESETS, fit_private
 
     config = TrainConfig.from_preset(args.dataset, private=True, epochs=args.epochs, batch_size=args.batch_size,
@@ -158,12 +157,16 @@ def _train_private(args) -> int:
     torch.manual_seed(config.seed)
     train = lipdata.load_dataset(args.dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
     test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
-    model = build_model(config.model, **config.model_config).to(args.device)
-    print(f"private training of {config.model} on {args.dataset} ({len(train)} train / {len(test)} test) for "
-          f"{config.epochs} epochs on {args.device}: target (epsilon={args.epsilon:g}, delta={args.delta:g})")
+    model = build_model(config.model, **config.model_config).to(ctx.device)
+    log = print if ctx.is_main else (lambda _: None)
+    procs = f" x {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else ""
+    log(f"private training of {config.model} on {args.dataset} ({len(train)} train / {len(test)} test) for "
+        f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={args.epsilon:g}, delta={args.delta:g})")
     start = time.perf_counter()
-    history = fit_private(model, train, lipdata.BatchLoader(test, 500), config, device=args.device,
-                          progress=not args.no_progress)
+    history = fit_private(model, train, lipdata.BatchLoader(test, 500), config, device=ctx.device,
+                          progress=not args.no_progress and ctx.is_main, log=log, evaluate=ctx.is_main)
+    if not ctx.is_main:
+        return 0
     config.dp["epsilon_spent"] = history[-1]["epsilon"]
     path = save_checkpoint(args.out, model, config, history)
     print(f"privacy: ({history[-1]['epsilon']:.3f}, {args.delta:g})-DP after {history[-1]['steps']} steps "

@@ -18,6 +18,12 @@ mechanism with noise multiplier sigma, exactly what opacus' RDP / PRV accountant
 division by the *expected* batch size q n (not the realized, private one) and every optimizer
 (momentum, Adam) are post-processing. Noise comes from torch's PRNG (opacus' default, non-secure
 mode); the logged training loss is computed on private data and is not privatized.
+
+Multi-process (``torch.distributed`` initialized, W ranks): every rank draws the same global
+Poisson mask and keeps its share, adds independent noise of std sigma C / sqrt(W) (the sum over
+ranks is N(0, sigma^2 C^2 I): the noise of one step, added once in distribution), and the raw
+gradients are summed over ranks before the step, so all ranks hold identical weights (rank 0's are
+broadcast at construction).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
@@ -37,6 +44,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from lipnet.data import ImageDataset
+from lipnet.distributed import world
 from lipnet.nn import L2BallProjection
 
 from .sampling import poisson_loader
@@ -130,8 +138,10 @@ class PrivateTrainer:
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         self.model, self.optimizer, self.device, self.progress = model, optimizer, device, progress
+        self.rank, self.world_size = world()
         self.loader, self.sample_rate = poisson_loader(data, sample_rate, device=device,
-                                                       generator=torch.Generator().manual_seed(seed))
+                                                       generator=torch.Generator().manual_seed(seed),
+                                                       rank=self.rank, world_size=self.world_size)
         self.n = len(self.loader.dataset)
         check_privacy_params(target_epsilon, target_delta, self.n)
         self.delta, self.noise_mode, self.accountant_name = float(target_delta), noise, accountant
@@ -157,8 +167,12 @@ class PrivateTrainer:
             raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}")
         self.noise_multiplier, self.target_epsilon = float(noise_multiplier), target_epsilon
         self.accountant = create_accountant(accountant)
-        self.noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        # independent noise per rank (its std is divided by sqrt(world_size) in _noise_stds)
+        self.noise_generator = torch.Generator(device=device).manual_seed(seed + 1 + 7919 * self.rank)
         self.steps, self.epochs_done, self.last_sensitivity = 0, 0, float("nan")
+        if self.world_size > 1:
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=0)
         self.sensitivity()  # unsupported layers / losses fail here, before any data is touched
 
     def sensitivity(self) -> SensitivityReport:
@@ -174,7 +188,7 @@ class PrivateTrainer:
             return float(self.accountant.get_epsilon(delta=delta or self.delta))
 
     def _noise_stds(self, report: SensitivityReport) -> list[float]:
-        sigma = self.noise_multiplier
+        sigma = self.noise_multiplier / math.sqrt(self.world_size)
         if self.noise_mode == "global":
             return [sigma * report.total] * len(report.bounds)
         k = len(report.bounds)
@@ -183,7 +197,8 @@ class PrivateTrainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One private step on a Poisson batch (possibly empty); returns the batch's summed loss."""
         model = self.model
-        x, y = x.to(self.device), y.to(self.device)
+        dtype = next(model.parameters()).dtype  # loaders give float32; a float64 model gets float64
+        x, y = x.to(self.device, dtype=dtype), y.to(self.device)
         with parametrize.cached():  # each constrained weight computed once, shared by bound, noise and forward
             for m in model.modules():  # fill the cache with autograd-tracked weights first
                 if parametrize.is_parametrized(m):
@@ -204,9 +219,16 @@ class PrivateTrainer:
                 loss_sum = float(loss.detach())
             # one backward: sum_i grad loss_i + noise at each effective tensor, then J^T to raw params
             torch.autograd.backward(roots, grads)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.div_(self.expected_batch_size)
+        params = [p for p in model.parameters() if p.grad is not None]
+        if self.world_size > 1 and params:  # sum the ranks' J^T (G_r + N_r): one buffer, one all-reduce
+            loss_t = torch.tensor([loss_sum], device=params[0].device, dtype=params[0].grad.dtype)
+            flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss_t])
+            dist.all_reduce(flat)
+            for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p.grad))
+            loss_sum = float(flat[-1])
+        for p in params:
+            p.grad.div_(self.expected_batch_size)
         self.optimizer.step()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps += 1
@@ -219,10 +241,14 @@ class PrivateTrainer:
         start, total, count = time.perf_counter(), 0.0, 0
         bar = tqdm(self.loader, desc=f"private epoch {self.epochs_done + 1}", disable=not self.progress, leave=False)
         for x, y in bar:
-            total += self.step(x, y)
+            total += self.step(x, y)  # summed over ranks
             count += len(y)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}", C=f"{self.last_sensitivity:.3g}")
         self.epochs_done += 1
+        if self.world_size > 1:
+            counts = torch.tensor([float(count)], dtype=torch.float64)
+            dist.all_reduce(counts)
+            count = int(counts.item())
         return EpochReport(self.epochs_done, self.steps, count, total / max(count, 1), self.epsilon(), self.delta,
                            self.noise_multiplier, self.sample_rate, self.last_sensitivity,
                            time.perf_counter() - start)

@@ -29,11 +29,18 @@ class PoissonBatchLoader:
 
     ``len()`` = steps per epoch = int(1 / sample_rate) (opacus' convention, which its
     ``get_noise_multiplier(epochs=...)`` assumes); each step draws a fresh Bernoulli(q) mask over the
-    whole dataset with ``generator``. Batches may be empty: (0, C, H, W) tensors."""
+    whole dataset with ``generator``. Batches may be empty: (0, C, H, W) tensors.
+
+    Multi-process: every rank passes a generator with the same seed, draws the same global mask and
+    keeps the selected indices ``rank::world_size``; the ranks' parts make up one Poisson batch."""
 
     def __init__(self, dataset: ImageDataset, sample_rate: float, *, generator: torch.Generator | None = None,
-                 device: str | torch.device = "cpu", steps: int | None = None) -> None:
+                 device: str | torch.device = "cpu", steps: int | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.dataset, self.sample_rate, self.device = dataset, check_sample_rate(sample_rate), device
+        self.rank, self.world_size = rank, world_size
         self.sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=self.sample_rate,
                                                      generator=generator, steps=steps)
 
@@ -46,26 +53,32 @@ class PoissonBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for indices in self.sampler:
-            idx = torch.as_tensor(indices, dtype=torch.long)
+            idx = torch.as_tensor(indices, dtype=torch.long)[self.rank::self.world_size]
             x = self.dataset.images[idx].to(self.device, non_blocking=True).float().div_(255)
             yield x, self.dataset.labels[idx].to(self.device, non_blocking=True)
 
 
 def poisson_loader(data, sample_rate: float | None = None, *, generator: torch.Generator | None = None,
-                   device: str | torch.device = "cpu"):
+                   device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1):
     """A Poisson-sampling loader over ``data`` with the same expected batch size.
 
     ``data``: an ``ImageDataset`` (needs ``sample_rate``), a lipnet ``BatchLoader`` (q = batch_size / n)
     or a ``torch.utils.data.DataLoader`` over a map-style dataset (wrapped by opacus'
-    ``DPDataLoader.from_data_loader``: q = 1 / len(loader)). Returns (loader, sample_rate)."""
+    ``DPDataLoader.from_data_loader``: q = 1 / len(loader); single process only). Returns
+    (loader, sample_rate). ``rank``/``world_size``: this process's part of every Poisson batch."""
     if isinstance(data, ImageDataset):
         if sample_rate is None:
             raise ValueError("poisson_loader(ImageDataset) needs sample_rate (expected batch size / dataset size)")
-        return PoissonBatchLoader(data, sample_rate, generator=generator, device=device), float(sample_rate)
+        return PoissonBatchLoader(data, sample_rate, generator=generator, device=device, rank=rank,
+                                  world_size=world_size), float(sample_rate)
     if isinstance(data, BatchLoader):
         q = sample_rate if sample_rate is not None else data.batch_size / len(data.dataset)
-        return PoissonBatchLoader(data.dataset, q, generator=generator, device=device), float(q)
+        return PoissonBatchLoader(data.dataset, q, generator=generator, device=device, rank=rank,
+                                  world_size=world_size), float(q)
     if isinstance(data, torch.utils.data.DataLoader):
+        if world_size > 1:
+            raise ValueError("multi-process private training needs a lipnet ImageDataset / BatchLoader (every rank "
+                             "draws the same global Poisson mask and keeps its share)")
         if sample_rate is not None:
             return DPDataLoader(data.dataset, sample_rate=sample_rate, collate_fn=data.collate_fn,
                                 generator=generator), float(sample_rate)

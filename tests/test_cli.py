@@ -134,12 +134,20 @@ def test_train_dp_errors(tmp_path, data_root, capsys):
     for extra, message in ((["--dp"], "--dp needs --epsilon"),
                            (["--dp", "--epsilon", "1", "--delta", "0.01", "--no-progress"], "1/n"),
                            (["--dp", "--epsilon", "0", "--no-progress"], "target_epsilon"),
-                           (["--dp", "--epsilon", "1", "--nproc", "2"], "one process"),
                            (["--dp", "--epsilon", "1", "--batch-size", "500"], "training set"),
                            (["--epsilon", "1"], "only meaningful with --dp")):
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_train_dp_with_two_processes(tmp_path, data_root, capsys):
+    out = tmp_path / "dp2"
+    assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "3.0", "--delta", "1e-4", "--epochs", "1",
+                 "--limit", "400", "--batch-size", "100", "--width", "2", "--nproc", "2", "--out", str(out),
+                 "--data-root", str(data_root), "--no-progress"]) == 0
+    model, config, history = load_checkpoint(out)
+    assert len(history) == 1 and 0 < config.dp["epsilon_spent"] <= 3.0 + 0.011 and history[0]["steps"] == 4
 
 
 def test_dp_example_runs(tmp_path, data_root):
