@@ -141,7 +141,7 @@ def test_gradient_ascent_on_inputs_does_not_break_the_bound():
         out = loss.__class__(temperature=0.05, offset=0.0, reduction="sum")(plain(x), y)
         grads = torch.autograd.grad(out, list(plain.parameters()), create_graph=True)
         total = torch.sqrt(sum(g.square().sum() for g in grads))
-        best = max(best, float(total))
+        best = max(best, float(total.detach()))
         (gx,) = torch.autograd.grad(total, x)
         with torch.no_grad():
             x += 0.5 * gx / (gx.norm() + 1e-12)
