@@ -1,6 +1,7 @@
-"""Side-by-side optimizer benchmark: TurboMuon, TurboMuon+NorMuon, torch.optim.Muon, AdamW.
+"""Side-by-side optimizer benchmark: TurboMuon, TurboMuon+NorMuon, SchattenMuon, torch.optim.Muon, AdamW.
 
-    python benchmarks/optim.py --steps 60 --json benchmarks/results/optim_cpu.json --md benchmarks/results/optim_cpu.md
+    python benchmarks/optim.py --steps 60 --json benchmarks/results/optim_cpu.json --md benchmarks/results/optim_cpu.md \
+        --plot benchmarks/results/optim_cpu_p.png --roots
 
 Task: a CIFAR-10-sized CNN (32x32x3 inputs, conv widths 32/64/128, BatchNorm, 10 classes) on a
 synthetic teacher task (low-pass-filtered Gaussian images labelled by a fixed random CNN), so it
@@ -16,6 +17,10 @@ report medians. Columns: ``step`` = the whole optimizer step (matrix optimizer +
 matrices (stacked per shape for TurboMuon, one by one for torch's Muon, also interleaved; plus
 Keller Jordan's ns5 in fp32 through the same core: the equal-precision reference), losses
 = mean training loss of the last 10 steps and loss / accuracy on 2048 held-out examples.
+``schatten-adaptive`` is SchattenMuon with the paper's per-layer p (its activation hooks on the
+convolutions; their cost is inside ``step``), ``schatten-p2`` the same with p fixed at 2; the
+``p trajectory`` (``--plot``) shows the adaptive p of every matrix per step. ``--roots`` adds a table
+of the ways to compute U S^(1/p) V^T on the net's stacks: time and error against an fp64 SVD.
 Precision: ``torch.optim.Muon`` runs its Newton-Schulz steps in bf16 on every device; the lipnet
 core runs fp32 on CPU by default (``turbomuon``) or bf16 with a final fp32 step and an fp32 Gram
 matrix (``turbomuon-bf16``, ``low_precision=True``).
@@ -36,15 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from lipnet.optim import TurboMuon, split_params  # noqa: E402
+from lipnet.optim import SchattenMuon, TurboMuon, schatten_update, split_params  # noqa: E402
 from lipnet.ortho import orthogonalize  # noqa: E402
 
 
-class FlatConv2d(nn.Module):
-    """3x3 'same' convolution whose kernel is stored as a 2-D (out, in*9) parameter."""
+class FlatConv2d(nn.Conv2d):
+    """3x3 'same' convolution whose kernel is stored as a 2-D (out, in*9) parameter (an ``nn.Conv2d``
+    so that SchattenMuon's hooks know its geometry; built on "meta" so the init RNG stream is unchanged)."""
 
     def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
+        super().__init__(cin, cout, 3, padding=1, bias=False, device="meta")
         self.shape = (cout, cin, 3, 3)
         self.weight = nn.Parameter(nn.init.kaiming_normal_(torch.empty(self.shape)).reshape(cout, -1))
 
@@ -93,6 +99,12 @@ def make_optimizers(name: str, model: nn.Module, lr: float, aux_lr: float) -> li
         return [TurboMuon(hidden, low_precision=True, **kw), aux]
     if name == "turbomuon+normuon":
         return [TurboMuon(hidden, normuon=True, **kw), aux]
+    if name == "schatten-adaptive":
+        opt = SchattenMuon(hidden, p="adaptive", **kw)
+        opt.watch(model)
+        return [opt, aux]
+    if name == "schatten-p2":
+        return [SchattenMuon(hidden, p=2.0, **kw), aux]
     raise ValueError(name)
 
 
@@ -114,6 +126,80 @@ def ortho_timers(shapes: list[tuple[int, int]], seed: int = 0) -> dict:
     }
 
 
+def core_q_power(M: torch.Tensor, p: float, method: str) -> torch.Tensor:
+    """The route the issue sketches: Q = the core's polar factor, then Q-side PSD power by eigh:
+    U S^(1/p) V^T = H^(1/p) Q, H = sym(M Q^T) (M wide). Exact only if Q is the polar factor of M;
+    the core's turbo/convergent give the polar factor of the AOL-rescaled M instead."""
+    Q = orthogonalize(M, method, validate=False)
+    H = M @ Q.mT
+    lam, W = torch.linalg.eigh((H + H.mT) / 2)
+    return (W * lam.clamp_min(1e-3 * lam[..., -1:]).pow(1 / p).unsqueeze(-2)) @ W.mT @ Q
+
+
+def root_rows(shapes: list[tuple[int, int]], repeats: int, seed: int = 0) -> list[dict]:
+    """Time (all stacks of the net, median) and error (worst relative Frobenius error against an fp64
+    SVD, over the stacks) of each way to compute U S^(1/p) V^T, fp32, momentum-like inputs."""
+    g = torch.Generator().manual_seed(seed)
+    stacks: dict[tuple, list] = {}
+    for s in shapes:   # a random-walk sum of gradients: a realistic decaying spectrum
+        stacks.setdefault(s if s[0] <= s[1] else s[::-1], []).append(
+            torch.randn(20, *s, generator=g).cumsum(0).mul(torch.linspace(0.2, 1, 20)[:, None, None]).sum(0))
+    stacks = [torch.stack(v) for v in stacks.values()]
+    ways = {
+        "eigh (Gram, ours)": lambda M, p: schatten_update(M, p, validate=False),
+        "coupled Newton (Gram, 30 it.)": lambda M, p: schatten_update(M, p, root="newton", validate=False),
+        "core Q (turbo) + eigh": lambda M, p: core_q_power(M, p, "turbo"),
+        "core Q (convergent) + eigh": lambda M, p: core_q_power(M, p, "convergent"),
+        "turbo polar (p = inf, reference cost)": lambda M, p: orthogonalize(M, "turbo", 4, validate=False),
+    }
+    rows = []
+    for p in (2, 4, 8):
+        refs = []
+        for M in stacks:
+            U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+            refs.append((U * S.pow(1 / p).unsqueeze(-2)) @ Vh)
+        for name, f in ways.items():
+            err = max(((f(M, p).double() - r).norm(dim=(-2, -1)) / r.norm(dim=(-2, -1))).max().item()
+                      for M, r in zip(stacks, refs))
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for M in stacks:
+                    f(M, p)
+                times.append(time.perf_counter() - start)
+            rows.append({"p": p, "method": name, "ms": 1e3 * statistics.median(times),
+                         "max_rel_error": None if "p = inf" in name else err})
+    return rows
+
+
+def plot_p(path: str, runs: dict, names: list[str], matrices: list, p_hist: list) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_p, ax_l) = plt.subplots(1, 2, figsize=(12, 4.2))
+    hist = torch.tensor(p_hist)
+    for j, shape in enumerate(matrices):
+        ax_p.plot(range(1, len(hist) + 1), hist[:, j], label=f"matrix {j}: {shape[0]}x{shape[1]}")
+    ax_p.set(xlabel="step", ylabel="p", title="SchattenMuon adaptive p per layer", yscale="log")
+    ax_p.legend(fontsize=7)
+    for name in names:
+        loss = torch.tensor(runs[name]["loss"])
+        w = min(10, len(loss))
+        smooth = torch.nn.functional.avg_pool1d(loss[None, None], w, 1)[0, 0]
+        ax_l.plot(range(w, len(loss) + 1), smooth, label=name)
+    ax_l.set(xlabel="step", ylabel="train loss (10-step mean)", title="training loss")
+    ax_l.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60)
@@ -124,10 +210,16 @@ def main() -> None:
     p.add_argument("--ortho-repeats", type=int, default=30)
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
+    p.add_argument("--plot", default=None, help="PNG: adaptive p per layer and the loss curves")
+    p.add_argument("--roots", action="store_true", help="also time/check the ways to compute U S^(1/p) V^T")
+    all_names = ["turbomuon", "turbomuon-bf16", "turbomuon+normuon", "schatten-adaptive", "schatten-p2", "torch-muon",
+                 "adamw"]
+    p.add_argument("--optimizers", default=",".join(all_names),
+                   help="comma-separated subset (turbomuon and schatten-adaptive are always run)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    names = ["turbomuon", "turbomuon-bf16", "turbomuon+normuon", "torch-muon", "adamw"]
-    if not hasattr(torch.optim, "Muon"):
+    names = [n for n in all_names if n in set(args.optimizers.split(",")) | {"turbomuon", "schatten-adaptive"}]
+    if not hasattr(torch.optim, "Muon") and "torch-muon" in names:
         names.remove("torch-muon")
 
     x_train, y_train = make_task(args.steps * args.batch_size, seed=0)
@@ -159,6 +251,8 @@ def main() -> None:
             r["matrix"].append(mid - start)
             r["step"].append(time.perf_counter() - start)
             r["loss"].append(loss.item())
+            if name == "schatten-adaptive":
+                r.setdefault("p", []).append(r["opts"][0].current_p())
         if (t + 1) % 10 == 0:
             print(f"step {t + 1}/{args.steps}: " + "  ".join(f"{n} {runs[n]['loss'][-1]:.3f}" for n in names),
                   flush=True)
@@ -175,6 +269,8 @@ def main() -> None:
             timers[name]()
             ortho[name].append(time.perf_counter() - start)
     ortho["turbomuon+normuon"] = ortho["turbomuon"]
+    matrices = [list(w.shape) for w in hidden]
+    roots = root_rows([tuple(s) for s in matrices], args.ortho_repeats) if args.roots else None
 
     rows = []
     for name in names:
@@ -202,7 +298,7 @@ def main() -> None:
             row[f"{key.split('_ms')[0]}_speedup_vs_torch_muon"] = ref[key] / row[key] if ok else None
 
     meta = {"torch": torch.__version__, "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size,
-            "lr": args.lr, "aux_lr": args.aux_lr, "machine": platform.processor() or platform.machine(),
+            "lr": args.lr, "aux_lr": args.aux_lr, "machine": _cpu_name(),
             "matrices": [list(w.shape) for w in hidden],
             "note": "CPU shared with other jobs (noisy); runs interleaved round-robin, medians"}
     header = ["optimizer", "step ms", "matrix step ms", "ortho ms", "matrix step speed-up vs torch Muon",
@@ -216,12 +312,34 @@ def main() -> None:
             fmt(row["ortho_speedup_vs_torch_muon"], ".2f") + ("x" if row["ortho_speedup_vs_torch_muon"] else ""),
             fmt(row["train_loss_last10"], ".3f"), fmt(row["eval_loss"], ".3f"), fmt(row["eval_acc"], ".1%")]) + " |")
     table = "\n".join(lines)
+    turbo = next(row for row in rows if row["optimizer"] == "turbomuon")
+    lines = ["| optimizer | step / TurboMuon step | matrix step / TurboMuon matrix step | final p per matrix |",
+             "|---|---|---|---|"]
+    for row in rows:
+        if row["matrix_step_ms"] is None or "schatten" not in row["optimizer"]:
+            continue
+        row["step_ratio_vs_turbomuon"] = row["step_ms"] / turbo["step_ms"]
+        row["matrix_step_ratio_vs_turbomuon"] = row["matrix_step_ms"] / turbo["matrix_step_ms"]
+        final_p = runs[row["optimizer"]]["p"][-1] if "p" in runs[row["optimizer"]] else ["2"] * len(matrices)
+        lines.append(f"| {row['optimizer']} | {row['step_ratio_vs_turbomuon']:.3f}x | "
+                     f"{row['matrix_step_ratio_vs_turbomuon']:.3f}x | "
+                     + ", ".join(format(float(v), ".2f") for v in final_p) + " |")
+    table += "\n\n" + "\n".join(lines)
+    p_hist = runs["schatten-adaptive"]["p"]
+    meta["p_trajectory"] = {"matrices": matrices, "every_10_steps": p_hist[::10], "final": p_hist[-1]}
+    if roots is not None:
+        lines = ["| p | U S^(1/p) V^T via | ms (all stacks) | max rel. error vs fp64 SVD |", "|---|---|---|---|"]
+        for row in roots:
+            lines.append(f"| {row['p']} | {row['method']} | {row['ms']:.2f} | {fmt(row['max_rel_error'], '.1e')} |")
+        table += "\n\n" + "\n".join(lines)
     print(table)
+    if args.plot:
+        plot_p(args.plot, runs, names, matrices, p_hist)
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "roots": roots}, indent=2))
     if args.md:
         cmd = "python benchmarks/optim.py " + " ".join(sys.argv[1:])
-        Path(args.md).write_text(f"# Optimizer benchmark (CPU)\n\n`{cmd}`\n\n{meta['note']}; torch {meta['torch']}, "
+        Path(args.md).write_text(f"# Optimizer benchmark (CPU)\n\n`{cmd}`\n\n{meta['note']}; {meta['machine']}, torch {meta['torch']}, "
                                  f"{args.threads} thread(s), {args.steps} steps of batch {args.batch_size}.\n\n"
                                  f"{table}\n")
 

@@ -279,7 +279,7 @@ def _train(net, opt, x, y, steps):
 
 def test_adaptive_trains_and_p_in_range():
     x, y, net = _tiny_task()
-    opt = SchattenMuon(net.parameters(), lr=0.02, pmin=1.1, pmax=8.0, act_every=5)
+    opt = SchattenMuon(net.parameters(), lr=0.02, pmin=1.1, pmax=8.0, p_every=1, act_every=5)
     assert len(opt.watch(net)) == 3
     assert all(math.isnan(p) for p in opt.current_p())
     history = []
@@ -298,13 +298,13 @@ def test_adaptive_trains_and_p_in_range():
 
 def test_state_dict_round_trip():
     x, y, net = _tiny_task(1)
-    opt = SchattenMuon(net.parameters(), lr=0.02, act_every=2)
+    opt = SchattenMuon(net.parameters(), lr=0.02, p_every=2, act_every=2)
     opt.watch(net)
     _train(net, opt, x, y, 5)
     twin = nn.Sequential(*[type(m)(*(m.in_features, m.out_features), bias=False).double() if isinstance(m, nn.Linear)
                            else nn.Tanh() for m in net])
     twin.load_state_dict(net.state_dict())
-    opt2 = SchattenMuon(twin.parameters(), lr=0.02, act_every=2)
+    opt2 = SchattenMuon(twin.parameters(), lr=0.02, p_every=2, act_every=2)
     opt2.watch(twin)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() shares tensors
     assert opt2.current_p() == opt.current_p()
@@ -327,6 +327,7 @@ def test_optimizer_bad_arguments():
     w = [nn.Parameter(torch.randn(3, 4))]
     bad = [dict(p=0.5), dict(p="fast"), dict(p=float("nan")), dict(lr=-1.0), dict(momentum=1.0),
            dict(pmin=5.0, pmax=2.0), dict(pmin=0.5), dict(p_points=1), dict(act_every=0), dict(floor=-0.1),
+           dict(p_every=3, act_every=10), dict(p_every=0),
            dict(precondition="shampoo"), dict(precondition="adam"), dict(adjust_lr="x"), dict(weight_decay=-1.0)]
     for kw in bad:
         kw = {"lr": 0.1, **kw}

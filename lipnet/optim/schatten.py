@@ -13,7 +13,11 @@ k x k ``eigh``), U S^(1/p) V^T = A^((1/p - 1)/2) X. Singular values below ``floo
 floor * sigma_max, so the map stays bounded and monotone. p = inf goes to the ``lipnet.ortho`` core
 (Turbo-Muon). ``root="newton"`` computes the same power with the coupled Newton inverse-root
 iteration (Guo & Higham 2006) for integer p -- kept for the measurement in benchmarks/optim.py
-(``--roots``): on CPU eigh is both faster and more accurate.
+(``--roots``): on CPU eigh is both faster and more accurate. Why not Q = orthogonalize(M) and
+Q (Q^T M)^(1/p): that identity needs Q = U V^T exactly, but the core's converging methods
+(turbo/convergent/bjorck) return the polar factor of the AOL-rescaled diag(s) M, and ns5 does not
+converge; measured (``--roots``), that route is off by 3e-2 (convergent) to 2e-1 (turbo) relative
+error and slower than the one Gram eigh.
 
 Adaptive p (the paper's criterion, as implemented in its repository, smuon/svs/momentum_exact.py):
 view the layer as a random-feature regression y = W a on its input features A (rows = samples, the
@@ -25,11 +29,11 @@ Hoelder with 1/2 = 1/(p+1) + 1/k, i.e. k(p) = 2(p+1)/(p-1). So each layer takes
 
 with S_p = schatten_update(M, p), G the gradient. p -> 1 weighs A by its spectral norm (SGD's
 curvature), p -> inf by its Frobenius norm (Muon's). Our choices (the repository uses full SVDs and
-scipy's bounded scalar search every 100 steps): f is evaluated every step on a geometric grid of
-``p_points`` values from the eigh the update needs anyway (no extra SVD, no host sync); the
-numerator ratio is an EMA over steps (``stat_beta``); the activation spectrum comes from <= ``act_rows``
-sampled rows every ``act_every`` steps (forward hooks, :meth:`SchattenMuon.watch`); a layer with no
-recorded activations assumes white ones (||A||_{S_k} = n^(1/k)).
+scipy's bounded scalar search every 100 steps): f is evaluated every ``p_every`` steps on a
+geometric grid of ``p_points`` values, from the eigh the update needs anyway (no extra SVD, no host
+sync); the numerator ratio is an EMA over evaluations (``stat_beta``); the activation spectrum comes
+from <= ``act_rows`` sampled rows every ``act_every`` steps (forward hooks, :meth:`SchattenMuon.watch`),
+EMA'd the same way; a layer with no recorded activations assumes white ones (||A||_{S_k} = n^(1/k)).
 """
 
 from __future__ import annotations
@@ -161,8 +165,8 @@ def alignment_ratio(lam: torch.Tensor, lam_c: torch.Tensor, W: torch.Tensor, X: 
     grid = grid.to(lam)
     exponent = (1 / grid - 1) / 2                                           # (P,)
     log_gain = lam_c.log().unsqueeze(-1) * exponent                          # (..., k, P)
-    d = torch.einsum("...ki,...kl,...li->...i", W, X @ G.mT, W)             # (..., k) = <G, u_i s_i v_i^T>
-    numerator = (d.unsqueeze(-1) * log_gain.exp()).sum(-2)                   # <G, S_p>
+    d = ((W.mT @ (X @ G.mT)) * W.mT).sum(-1)                                # (..., k) = <G, u_i s_i v_i^T>
+    numerator = (d.unsqueeze(-2) @ log_gain.exp()).squeeze(-2)              # <G, S_p>
     log_sv = 0.5 * lam.clamp_min(torch.finfo(lam.dtype).tiny).log().unsqueeze(-1) + log_gain
     log_norm = torch.logsumexp((grid + 1) * log_sv, dim=-2) / (grid + 1)    # log ||S_p||_{S_(p+1)}
     return numerator * torch.exp(-log_norm)
@@ -216,10 +220,10 @@ class SchattenMuon(torch.optim.Optimizer):
     Muon) or ``"muadam"`` (e = 1/4: p = 1 Adam, p -> inf MuAdam); both from the paper's repository
     (moments "padam" / "adam"); fixed p only.
 
-    Adaptive p (``p="adaptive"``): every step each matrix takes the grid p maximizing the module
-    docstring's f(p) (its ``<G, S_p>`` ratio averaged over steps with ``stat_beta``; activation
-    spectra recorded by :meth:`watch` every ``act_every`` steps, else white activations). Starts at
-    ``pmax``. Guarantees: p stays in [pmin, pmax] (a grid value); no host synchronization in
+    Adaptive p (``p="adaptive"``): at steps 1, 1 + p_every, ... each matrix takes the grid p
+    maximizing the module docstring's f(p) (its ``<G, S_p>`` ratio averaged over evaluations with
+    ``stat_beta``; activation spectra recorded by :meth:`watch` every ``act_every`` steps, a multiple
+    of ``p_every``, else white activations); the p is kept in between. Starts at ``pmax``. Guarantees: p stays in [pmin, pmax] (a grid value); no host synchronization in
     ``step``; same-shape matrices share one batched eigh. Not sharded under torch.distributed:
     every rank computes every matrix (and, recording activations, its own local batch's spectrum,
     so ranks may pick different p -- untested under DDP).
@@ -228,7 +232,8 @@ class SchattenMuon(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float, p: float | str = "adaptive",
                  momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
                  adjust_lr: str = "spectral", *, pmin: float = 1.02, pmax: float = 10.0, p_points: int = 32,
-                 stat_beta: float = 0.9, act_every: int = 25, act_rows: int = 256, floor: float = 1e-3,
+                 p_every: int = 10, stat_beta: float = 0.9, act_every: int = 50, act_rows: int = 256,
+                 floor: float = 1e-3,
                  precondition: str | None = None, beta2: float = 0.999, eps: float = 1e-8, ns_steps: int = 4,
                  low_precision: bool | None = None) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
@@ -245,9 +250,12 @@ class SchattenMuon(torch.optim.Optimizer):
             raise ValueError(f"unknown adjust_lr {adjust_lr!r}; expected one of {ADJUST_LR}")
         if not (1 <= pmin < pmax < math.inf):
             raise ValueError(f"need 1 <= pmin < pmax < inf, got pmin={pmin!r}, pmax={pmax!r}")
-        for name, v in dict(p_points=p_points, act_every=act_every, act_rows=act_rows, ns_steps=ns_steps).items():
+        for name, v in dict(p_points=p_points, p_every=p_every, act_every=act_every, act_rows=act_rows,
+                            ns_steps=ns_steps).items():
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "p_points" else 1):
                 raise ValueError(f"{name} must be a positive int (p_points >= 2), got {v!r}")
+        if act_every % p_every:
+            raise ValueError(f"act_every ({act_every}) must be a multiple of p_every ({p_every})")
         if not 0 <= floor < 1:
             raise ValueError(f"floor must be in [0, 1), got {floor!r}")
         if precondition not in PRECONDITIONERS:
@@ -262,17 +270,19 @@ class SchattenMuon(torch.optim.Optimizer):
                 if param.dim() < 2:
                     raise ValueError(f"SchattenMuon needs parameters with >= 2 dims, got shape {tuple(param.shape)}")
         self.pmin, self.pmax, self.floor, self.stat_beta = float(pmin), float(pmax), floor, stat_beta
-        self.act_every, self.act_rows, self.ns_steps, self.low_precision = act_every, act_rows, ns_steps, low_precision
+        self.p_every, self.act_every, self.act_rows = p_every, act_every, act_rows
+        self.ns_steps, self.low_precision = ns_steps, low_precision
         self.grid = p_grid(pmin, pmax, p_points)
-        self._pending: dict[nn.Parameter, torch.Tensor] = {}
+        self._pending: dict[nn.Parameter, tuple[nn.Module, torch.Tensor]] = {}
 
     # -- activation statistics ---------------------------------------------------------------------
 
     def watch(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Forward hooks on the ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` whose weight this
         optimizer trains with adaptive p: in a grad-enabled forward before every ``act_every``-th step
-        they keep <= ``act_rows`` rows of the input features; the next ``step`` turns them into the
-        layer's activation spectrum. Returns the hook handles (``.remove()`` to stop)."""
+        they keep a reference to the input (which autograd keeps anyway); the next ``step`` samples
+        <= ``act_rows`` feature rows from it and updates the layer's activation spectrum (so the cost
+        is inside ``step``). Returns the hook handles (``.remove()`` to stop)."""
         adaptive = {param for g in self.param_groups if g["p"] == "adaptive" for param in g["params"]}
         handles = []
         for module in model.modules():
@@ -284,13 +294,12 @@ class SchattenMuon(torch.optim.Optimizer):
     def _record_hook(self, module: nn.Module, inputs: tuple, output) -> None:
         if not torch.is_grad_enabled() or self.state[module.weight].get("step", 0) % self.act_every:
             return
-        A = layer_features(module, inputs[0].detach(), self.act_rows)
-        if A is not None and A.shape[-1] * len(module.weight) == module.weight.numel():
-            self._pending[module.weight] = A
+        self._pending[module.weight] = (module, inputs[0].detach())   # features computed in step()
 
     def _activation_log_norms(self, param: nn.Parameter, n: int, dtype: torch.dtype) -> torch.Tensor:
-        state, A = self.state[param], self._pending.pop(param, None)
-        if A is not None:
+        state, pending = self.state[param], self._pending.pop(param, None)
+        A = None if pending is None else layer_features(pending[0], pending[1], self.act_rows)
+        if A is not None and A.shape[-1] == n:
             A = A.to(dtype)
             gram = A @ A.mT if len(A) <= A.shape[-1] else A.mT @ A
             sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
@@ -364,18 +373,25 @@ class SchattenMuon(torch.optim.Optimizer):
         X, transposed = _wide(U.to(dtype))
         lam, lam_c, W = _gram_eigh(X, self.floor)
         if p == "adaptive":
-            G, _ = _wide(torch.stack([q.grad.reshape(U.shape[-2:]) for q in params]).to(dtype))
-            ratio = alignment_ratio(lam, lam_c, W, X, G, self.grid)
             states = [self.state[q] for q in params]
-            for s, r in zip(states, ratio.unbind()):
-                s["alignment"] = s["alignment"].lerp_(r.to(s["alignment"]), 1 - self.stat_beta) \
-                    if "alignment" in s else r * (1 - self.stat_beta)
+            for s in states:
                 s.setdefault("p", torch.full((), self.pmax, dtype=dtype, device=X.device))
-            act = torch.stack([self._activation_log_norms(q, n, dtype) for q in params])
-            previous = torch.stack([s["p"].to(dtype) for s in states])
-            p_vec = choose_p(torch.stack([s["alignment"].to(dtype) for s in states]), act, self.grid, previous)
-            for s, pi in zip(states, p_vec.unbind()):
-                s["p"] = pi
+            due = [(s["step"] - 1) % self.p_every == 0 for s in states]
+            if any(due):                                   # the criterion, every p_every steps
+                G, _ = _wide(torch.stack([q.grad.reshape(U.shape[-2:]) for q in params]).to(dtype))
+                ratio = alignment_ratio(lam, lam_c, W, X, G, self.grid)
+                for s, r, d in zip(states, ratio.unbind(), due):
+                    if d:
+                        s["alignment"] = s["alignment"].lerp_(r.to(s["alignment"]), 1 - self.stat_beta) \
+                            if "alignment" in s else r * (1 - self.stat_beta)
+                act = torch.stack([self._activation_log_norms(q, n, dtype) for q in params])
+                previous = torch.stack([s["p"].to(dtype) for s in states])
+                chosen = choose_p(torch.stack([s.get("alignment", torch.zeros_like(self.grid)).to(dtype)
+                                               for s in states]), act, self.grid, previous)
+                for s, pi, d in zip(states, chosen.unbind(), due):
+                    if d:
+                        s["p"] = pi
+            p_vec = torch.stack([s["p"].to(dtype) for s in states])
             exponent = ((1 / p_vec - 1) / 2)[:, None, None]
         else:
             exponent = (1 / p - 1) / 2
