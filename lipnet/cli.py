@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--input-bound", type=float, default=None,
                    help="--dp: inputs are projected onto the L2 ball of this radius (raw pixels; default: preset)")
     t.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="--dp: opacus accountant")
-    t.add_argument("--noise", choices=["global", "per_layer"], default="global", help="--dp: noise calibration")
+    t.add_argument("--noise", choices=["global", "per_layer"], default=None,
+                   help="--dp: noise calibration (default: the preset's, per_layer)")
+    t.add_argument("--dp-train", choices=["dense", "all"], default=None,
+                   help="--dp: train only the dense layers (convolutions stay random orthogonal; the preset's "
+                        "default) or every layer")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (DDP; gloo on CPU, nccl on CUDA); "
                         "under torchrun this is taken from its environment")
@@ -145,15 +149,15 @@ def _train(args, ctx: lipdist.DistributedContext) -> int:
 def _train_private(args, ctx: lipdist.DistributedContext) -> int:
     """--dp: one Poisson batch per step split over the ranks, noise added once across them
     (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and saves."""
-    from .training import PRIVATE_PRESETS, fit_private
+    from .training import fit_private
 
     config = TrainConfig.from_preset(args.dataset, private=True, epochs=args.epochs, batch_size=args.batch_size,
                                      lr=args.lr, offset=args.offset, seed=args.seed, limit=args.limit)
     if args.width is not None:
         config.model_config = {**config.model_config, "width": args.width}
-    input_bound = args.input_bound if args.input_bound is not None else PRIVATE_PRESETS[args.dataset].input_bound
-    config.dp = {"epsilon": args.epsilon, "delta": args.delta, "input_bound": input_bound,
-                 "accountant": args.accountant, "noise": args.noise}
+    config.dp.update(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
+    config.dp.update({k: v for k, v in (("input_bound", args.input_bound), ("noise", args.noise),
+                                        ("trainable", args.dp_train)) if v is not None})
     torch.manual_seed(config.seed)
     train = lipdata.load_dataset(args.dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
     test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)

@@ -65,28 +65,30 @@ def mnist_convnet(num_classes: int = 10, in_channels: int = 1, width: int = 16, 
 def liresnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 64,
              blocks: Sequence[int] = (2, 2, 2), stem_stride: int = 1, max_width: int = 512,
              hidden: int = 512, mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
-             std: Sequence[float] | None = None, method: str = DEFAULT_LAYER_METHOD) -> nn.Sequential:
+             std: Sequence[float] | None = None, method: str = DEFAULT_LAYER_METHOD,
+             centering: str = "batch") -> nn.Sequential:
     """1-Lipschitz residual CNN in the spirit of AOC / LiResNet.
 
     Stem (orthogonal conv, stride ``stem_stride``), then stages of ``ConvexResidual`` blocks
     x -> (1-a) x + a MaxMin(center(conv(x))) (learned a in (0, 1): 1-Lipschitz by the convex rule),
     each stage but the last followed by an orthogonal 2x2/stride-2 conv that doubles the width (up to
     ``max_width``); then flatten and an orthogonal dense head. Bound of the whole net: the product
-    of its layers' bounds (~1 with ``std=None``; ``1/min(std)`` otherwise).
+    of its layers' bounds (~1 with ``std=None``; ``1/min(std)`` otherwise). ``centering``: as in
+    :func:`mnist_convnet` ("layer" or "none" for private training).
     """
     if image_size % stem_stride:
         raise ValueError(f"liresnet: image_size={image_size} is not divisible by stem_stride={stem_stride}")
     size, w = image_size // stem_stride, width
     layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
-    layers += _conv_block(in_channels, w, max(3, stem_stride), stem_stride, method)
+    layers += _conv_block(in_channels, w, max(3, stem_stride), stem_stride, method, centering)
     for stage, n in enumerate(blocks):
         for _ in range(n):
-            inner = nn.Sequential(*_conv_block(w, w, 3, 1, method))
+            inner = nn.Sequential(*_conv_block(w, w, 3, 1, method, centering))
             layers.append(ln.ConvexResidual(inner, alpha=0.5, learnable=True))
         if stage < len(blocks) - 1:
             if size % 2:
                 raise ValueError(f"liresnet: feature map {size}x{size} cannot be halved; use fewer stages")
-            layers += _conv_block(w, min(2 * w, max_width), 2, 2, method)
+            layers += _conv_block(w, min(2 * w, max_width), 2, 2, method, centering)
             w, size = min(2 * w, max_width), size // 2
     if size > 8:  # keep the dense head small: fold the remaining map with a kernel == stride conv
         fold = size // 4
