@@ -263,7 +263,9 @@ def perf_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     device = args.device
     cfg = dict(OURS if args.side == "ours" else OPACUS, **json.loads(args.cfg or "{}"))
-    cfg["batch"], cfg["train"] = args.batch, "all"  # the whole network is trained on both sides
+    cfg["batch"] = args.batch
+    if args.perf_train == "all":
+        cfg["train"] = "all"  # the whole network is trained on both sides
     train, _ = get_data(args.dataset, args.data_root, limit=args.limit)
     side = SIDES[args.side](cfg, train, 3.0, 1, device)
     it = iter(side.loader)
@@ -308,7 +310,7 @@ def run_perf(args) -> list[dict]:
             for side in order:
                 cmd = [sys.executable, __file__, "--_perf-worker", side, "--batch", str(batch), "--steps",
                        str(args.perf_steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                       "--dataset", args.dataset, "--device", args.device]
+                       "--dataset", args.dataset, "--device", args.device, "--perf-train", args.perf_train]
                 if args.data_root:
                     cmd += ["--data-root", args.data_root]
                 if args.limit:
@@ -329,6 +331,8 @@ def run_perf(args) -> list[dict]:
             rs = [r for r in raw if r["side"] == side and r["batch"] == batch]
             med[side] = {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "peak_mb", "train_mb")}
         rows.append(dict(kind="perf", dataset=args.dataset, batch=batch, threads=args.threads, device=args.device,
+                         trained="all layers, both sides" if args.perf_train == "all" else
+                         f"ours: {OURS.get('train', 'all')} layers, opacus: {OPACUS.get('train', 'all')} layers",
                          steps=args.perf_steps, repeats=args.perf_repeats,
                          ours_samples_per_s=med["ours"]["samples_per_s"],
                          opacus_samples_per_s=med["opacus"]["samples_per_s"],
@@ -386,11 +390,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     perf = [r for r in rows if r["kind"] == "perf"]
     if perf:
         out += ["## Throughput and peak memory (training steps, same expected batch, medians)", "",
-                "| dataset | batch | ours samples/s | opacus samples/s | speedup | ours peak MB | opacus peak MB | "
+                "| dataset | trained | batch | ours samples/s | opacus samples/s | speedup | ours peak MB | opacus peak MB | "
                 "peak ratio | ours +train MB | opacus +train MB | +train ratio |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in perf:
-            out.append(f"| {r['dataset']} | {r['batch']} | {r['ours_samples_per_s']:.0f} | {r['opacus_samples_per_s']:.0f} | "
+            out.append(f"| {r['dataset']} | {r.get('trained', 'all layers, both sides')} | {r['batch']} | "
+                       f"{r['ours_samples_per_s']:.0f} | {r['opacus_samples_per_s']:.0f} | "
                        f"{r['speedup']:.2f}x | {r['ours_peak_mb']:.0f} | {r['opacus_peak_mb']:.0f} | "
                        f"{r['peak_ratio']:.2f} | {r['ours_train_mb']:.0f} | {r['opacus_train_mb']:.0f} | "
                        f"{r['train_mem_ratio']:.2f} |")
@@ -417,6 +422,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
             out.append(f"| {r['side']} | {r['target_epsilon']:g} | {r['epochs']} | {r['change']} | "
                        f"{100 * r['accuracy']:.2f} | {r['seconds']:.0f} |")
         out.append("")
+        for r in tune:
+            if r["change"] == "base":
+                out.append(f"- base ({r['side']}): `{json.dumps(r['config'])}`")
+        out.append("")
     return "\n".join(out)
 
 
@@ -432,6 +441,8 @@ def main() -> None:
     p.add_argument("--sides", nargs="+", default=["ours", "opacus"], choices=list(SIDES))
     p.add_argument("--perf-batches", type=int, nargs="*", default=[256, 1024])
     p.add_argument("--perf-steps", type=int, default=12)
+    p.add_argument("--perf-train", choices=["all", "config"], default="all",
+                   help="all: every layer trained on both sides; config: as in the accuracy runs")
     p.add_argument("--perf-repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-perf", action="store_true")
