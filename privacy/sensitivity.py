@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import singledispatch
+from functools import lru_cache, singledispatch
 
 import torch
 from torch import nn
@@ -138,26 +138,31 @@ def _zero_response(m: nn.Module, shape: tuple[int, ...]) -> tuple[float, tuple[i
     return float(y.double().norm()), tuple(y.shape[1:])
 
 
-def _generic_forward(m: nn.Module, b: float, shape: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
-    f0, out_shape = _zero_response(m, shape)
-    return lipschitz_bound(m) * b + f0, out_shape
-
-
-@torch.no_grad()
 def conv_reuse(conv: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
     """(R, P) for a ``nn.Conv2d`` / ``nn.ConvTranspose2d`` on inputs of spatial size ``shape[-2:]``:
     R = the largest number of (output position, tap) pairs that read one input pixel (conv) or write
     one output pixel (transposed); P = number of output positions. Counted with a ones kernel
-    through the layer's own stride, dilation, padding and padding mode."""
-    h, w = shape[-2:]
-    if isinstance(conv, nn.ConvTranspose2d):
-        probe = nn.ConvTranspose2d(1, 1, conv.kernel_size, conv.stride, conv.padding, conv.output_padding,
-                                   bias=False, dilation=conv.dilation, dtype=torch.float64)
+    through the layer's own stride, dilation, padding and padding mode (cached per configuration:
+    it depends on nothing else)."""
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    return _count_reuse(transposed, tuple(conv.kernel_size), tuple(conv.stride), conv.padding, tuple(conv.dilation),
+                        tuple(conv.output_padding) if transposed else (0, 0), conv.padding_mode,
+                        int(shape[-2]), int(shape[-1]))
+
+
+@lru_cache(maxsize=1024)
+@torch.no_grad()
+def _count_reuse(transposed: bool, kernel_size, stride, padding, dilation, output_padding, padding_mode: str,
+                 h: int, w: int) -> tuple[int, int]:
+    padding = tuple(padding) if isinstance(padding, list) else padding
+    if transposed:
+        probe = nn.ConvTranspose2d(1, 1, kernel_size, stride, padding, output_padding,
+                                   bias=False, dilation=dilation, dtype=torch.float64)
         probe.weight.fill_(1.0)
         y = probe(torch.ones(1, 1, h, w, dtype=torch.float64))
         return int(round(float(y.max()))), y.shape[-2] * y.shape[-1]
-    probe = nn.Conv2d(1, 1, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False,
-                      padding_mode=conv.padding_mode, dtype=torch.float64)
+    probe = nn.Conv2d(1, 1, kernel_size, stride, padding, dilation, bias=False, padding_mode=padding_mode,
+                      dtype=torch.float64)
     probe.weight.fill_(1.0)
     with torch.enable_grad():
         x = torch.ones(1, 1, h, w, dtype=torch.float64, requires_grad=True)
@@ -172,6 +177,19 @@ class _Analysis:
     def __init__(self) -> None:
         self.bounds: list[TensorBound] = []
         self.covered: set[int] = set()
+        self._lipschitz: dict[int, float] = {}
+
+    def lipschitz(self, m: nn.Module) -> float:
+        """``lipschitz_bound(m)``, computed once per module per analysis (the weights do not change
+        during one)."""
+        if id(m) not in self._lipschitz:
+            self._lipschitz[id(m)] = lipschitz_bound(m)
+        return self._lipschitz[id(m)]
+
+    def forward_bound(self, m: nn.Module, b: float, shape: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
+        """Lip(m) b + ||m(0)||: the triangle inequality around m(0), evaluated exactly."""
+        f0, out_shape = _zero_response(m, shape)
+        return self.lipschitz(m) * b + f0, out_shape
 
     def add(self, name: str, module: nn.Module, attr: str, effective: bool, bound: float,
             params: Sequence[nn.Parameter]) -> None:
@@ -193,13 +211,13 @@ def _visit(m: nn.Module, a: _Analysis, name: str, b: float, shape, g: float):
                         "bound rule; clipping-free DP-SGD supports Linear/Conv2d/ConvTranspose2d (lipnet's Ortho*/AOL* "
                         "included), OrthoConv2d, LayerCentering, ConvexResidual and parameter-free layers inside "
                         "nn.Sequential. Freeze it (requires_grad_(False)) or replace it.")
-    return _generic_forward(m, b, shape)
+    return a.forward_bound(m, b, shape)
 
 
 @_visit.register(nn.Sequential)
 def _(m: nn.Sequential, a: _Analysis, name: str, b: float, shape, g: float):
     children = list(m.named_children())
-    lips = [lipschitz_bound(c) for _, c in children]
+    lips = [a.lipschitz(c) for _, c in children]
     for k, (child_name, child) in enumerate(children):
         downstream = math.prod(lips[k + 1:])
         b, shape = a.visit(child, f"{name}{child_name}.", b, shape, g * downstream)
@@ -218,7 +236,7 @@ def _(m: ConvexResidual, a: _Analysis, name: str, b: float, shape, g: float):
 
 
 def _weighted(m: nn.Module, a: _Analysis, name: str, b: float, shape, g: float, sensitivity: float, positions: int):
-    out_b, out_shape = _generic_forward(m, b, shape)
+    out_b, out_shape = a.forward_bound(m, b, shape)
     bias = _bias(m)
     weight_params = [p for p in _trainable(m) if p is not bias]
     a.add(f"{name}weight", m, "weight", True, sensitivity * b * g, weight_params)
@@ -249,7 +267,7 @@ def _(m: OrthoConv2d, a: _Analysis, name: str, b: float, shape, g: float):
 
 @_visit.register(LayerCentering)
 def _(m: LayerCentering, a: _Analysis, name: str, b: float, shape, g: float):
-    out = _generic_forward(m, b, shape)
+    out = a.forward_bound(m, b, shape)
     bias = _bias(m)
     if bias is not None:
         positions = math.prod(shape[1:]) if len(shape) > 1 else 1
@@ -272,7 +290,7 @@ def _(m: BatchCentering, a: _Analysis, name: str, b: float, shape, g: float):
 @_visit.register(SLLBlock)
 def _(m: SLLBlock, a: _Analysis, name: str, b: float, shape, g: float):
     if not _trainable(m):
-        return _generic_forward(m, b, shape)
+        return a.forward_bound(m, b, shape)
     raise TypeError(f"{name or 'model'}: SLLBlock's parameters enter through T^-1; no per-sample gradient bound is "
                     "derived for it, so it is not supported in private training (freeze it or use OrthoConv2d)")
 
