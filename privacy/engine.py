@@ -54,7 +54,7 @@ ACCOUNTANTS = ("rdp", "prv")
 # opacus' RDP accountant warns when the best order is its largest alpha: the epsilon it returns is
 # then a valid but not the tightest bound (larger orders could lower it) -- conservative, so muted.
 _RDP_ORDER_WARNING = "Optimal order is the largest alpha"
-NOISE_MODES = ("global", "per_layer")
+NOISE_MODES = ("global", "per_layer", "min_energy")
 
 
 def check_privacy_params(target_epsilon: float | None, target_delta: float, n: int) -> None:
@@ -120,7 +120,9 @@ class PrivateTrainer:
         accountant: ``"rdp"`` or ``"prv"`` (opacus).
         noise: ``"global"`` (std sigma C on every coordinate, C = sqrt(sum_k C_k^2)) or
             ``"per_layer"`` (std sigma sqrt(K) C_k on tensor k of K; the whitened sensitivity is
-            sqrt(sum_k C_k^2 / (sigma^2 K C_k^2)) = 1/sigma, the same mechanism strength).
+            sqrt(sum_k C_k^2 / (sigma^2 K C_k^2)) = 1/sigma, the same mechanism strength), or
+            ``"min_energy"`` (std_k^2 = sigma^2 (sum_j C_j sqrt(d_j)) C_k / sqrt(d_k) for a tensor of d_k
+            entries: the least total noise energy at whitened sensitivity 1/sigma).
 
     Guarantee: after T steps the training is (``epsilon()``, ``target_delta``)-DP w.r.t. adding or
     removing one training example (opacus' accountant on (sigma, q, T)), under the assumptions of
@@ -191,8 +193,15 @@ class PrivateTrainer:
         sigma = self.noise_multiplier / math.sqrt(self.world_size)
         if self.noise_mode == "global":
             return [sigma * report.total] * len(report.bounds)
-        k = len(report.bounds)
-        return [sigma * math.sqrt(k) * b.bound for b in report.bounds]
+        if self.noise_mode == "per_layer":
+            k = len(report.bounds)
+            return [sigma * math.sqrt(k) * b.bound for b in report.bounds]
+        # min_energy: the stds minimizing the total noise energy sum_k d_k s_k^2 subject to the same
+        # whitened sensitivity sum_k C_k^2 / s_k^2 = 1 / sigma^2 (Lagrange): s_k^2 = sigma^2 S C_k / sqrt(d_k),
+        # S = sum_j C_j sqrt(d_j).
+        dims = [b.tensor().numel() for b in report.bounds]
+        total = sum(b.bound * math.sqrt(d) for b, d in zip(report.bounds, dims))
+        return [sigma * math.sqrt(total * b.bound / math.sqrt(d)) for b, d in zip(report.bounds, dims)]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One private step on a Poisson batch (possibly empty); returns the batch's summed loss."""

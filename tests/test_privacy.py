@@ -369,3 +369,22 @@ def test_per_layer_noise_mode_scales_each_tensor():
     # whitened sensitivity sqrt(sum C_k^2 / std_k^2) = 1 / sigma: the same mechanism as global noise
     assert math.sqrt(sum((b.bound / s) ** 2 for b, s in zip(report.bounds, stds))) == pytest.approx(1 / 1.5)
     assert stds[0] == pytest.approx(1.5 * math.sqrt(k) * report.bounds[0].bound)
+
+
+def test_min_energy_noise_keeps_the_mechanism_and_lowers_the_total_noise():
+    ds = _blobs(400)
+    stds, reports = {}, {}
+    for mode in ("global", "per_layer", "min_energy"):
+        model = _small_model()
+        torch.manual_seed(0)
+        trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds,
+                                 loss=ln.LipschitzCrossEntropy(), input_bound=8.0, target_delta=1e-4,
+                                 noise_multiplier=1.5, sample_rate=0.1, noise=mode, progress=False)
+        reports[mode] = trainer.sensitivity()
+        stds[mode] = trainer._noise_stds(reports[mode])
+    report = reports["min_energy"]
+    dims = [b.tensor().numel() for b in report.bounds]
+    whitened = math.sqrt(sum((b.bound / s) ** 2 for b, s in zip(report.bounds, stds["min_energy"])))
+    assert whitened == pytest.approx(1 / 1.5)
+    energy = {m: sum(d * s ** 2 for d, s in zip(dims, stds[m])) for m in stds}
+    assert energy["min_energy"] <= min(energy["global"], energy["per_layer"]) * (1 + 1e-9)
