@@ -388,3 +388,15 @@ def test_min_energy_noise_keeps_the_mechanism_and_lowers_the_total_noise():
     assert whitened == pytest.approx(1 / 1.5)
     energy = {m: sum(d * s ** 2 for d, s in zip(dims, stds[m])) for m in stds}
     assert energy["min_energy"] <= min(energy["global"], energy["per_layer"]) * (1 + 1e-9)
+
+
+def test_a_torch_dataloader_is_poisson_resampled_by_opacus():
+    ds = _blobs(400)
+    data = torch.utils.data.TensorDataset(ds.images.float() / 255, ds.labels)
+    loader = torch.utils.data.DataLoader(data, batch_size=40)
+    model = _small_model()
+    trainer = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, 3.0, 1e-4, 1,
+                           loss=ln.LipschitzCrossEntropy(), input_bound=8.0, progress=False)
+    assert trainer.sample_rate == pytest.approx(0.1) and trainer.input_shape == (1, 8, 8)
+    report = trainer.train_epoch()
+    assert report.steps == len(trainer.loader) == 10 and 0 < report.epsilon <= 3.0 + 0.011
