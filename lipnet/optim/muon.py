@@ -54,6 +54,32 @@ def normuon_normalize(O: torch.Tensor, second_moment: torch.Tensor, beta2: float
     return O * (norm / (torch.linalg.matrix_norm(O, keepdim=True) + NORMUON_EPS))
 
 
+def momentum_directions(state: dict, params: list[torch.Tensor], grads: list[torch.Tensor], beta: float,
+                        nesterov: bool) -> list[torch.Tensor]:
+    """B = beta B + (1 - beta) G in ``state[p]["momentum_buffer"]`` (as ``torch.optim.Muon``); returns
+    the update directions (1 - beta) G + beta B (nesterov) or the buffers B themselves."""
+    bufs = [state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+    torch._foreach_lerp_(bufs, grads, 1 - beta)
+    return torch._foreach_lerp(grads, bufs, beta) if nesterov else bufs
+
+
+def same_shape_stacks(params: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """{(m, n, dtype, device): indices of the parameters viewed as (m, n) matrices}: one batched
+    orthogonalization per key."""
+    stacks: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        stacks[(len(p), p[0].numel(), p.dtype, p.device)].append(i)
+    return stacks
+
+
+def apply_updates(params: list[torch.Tensor], O: torch.Tensor, lr: float, weight_decay: float,
+                  scale: float) -> None:
+    """W = (1 - lr * weight_decay) W - lr * scale * O_i for each parameter and matrix O_i of the stack O."""
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_add_(params, [o.view_as(p).to(p.dtype) for o, p in zip(O.unbind(), params)], alpha=-lr * scale)
+
+
 class TurboMuon(torch.optim.Optimizer):
     """Muon with the core's Turbo orthogonalization (AOL-preconditioned Newton-Schulz, 4 steps),
     optionally NorMuon's neuron-wise normalization. For parameters with >= 2 dims only (use
@@ -117,14 +143,8 @@ class TurboMuon(torch.optim.Optimizer):
             if not params:
                 continue
             beta, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-            grads = [p.grad for p in params]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-            torch._foreach_lerp_(bufs, grads, 1 - beta)
-            updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
-            stacks: dict[tuple, list[int]] = defaultdict(list)        # (m, n, dtype, device) -> indices
-            for i, p in enumerate(params):
-                stacks[(len(p), p[0].numel(), p.dtype, p.device)].append(i)
-            for (m, n, _, _), idx in stacks.items():
+            updates = momentum_directions(self.state, params, [p.grad for p in params], beta, group["nesterov"])
+            for (m, n, _, _), idx in same_shape_stacks(params).items():
                 U = torch.stack([updates[i].reshape(m, n) for i in idx])
                 O = self._orthogonalize(U, group["ns_steps"], shard, rank, world_size)
                 if group["normuon"]:
@@ -133,11 +153,7 @@ class TurboMuon(torch.optim.Optimizer):
                     O = normuon_normalize(O, v, group["beta2"])
                     for i, vi in zip(idx, v.unbind()):
                         self.state[params[i]]["second_moment"] = vi
-                ps = [params[i] for i in idx]
-                if wd:
-                    torch._foreach_mul_(ps, 1 - lr * wd)
-                torch._foreach_add_(ps, [o.view_as(p).to(p.dtype) for o, p in zip(O.unbind(), ps)],
-                                    alpha=-lr * lr_scale(m, n, group["adjust_lr"]))
+                apply_updates([params[i] for i in idx], O, lr, wd, lr_scale(m, n, group["adjust_lr"]))
         return loss
 
     def _orthogonalize(self, U: torch.Tensor, steps: int, shard: bool, rank: int, world_size: int) -> torch.Tensor:

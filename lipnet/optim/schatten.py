@@ -39,7 +39,6 @@ EMA'd the same way; a layer with no recorded activations assumes white ones (||A
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -48,7 +47,7 @@ from torch import nn
 
 from ..ortho import orthogonalize
 from ..ortho.validation import check_matrices
-from .muon import ADJUST_LR, lr_scale
+from .muon import ADJUST_LR, apply_updates, lr_scale, momentum_directions, same_shape_stacks
 
 ROOTS = ("eigh", "newton")
 PRECONDITIONERS = (None, "adam", "muadam")
@@ -327,18 +326,13 @@ class SchattenMuon(torch.optim.Optimizer):
                 continue
             beta, lr, wd, p = group["momentum"], group["lr"], group["weight_decay"], group["p"]
             grads = [q.grad for q in params]
-            bufs = [self.state[q].setdefault("momentum_buffer", torch.zeros_like(q)) for q in params]
-            torch._foreach_lerp_(bufs, grads, 1 - beta)
-            updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else list(bufs)
+            updates = momentum_directions(self.state, params, grads, beta, group["nesterov"])
             for q in params:
                 self.state[q]["step"] = self.state[q].get("step", 0) + 1
             D = self._preconditioners(group, params, grads) if group["precondition"] else None
             if D is not None:
                 updates = torch._foreach_mul(updates, D)
-            stacks: dict[tuple, list[int]] = defaultdict(list)
-            for i, q in enumerate(params):
-                stacks[(len(q), q[0].numel(), q.dtype, q.device)].append(i)
-            for (m, n, _, _), idx in stacks.items():
+            for (m, n, _, _), idx in same_shape_stacks(params).items():
                 U = torch.stack([updates[i].reshape(m, n) for i in idx])
                 if p == math.inf and D is None:       # TurboMuon
                     O = orthogonalize(U, "turbo", self.ns_steps, low_precision=self.low_precision, validate=False)
@@ -347,11 +341,7 @@ class SchattenMuon(torch.optim.Optimizer):
                     if D is not None:
                         O = O * torch.stack([D[i].reshape(m, n) for i in idx]).to(O.dtype)
                     O = O * (math.sqrt(min(m, n)) / (torch.linalg.matrix_norm(O, keepdim=True) + 1e-12))
-                ps = [params[i] for i in idx]
-                if wd:
-                    torch._foreach_mul_(ps, 1 - lr * wd)
-                torch._foreach_add_(ps, [o.view_as(q).to(q.dtype) for o, q in zip(O.unbind(), ps)],
-                                    alpha=-lr * lr_scale(m, n, group["adjust_lr"]))
+                apply_updates([params[i] for i in idx], O, lr, wd, lr_scale(m, n, group["adjust_lr"]))
         return loss
 
     def _preconditioners(self, group: dict, params: list, grads: list) -> list[torch.Tensor]:
