@@ -123,18 +123,29 @@ def cmd_train(args) -> int:
         lipdist.destroy_distributed()
 
 
-def _train(args, ctx: lipdist.DistributedContext) -> int:
-    if args.dp:
-        return _train_private(args, ctx)
-    config = TrainConfig.from_preset(args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                     offset=args.offset, seed=args.seed, limit=args.limit)
+def _train_config(args) -> TrainConfig:
+    """The dataset's preset (the private one with --dp) with the command line's overrides; seeds torch."""
+    config = TrainConfig.from_preset(args.dataset, private=args.dp, epochs=args.epochs, batch_size=args.batch_size,
+                                     lr=args.lr, offset=args.offset, seed=args.seed, limit=args.limit)
     if args.width is not None:
         config.model_config = {**config.model_config, "width": args.width}
     torch.manual_seed(config.seed)
+    return config
+
+
+def _rank_log(ctx: lipdist.DistributedContext):
+    """(log, " x N processes (backend)"): only rank 0 prints."""
+    log = print if ctx.is_main else (lambda _: None)
+    return log, (f" x {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else "")
+
+
+def _train(args, ctx: lipdist.DistributedContext) -> int:
+    if args.dp:
+        return _train_private(args, ctx)
+    config = _train_config(args)
     train_loader, test_loader = _loaders(args.dataset, args, config.batch_size, config.seed, ctx.world_size)
     model = build_model(config.model, **config.model_config).to(ctx.device)
-    log = print if ctx.is_main else (lambda _: None)
-    procs = f" x {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else ""
+    log, procs = _rank_log(ctx)
     log(f"training {config.model} on {args.dataset} ({len(train_loader.dataset)} train / "
         f"{len(test_loader.dataset)} test) for {config.epochs} epochs on {ctx.device}{procs}")
     start = time.perf_counter()
@@ -151,19 +162,14 @@ def _train_private(args, ctx: lipdist.DistributedContext) -> int:
     (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and saves."""
     from .training import fit_private
 
-    config = TrainConfig.from_preset(args.dataset, private=True, epochs=args.epochs, batch_size=args.batch_size,
-                                     lr=args.lr, offset=args.offset, seed=args.seed, limit=args.limit)
-    if args.width is not None:
-        config.model_config = {**config.model_config, "width": args.width}
+    config = _train_config(args)
     config.dp.update(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
     config.dp.update({k: v for k, v in (("input_bound", args.input_bound), ("noise", args.noise),
                                         ("trainable", args.dp_train)) if v is not None})
-    torch.manual_seed(config.seed)
     train = lipdata.load_dataset(args.dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
     test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
     model = build_model(config.model, **config.model_config).to(ctx.device)
-    log = print if ctx.is_main else (lambda _: None)
-    procs = f" x {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else ""
+    log, procs = _rank_log(ctx)
     log(f"private training of {config.model} on {args.dataset} ({len(train)} train / {len(test)} test) for "
         f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={args.epsilon:g}, delta={args.delta:g})")
     start = time.perf_counter()
