@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 import lipnet.nn as ln  # noqa: E402
 from lipnet.data import DATASETS, BatchLoader, ImageDataset, load_dataset  # noqa: E402
 from lipnet.models import mnist_convnet  # noqa: E402
+from lipnet.training import private_trainable  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -121,22 +122,7 @@ class FloatDataset(torch.utils.data.Dataset):
 def ours_model(cfg: dict, mean: float) -> nn.Sequential:
     model = mnist_convnet(width=cfg["width"], hidden=cfg["hidden"], mean=(mean,), centering=cfg["centering"],
                           input_radius=cfg["input_radius"])
-    if cfg["freeze_bias"]:
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                with torch.no_grad():
-                    p.zero_()
-                p.requires_grad_(False)
-    return _freeze_convs(model, cfg)
-
-
-def _freeze_convs(model: nn.Module, cfg: dict) -> nn.Module:
-    """cfg["train"] == "dense": the convolutions keep their (random orthogonal / default) initialization and
-    only the dense layers are trained -- privately, the whole budget then goes to the dense layers."""
-    if cfg.get("train", "all") == "dense":
-        for m in model.modules():
-            if isinstance(m, (ln.OrthoConv2d, nn.Conv2d)):
-                m.requires_grad_(False)
+    private_trainable(model, cfg.get("train", "all"), freeze_bias=cfg["freeze_bias"])
     return model
 
 
@@ -147,9 +133,11 @@ def opacus_model(cfg: dict, mean: float) -> nn.Sequential:
     def conv(cin, cout, k, s):
         return [nn.Conv2d(cin, cout, k, stride=s, padding="same" if s == 1 else 0), act()]
 
-    return _freeze_convs(nn.Sequential(ln.InputNormalization((mean,), None), *conv(1, w, 3, 1), *conv(w, w, 3, 1),
-                         *conv(w, 2 * w, 2, 2), *conv(2 * w, 2 * w, 3, 1), *conv(2 * w, 4 * w, 2, 2),
-                         nn.Flatten(), nn.Linear(4 * w * 49, cfg["hidden"]), act(), nn.Linear(cfg["hidden"], 10)), cfg)
+    model = nn.Sequential(ln.InputNormalization((mean,), None), *conv(1, w, 3, 1), *conv(w, w, 3, 1),
+                          *conv(w, 2 * w, 2, 2), *conv(2 * w, 2 * w, 3, 1), *conv(2 * w, 4 * w, 2, 2),
+                          nn.Flatten(), nn.Linear(4 * w * 49, cfg["hidden"]), act(), nn.Linear(cfg["hidden"], 10))
+    private_trainable(model, cfg.get("train", "all"), freeze_bias=False)
+    return model
 
 
 def _optimizer(params, cfg: dict) -> torch.optim.Optimizer:
