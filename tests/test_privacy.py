@@ -13,7 +13,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 import lipnet.nn as ln
-from lipnet.data import DATASETS, ImageDataset
+from lipnet.data import DATASETS, BatchLoader, ImageDataset
 from lipnet.models import mnist_convnet
 from lipnet.privacy import (PoissonBatchLoader, PrivateTrainer, conv_reuse, gradient_norm_bounds, make_private,
                             per_sample_gradient_norms)
@@ -251,18 +251,13 @@ def test_epsilon_equals_opacus_accountant(accountant, cls):
 def test_calibrated_noise_spends_the_target_epsilon():
     ds = _blobs(400)
     model = _small_model()
-    trainer = make_private(model, torch.optim.Adam(model.parameters(), lr=1e-2), ds_loader(ds, 40), 2.0, 1e-4, 2,
+    trainer = make_private(model, torch.optim.Adam(model.parameters(), lr=1e-2), BatchLoader(ds, 40), 2.0, 1e-4, 2,
                            loss=ln.LipschitzCrossEntropy(), input_bound=8.0, progress=False)
     assert trainer.sample_rate == pytest.approx(0.1) and len(trainer.loader) == 10
     reports = [trainer.train_epoch() for _ in range(2)]
     assert reports[-1].steps == 20
     assert reports[0].epsilon < reports[1].epsilon <= 2.0 + 0.011  # opacus' search tolerance
     assert reports[1].epsilon > 1.9
-
-
-def ds_loader(ds, batch):
-    from lipnet.data import BatchLoader
-    return BatchLoader(ds, batch)
 
 
 def test_noise_has_the_calibrated_std_and_zero_noise_gives_the_summed_gradient():
@@ -325,13 +320,13 @@ def test_bad_privacy_parameters_are_refused_before_training():
     kw = dict(loss=ln.LipschitzCrossEntropy(), input_bound=8.0, progress=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="1/n"):
-        make_private(model, opt, ds_loader(ds, 40), 1.0, 1 / 400, 1, **kw)
+        make_private(model, opt, BatchLoader(ds, 40), 1.0, 1 / 400, 1, **kw)
     with pytest.raises(ValueError, match="target_epsilon"):
-        make_private(model, opt, ds_loader(ds, 40), 0.0, 1e-4, 1, **kw)
+        make_private(model, opt, BatchLoader(ds, 40), 0.0, 1e-4, 1, **kw)
     with pytest.raises(ValueError, match="target_epsilon"):
-        make_private(model, opt, ds_loader(ds, 40), -1.0, 1e-4, 1, **kw)
+        make_private(model, opt, BatchLoader(ds, 40), -1.0, 1e-4, 1, **kw)
     with pytest.raises(TypeError, match="BatchCentering"):
-        make_private(mnist_convnet(width=2, hidden=4), opt, ds_loader(ds, 40), 1.0, 1e-4, 1,
+        make_private(mnist_convnet(width=2, hidden=4), opt, BatchLoader(ds, 40), 1.0, 1e-4, 1,
                      loss=ln.LipschitzCrossEntropy(), input_bound=8.0, input_shape=(1, 28, 28))
     with pytest.raises(ValueError, match="noise_multiplier"):
         PrivateTrainer(model, opt, ds, target_delta=1e-4, noise_multiplier=0.0, sample_rate=0.1, **kw)
@@ -345,7 +340,7 @@ def test_private_training_learns_a_separable_task():
     ds = _blobs(2000)
     model = nn.Sequential(ln.InputNormalization((0.5,)), ln.Flatten(), ln.OrthoLinear(64, 16), ln.MaxMin(),
                           ln.OrthoLinear(16, 2))
-    trainer = make_private(model, torch.optim.Adam(model.parameters(), lr=5e-2), ds_loader(ds, 400), 4.0, 1e-4, 3,
+    trainer = make_private(model, torch.optim.Adam(model.parameters(), lr=5e-2), BatchLoader(ds, 400), 4.0, 1e-4, 3,
                            loss=ln.LipschitzCrossEntropy(temperature=0.25, offset=0.5), input_bound=8.0,
                            progress=False)
     for _ in range(3):
