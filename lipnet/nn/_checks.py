@@ -17,6 +17,11 @@ def set_input_checks(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
 def input_checks_enabled() -> bool:
     return _enabled
 
@@ -38,5 +43,9 @@ def check_input(x: torch.Tensor, layer: str, *, channels: int, ndims: tuple[int,
     # The sum is NaN/inf whenever an entry is, and a reduction is ~40x cheaper than isfinite().all()
     # on CPU (0.28 vs 11 ms for 64x64x32x32 at 1 thread); the exact test only runs if the sum is
     # not finite (it may overflow on huge finite inputs, which then pass).
+    # Under torch.func transforms (vmap of per-sample gradients) a data-dependent test is not allowed;
+    # those calls re-run a model that already passed the checks on the same data.
+    if _functorch_active():
+        return
     if not torch.isfinite(x.detach().sum()) and not torch.isfinite(x).all():
         raise ValueError(f"{layer}: input contains NaN or inf")

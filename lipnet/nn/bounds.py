@@ -25,6 +25,8 @@ from .export import ExportedSLL
 from .normalization import InputNormalization, L2BallProjection
 from .pooling import FirstChannels, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
+from .scattering import ROUNDING_MARGIN as SCATTERING_ROUNDING_MARGIN
+from .scattering import Scattering2d, operator_norm_squared
 from .sll import SLLBlock
 
 
@@ -84,6 +86,13 @@ def _scaled_avg(m: ScaledAvgPool2d) -> float:
     k1, k2 = m.kernel_size
     kernel = torch.full((1, 1, k1, k2), m.scale / (k1 * k2), dtype=torch.float64)
     return conv_operator_norm_bound(kernel, m.stride)
+
+
+@lipschitz_bound.register(Scattering2d)
+def _scattering(m: Scattering2d) -> float:
+    # recomputed from the stored (float32-rounded) filters; the margin covers the FFTs' rounding
+    norm = math.sqrt(operator_norm_squared(m.phi_hat, torch.view_as_complex(m.psi_hat), m.scale))
+    return norm * (1.0 + SCATTERING_ROUNDING_MARGIN)
 
 
 @lipschitz_bound.register(InputNormalization)
