@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 import lipnet.nn as ln  # noqa: E402
 from lipnet.data import DATASETS, BatchLoader, ImageDataset, load_dataset  # noqa: E402
-from lipnet.models import mnist_convnet  # noqa: E402
+from lipnet.models import mnist_convnet, scatter_net  # noqa: E402
 from lipnet.training import private_trainable  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
@@ -76,6 +76,13 @@ OURS = dict(width=8, hidden=128, centering="none", input_radius=8.0, freeze_bias
 # (0.5: 60.2%, 2.0: 86.5%, Adam 3e-3: 86.5%, 4.0: 91.7%, 8.0: diverged; frozen convs at lr 4: 24.5%).
 OPACUS = dict(width=8, hidden=128, activation="maxmin", batch=1024, lr=4.0, optimizer="sgd", momentum=0.0,
               max_grad_norm=1.0, train="all")
+# --arch scatter: fixed Scattering2d features (J=2, L=8: 81 x 7 x 7 per image, computed once, shared by both
+# sides) and a linear head trained privately (Tramer & Boneh 2021's ScatterNet + linear). Chosen by --tune on the
+# held-out split (eps=3): benchmarks/results/privacy_tune_scatter_mnist.md.
+SCATTER = dict(arch="scatter", J=2, L=8, input_radius=8.0, hidden=0)
+OURS_SCATTER = dict(SCATTER, head="plain", freeze_bias=True, batch=4096, lr=1.0, optimizer="sgd", momentum=0.9,
+                    temperature=1.0, offset=0.0, noise="per_layer")
+OPACUS_SCATTER = dict(SCATTER, batch=4096, lr=4.0, optimizer="sgd", momentum=0.9, max_grad_norm=0.1)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -118,6 +125,35 @@ class FloatDataset(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+_FEATURES: dict[tuple, tuple] = {}
+
+
+def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
+    """(FeatureDataset of InputNormalization -> L2BallProjection -> Scattering2d of every image, norm bound),
+    computed once per dataset and configuration with lipnet.privacy.precompute_frozen_prefix."""
+    from lipnet.privacy import precompute_frozen_prefix
+    key = (id(ds), cfg["J"], cfg["L"], cfg["input_radius"])
+    if key not in _FEATURES:
+        start = time.perf_counter()
+        model = scatter_net(J=cfg["J"], L=cfg["L"], mean=ds.info.mean, input_radius=cfg["input_radius"])
+        d = math.prod(ds.images.shape[1:])  # raw pixels in [0,1]^d: the raw projection is a no-op
+        frozen = precompute_frozen_prefix(model.to(device), ds, math.sqrt(d), batch_size=512, device=device,
+                                          progress=False)
+        _FEATURES[key] = (frozen.dataset, frozen.bound)
+        print(f"  scattering features of {len(ds)} images: {frozen.shape}, norm <= {frozen.bound:.4g} "
+              f"({time.perf_counter() - start:.0f}s, computed once, shared by both sides)", flush=True)
+    return _FEATURES[key]
+
+
+def feature_head(cfg: dict, features: int, ortho: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    if cfg["hidden"]:
+        layers += [ln.OrthoLinear(features, cfg["hidden"]) if ortho else nn.Linear(features, cfg["hidden"]), ln.MaxMin()]
+        features = cfg["hidden"]
+    layers.append(ln.OrthoLinear(features, 10) if ortho and cfg.get("head") == "ortho" else nn.Linear(features, 10))
+    return nn.Sequential(*layers)
+
+
 # ----------------------------------------------------------------------------------------------- models
 def ours_model(cfg: dict, mean: float) -> nn.Sequential:
     model = mnist_convnet(width=cfg["width"], hidden=cfg["hidden"], mean=(mean,), centering=cfg["centering"],
@@ -154,6 +190,17 @@ class Ours:
     def __init__(self, cfg, train, eps, epochs, device, seed=0):
         from lipnet.privacy import make_private
         torch.manual_seed(seed)
+        if cfg.get("arch") == "scatter":
+            self.scatter_cfg = cfg
+            features, bound = scatter_features(train, cfg, device)
+            self.model = feature_head(cfg, features.features[0].numel(), ortho=True).to(device)
+            private_trainable(self.model, "all", freeze_bias=cfg["freeze_bias"])
+            self.trainer = make_private(self.model, _optimizer(self.model.parameters(), cfg), features, eps, DELTA,
+                                        epochs, loss=ln.LipschitzCrossEntropy(cfg["temperature"], cfg["offset"]),
+                                        input_bound=bound, noise=cfg["noise"], device=device, seed=seed,
+                                        progress=False, sample_rate=cfg["batch"] / len(features))
+            self.loader, self.device = self.trainer.loader, device
+            return
         self.model = ours_model(cfg, train.info.mean[0]).to(device)
         loader = BatchLoader(train, cfg["batch"])
         # input_bound = sqrt(d): every image in [0,1]^d already lies in that ball (the projection is a no-op);
@@ -187,8 +234,13 @@ class Opacus:
     def __init__(self, cfg, train, eps, epochs, device, seed=0):
         from opacus import PrivacyEngine
         torch.manual_seed(seed)
-        model = opacus_model(cfg, train.info.mean[0]).to(device)
-        data = FloatDataset(train)
+        if cfg.get("arch") == "scatter":
+            self.scatter_cfg = cfg
+            data, _ = scatter_features(train, cfg, device)
+            model = feature_head(cfg, data.features[0].numel(), ortho=False).to(device)
+        else:
+            model = opacus_model(cfg, train.info.mean[0]).to(device)
+            data = FloatDataset(train)
         loader = torch.utils.data.DataLoader(data, batch_size=cfg["batch"])
         self.engine = PrivacyEngine(accountant="rdp")
         self.model, self.opt, self.loader = self.engine.make_private_with_epsilon(
@@ -231,8 +283,10 @@ def accuracy(side, ds: ImageDataset, device, batch: int = 2000) -> float:
     model = side.model
     model.eval()
     correct = 0
+    cfg = getattr(side, "scatter_cfg", None)
+    features = scatter_features(ds, cfg, device)[0].features if cfg else None
     for i in range(0, len(ds), batch):
-        x = ds.images[i:i + batch].to(device).float().div_(255)
+        x = features[i:i + batch] if cfg else ds.images[i:i + batch].to(device).float().div_(255)
         correct += int((side.predict(x).argmax(1).cpu() == ds.labels[i:i + batch]).sum())
     model.train()
     return correct / len(ds)
@@ -353,13 +407,13 @@ def train_eval(side_name: str, cfg: dict, train, evalset, eps: float, epochs: in
     return row
 
 
-def tune_grid(quick: bool, grid: str | None = None):
+def tune_grid(quick: bool, grid: str | None = None, arch: str = "cnn"):
     """A small coordinate search for our side (one knob at a time from a base), and opacus' lr.
     ``grid``: a JSON list of overrides (each one a configuration) of the base config of each side in --sides."""
-    base = dict(OURS)
+    base, opacus_base = (OURS, OPACUS) if arch == "cnn" else (OURS_SCATTER, OPACUS_SCATTER)
     ours = [dict(base)]
     if grid:
-        return [dict(base, **o) for o in json.loads(grid)], [dict(OPACUS, **o) for o in json.loads(grid)]
+        return [dict(base, **o) for o in json.loads(grid)], [dict(opacus_base, **o) for o in json.loads(grid)]
     if not quick:
         for k, vals in [("batch", [256]), ("freeze_bias", [False]), ("input_radius", [3.0, 20.0]),
                         ("temperature", [0.03, 0.3]), ("lr", [3e-3, 3e-2]), ("noise", ["per_layer"]),
@@ -422,6 +476,8 @@ def main() -> None:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "synthetic"])
     p.add_argument("--data-root", default=None)
     p.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    p.add_argument("--arch", choices=["cnn", "scatter"], default="cnn",
+                   help="cnn: mnist_convnet's layer shapes; scatter: fixed Scattering2d features + linear head (both sides)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=None, help="override both sides' expected batch size")
     p.add_argument("--threads", type=int, default=1)
@@ -477,7 +533,7 @@ def main() -> None:
             args.dataset = "synthetic"
         args.limit = args.limit or 2048
         args.eps, args.epochs, args.perf_batches, args.perf_steps, args.perf_repeats, args.warmup = [3.0], 1, [256], 2, 1, 1
-        OURS["batch"] = OPACUS["batch"] = 256
+        OURS["batch"] = OPACUS["batch"] = OURS_SCATTER["batch"] = OPACUS_SCATTER["batch"] = 256
 
     import opacus
     meta = dict(dataset=args.dataset, machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
@@ -496,8 +552,9 @@ def main() -> None:
     if args.tune:
         train, held = get_data(args.dataset, args.data_root, holdout=args.holdout if not args.quick else 500,
                                limit=args.limit)
-        ours, opac = tune_grid(args.quick, args.grid)
-        for side, cfgs, base in (("ours", ours, OURS), ("opacus", opac, OPACUS)):
+        ours, opac = tune_grid(args.quick, args.grid, args.arch)
+        bases = (OURS, OPACUS) if args.arch == "cnn" else (OURS_SCATTER, OPACUS_SCATTER)
+        for side, cfgs, base in (("ours", ours, bases[0]), ("opacus", opac, bases[1])):
             if side not in args.sides:
                 continue
             for cfg in cfgs:
@@ -517,7 +574,8 @@ def main() -> None:
         print(f"accuracy ({args.dataset}: {len(train)} train, {len(test)} test, epochs {args.epochs}):", flush=True)
         for eps in args.eps:
             for side in args.sides:
-                cfg = dict(OURS if side == "ours" else OPACUS)
+                cfg = dict({("ours", "cnn"): OURS, ("opacus", "cnn"): OPACUS, ("ours", "scatter"): OURS_SCATTER,
+                            ("opacus", "scatter"): OPACUS_SCATTER}[side, args.arch])
                 if args.batch:
                     cfg["batch"] = args.batch
                 row = train_eval(side, cfg, train, test, eps, args.epochs, args.device, label="test")

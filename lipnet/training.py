@@ -218,7 +218,7 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     (:func:`private_trainable`).
     After each epoch: epsilon spent so far (the accountant), clean and certified test accuracy
     (``evaluate=False``: no evaluation, e.g. on ranks other than 0 of a multi-process run)."""
-    from .privacy import PrivateTrainer, epoch_row
+    from .privacy import PrivateTrainer, epoch_row, precompute_frozen_prefix, split_frozen_prefix
 
     dp = config.dp
     if not 0 < config.batch_size <= len(train_set):
@@ -229,7 +229,13 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=dp.get("momentum", 0.0))
     else:
         optimizer = torch.optim.Adam(params, lr=config.lr)
-    trainer = PrivateTrainer(model, optimizer, train_set, loss=loss_fn, input_bound=dp["input_bound"],
+    trained, data, input_bound, input_shape = model, train_set, dp["input_bound"], None
+    if dp.get("precompute", True) and isinstance(model, nn.Sequential) and len(split_frozen_prefix(model)[0]):
+        # the frozen leading layers (scattering, frozen convs) run once per example, not once per step
+        frozen = precompute_frozen_prefix(model, train_set, dp["input_bound"], device=device, progress=progress)
+        trained, data, input_bound, input_shape = frozen.head, frozen.dataset, frozen.bound, frozen.shape
+        log(f"frozen prefix computed once: features {frozen.shape}, norm <= {frozen.bound:.4g}")
+    trainer = PrivateTrainer(trained, optimizer, data, loss=loss_fn, input_bound=input_bound, input_shape=input_shape,
                              target_epsilon=dp["epsilon"], target_delta=dp["delta"], epochs=config.epochs,
                              sample_rate=config.batch_size / len(train_set), accountant=dp["accountant"],
                              noise=dp["noise"], device=device, seed=config.seed, progress=progress)

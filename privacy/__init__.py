@@ -8,17 +8,21 @@ accountants.
 * :func:`gradient_norm_bounds` -- sound per-tensor bounds on one sample's gradient (sensitivity).
 * :class:`PrivateTrainer` / :func:`make_private` -- the private training loop.
 * :class:`PoissonBatchLoader` / :func:`poisson_loader` -- Poisson subsampling.
+* :func:`precompute_frozen_prefix` -- features of a frozen leading part (e.g. ``Scattering2d``) computed
+  once; the same mechanism on the trainable rest, much faster.
 * :func:`per_sample_gradient_norms` -- exact per-sample norms (torch.func), to audit the bounds.
 """
 
 from .audit import per_sample_gradient_norms
 from .engine import (ACCOUNTANTS, NOISE_MODES, EpochReport, PrivateTrainer, check_privacy_params, epoch_row,
                      make_private)
-from .sampling import PoissonBatchLoader, poisson_loader
+from .features import FrozenFeatures, precompute_frozen_prefix, split_frozen_prefix
+from .sampling import FeatureDataset, PoissonBatchLoader, poisson_loader
 from .sensitivity import BOUND_MARGIN, SensitivityReport, TensorBound, conv_reuse, gradient_norm_bounds, loss_lipschitz
 
 __all__ = [
-    "ACCOUNTANTS", "BOUND_MARGIN", "EpochReport", "NOISE_MODES", "PoissonBatchLoader", "PrivateTrainer",
+    "ACCOUNTANTS", "BOUND_MARGIN", "EpochReport", "FeatureDataset", "FrozenFeatures", "NOISE_MODES", "PoissonBatchLoader", "PrivateTrainer",
     "SensitivityReport", "TensorBound", "check_privacy_params", "conv_reuse", "epoch_row", "gradient_norm_bounds",
     "loss_lipschitz", "make_private", "per_sample_gradient_norms", "poisson_loader",
+    "precompute_frozen_prefix", "split_frozen_prefix",
 ]

@@ -24,8 +24,24 @@ def check_sample_rate(sample_rate: float) -> float:
     return float(sample_rate)
 
 
+class FeatureDataset(torch.utils.data.Dataset):
+    """Float inputs (N, ...) and int64 labels held in memory, e.g. the outputs of a frozen feature
+    extractor (:func:`lipnet.privacy.precompute_frozen_prefix`); Poisson-sampled like an ``ImageDataset``."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if not features.is_floating_point() or len(features) != len(labels):
+            raise ValueError("FeatureDataset needs float features (N, ...) and N labels")
+        self.features, self.labels = features, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.features[i], int(self.labels[i])
+
+
 class PoissonBatchLoader:
-    """Poisson-sampled float batches in [0, 1] of an in-memory ``ImageDataset``.
+    """Poisson-sampled float batches of an in-memory ``ImageDataset`` (pixels in [0, 1]) or ``FeatureDataset``.
 
     ``len()`` = steps per epoch = int(1 / sample_rate) (opacus' convention, which its
     ``get_noise_multiplier(epochs=...)`` assumes); each step draws a fresh Bernoulli(q) mask over the
@@ -34,7 +50,7 @@ class PoissonBatchLoader:
     Multi-process: every rank passes a generator with the same seed, draws the same global mask and
     keeps the selected indices ``rank::world_size``; the ranks' parts make up one Poisson batch."""
 
-    def __init__(self, dataset: ImageDataset, sample_rate: float, *, generator: torch.Generator | None = None,
+    def __init__(self, dataset: ImageDataset | FeatureDataset, sample_rate: float, *, generator: torch.Generator | None = None,
                  device: str | torch.device = "cpu", steps: int | None = None, rank: int = 0,
                  world_size: int = 1) -> None:
         if not 0 <= rank < world_size:
@@ -54,7 +70,10 @@ class PoissonBatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for indices in self.sampler:
             idx = torch.as_tensor(indices, dtype=torch.long)[self.rank::self.world_size]
-            x = self.dataset.images[idx].to(self.device, non_blocking=True).float().div_(255)
+            if isinstance(self.dataset, FeatureDataset):
+                x = self.dataset.features[idx].to(self.device, non_blocking=True)
+            else:
+                x = self.dataset.images[idx].to(self.device, non_blocking=True).float().div_(255)
             yield x, self.dataset.labels[idx].to(self.device, non_blocking=True)
 
 
@@ -62,13 +81,13 @@ def poisson_loader(data, sample_rate: float | None = None, *, generator: torch.G
                    device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1):
     """A Poisson-sampling loader over ``data`` with the same expected batch size.
 
-    ``data``: an ``ImageDataset`` (needs ``sample_rate``), a lipnet ``BatchLoader`` (q = batch_size / n)
+    ``data``: an ``ImageDataset`` or ``FeatureDataset`` (needs ``sample_rate``), a lipnet ``BatchLoader`` (q = batch_size / n)
     or a ``torch.utils.data.DataLoader`` over a map-style dataset (wrapped by opacus'
     ``DPDataLoader.from_data_loader``: q = 1 / len(loader); single process only). Returns
     (loader, sample_rate). ``rank``/``world_size``: this process's part of every Poisson batch."""
-    if isinstance(data, ImageDataset):
+    if isinstance(data, (ImageDataset, FeatureDataset)):
         if sample_rate is None:
-            raise ValueError("poisson_loader(ImageDataset) needs sample_rate (expected batch size / dataset size)")
+            raise ValueError(f"poisson_loader({type(data).__name__}) needs sample_rate (expected batch size / dataset size)")
         return PoissonBatchLoader(data, sample_rate, generator=generator, device=device, rank=rank,
                                   world_size=world_size), float(sample_rate)
     if isinstance(data, BatchLoader):
@@ -88,4 +107,4 @@ def poisson_loader(data, sample_rate: float | None = None, *, generator: torch.G
                     "or a torch DataLoader over a map-style dataset")
 
 
-__all__ = ["PoissonBatchLoader", "check_sample_rate", "poisson_loader"]
+__all__ = ["FeatureDataset", "PoissonBatchLoader", "check_sample_rate", "poisson_loader"]
