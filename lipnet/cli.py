@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ import torch
 from . import data as lipdata
 from . import distributed as lipdist
 from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
-from .models import build_model
+from .models import MODELS, build_model
 from .nn import set_input_checks
 from .nn._checks import input_checks_enabled
 from .training import PRESETS, TrainConfig, fit, format_table, load_checkpoint, save_checkpoint
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint directory")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="default: the dataset preset's (with --dp: scatter-net on MNIST / Fashion-MNIST)")
     t.add_argument("--width", type=int, default=None, help="model width (channels of the first stage)")
     t.add_argument("--offset", type=float, default=None, help="margin asked by the loss (logit units)")
     t.add_argument("--seed", type=int, default=0)
@@ -125,9 +128,12 @@ def cmd_train(args) -> int:
 
 def _train_config(args) -> TrainConfig:
     """The dataset's preset (the private one with --dp) with the command line's overrides; seeds torch."""
-    config = TrainConfig.from_preset(args.dataset, private=args.dp, epochs=args.epochs, batch_size=args.batch_size,
-                                     lr=args.lr, offset=args.offset, seed=args.seed, limit=args.limit)
+    config = TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, epochs=args.epochs,
+                                     batch_size=args.batch_size, lr=args.lr, offset=args.offset, seed=args.seed,
+                                     limit=args.limit)
     if args.width is not None:
+        if "width" not in inspect.signature(MODELS[config.model]).parameters:
+            raise ValueError(f"--width does not apply to {config.model}")
         config.model_config = {**config.model_config, "width": args.width}
     torch.manual_seed(config.seed)
     return config

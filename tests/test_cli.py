@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from lipnet.cli import main
+from lipnet.nn import Scattering2d
 from lipnet.training import load_checkpoint
 
 
@@ -117,13 +118,15 @@ def test_train_with_two_processes(tmp_path, data_root, capsys):
 def test_train_dp_reports_epsilon_per_epoch(tmp_path, data_root, capsys):
     out = tmp_path / "dp"
     assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "2.0", "--delta", "1e-4", "--epochs", "2",
-                 "--limit", "400", "--batch-size", "100", "--width", "2", "--out", str(out), "--data-root",
+                 "--limit", "400", "--batch-size", "100", "--out", str(out), "--data-root",
                  str(data_root), "--no-progress"]) == 0
     text = capsys.readouterr().out
+    assert "private training of scatter-net" in text and "frozen prefix computed once" in text
     spent = [float(m) for m in re.findall(r"eps spent ([0-9.]+)", text)]
     assert len(spent) == 2 and 0 < spent[0] < spent[1] <= 2.0 + 0.011
     assert "-DP after 8 steps" in text
     model, config, history = load_checkpoint(out)
+    assert config.model == "scatter-net" and isinstance(model[2], Scattering2d)
     assert config.dp["epsilon"] == 2.0 and config.dp["epsilon_spent"] == pytest.approx(spent[1], abs=1e-3)
     assert [h["epsilon"] for h in history] == pytest.approx(spent, abs=1e-3)
 
@@ -135,7 +138,8 @@ def test_train_dp_errors(tmp_path, data_root, capsys):
                            (["--dp", "--epsilon", "1", "--delta", "0.01", "--no-progress"], "1/n"),
                            (["--dp", "--epsilon", "0", "--no-progress"], "target_epsilon"),
                            (["--dp", "--epsilon", "1", "--batch-size", "500"], "training set"),
-                           (["--epsilon", "1"], "only meaningful with --dp")):
+                           (["--epsilon", "1"], "only meaningful with --dp"),
+                           (["--dp", "--epsilon", "1", "--width", "4"], "--width does not apply to scatter-net")):
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -144,10 +148,12 @@ def test_train_dp_errors(tmp_path, data_root, capsys):
 def test_train_dp_with_two_processes(tmp_path, data_root, capsys):
     out = tmp_path / "dp2"
     assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "3.0", "--delta", "1e-4", "--epochs", "1",
-                 "--limit", "400", "--batch-size", "100", "--width", "2", "--nproc", "2", "--out", str(out),
+                 "--limit", "400", "--batch-size", "100", "--model", "mnist-convnet", "--width", "2", "--nproc", "2",
+                 "--out", str(out),
                  "--data-root", str(data_root), "--no-progress"]) == 0
     model, config, history = load_checkpoint(out)
     assert len(history) == 1 and 0 < config.dp["epsilon_spent"] <= 3.0 + 0.011 and history[0]["steps"] == 4
+    assert config.model == "mnist-convnet" and config.dp["trainable"] == "dense" and config.model_config["width"] == 2
 
 
 def test_dp_example_runs(tmp_path, data_root):
