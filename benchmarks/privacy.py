@@ -80,9 +80,9 @@ OPACUS = dict(width=8, hidden=128, activation="maxmin", batch=1024, lr=4.0, opti
 # sides) and a linear head trained privately (Tramer & Boneh 2021's ScatterNet + linear). Chosen by --tune on the
 # held-out split (eps=3): benchmarks/results/privacy_tune_scatter_mnist.md.
 SCATTER = dict(arch="scatter", J=2, L=8, input_radius=8.0, hidden=0)
-OURS_SCATTER = dict(SCATTER, head="plain", freeze_bias=True, batch=4096, lr=1.0, optimizer="sgd", momentum=0.9,
+OURS_SCATTER = dict(SCATTER, head="plain", freeze_bias=True, batch=4096, lr=0.5, optimizer="sgd", momentum=0.9,
                     temperature=1.0, offset=0.0, noise="per_layer")
-OPACUS_SCATTER = dict(SCATTER, batch=4096, lr=4.0, optimizer="sgd", momentum=0.9, max_grad_norm=0.1)
+OPACUS_SCATTER = dict(SCATTER, batch=4096, lr=4.0, optimizer="sgd", momentum=0.9, max_grad_norm=1.0)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -126,6 +126,14 @@ class FloatDataset(torch.utils.data.Dataset):
 
 
 _FEATURES: dict[tuple, tuple] = {}
+FEATURE_CACHE: str | None = None
+
+
+def hash_images(ds: ImageDataset) -> str:
+    import hashlib
+    h = hashlib.sha1(ds.images.numpy().tobytes())
+    h.update(ds.labels.numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
@@ -133,13 +141,23 @@ def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
     computed once per dataset and configuration with lipnet.privacy.precompute_frozen_prefix."""
     from lipnet.privacy import precompute_frozen_prefix
     key = (id(ds), cfg["J"], cfg["L"], cfg["input_radius"])
+    # on-disk cache (--feature-cache): keyed by the images themselves and the configuration
+    digest = f"{ds.info.name}-{len(ds)}-{hash_images(ds)}-J{cfg['J']}-L{cfg['L']}-r{cfg['input_radius']}"
+    path = Path(FEATURE_CACHE) / f"scatter-{digest}.pt" if FEATURE_CACHE else None
+    if key not in _FEATURES and path is not None and path.is_file():
+        _FEATURES[key] = torch.load(path, weights_only=False)
     if key not in _FEATURES:
         start = time.perf_counter()
-        model = scatter_net(J=cfg["J"], L=cfg["L"], mean=ds.info.mean, input_radius=cfg["input_radius"])
+        c, h, _ = ds.images.shape[1:]
+        model = scatter_net(in_channels=c, image_size=h, J=cfg["J"], L=cfg["L"], mean=ds.info.mean[:c],
+                            input_radius=cfg["input_radius"])
         d = math.prod(ds.images.shape[1:])  # raw pixels in [0,1]^d: the raw projection is a no-op
         frozen = precompute_frozen_prefix(model.to(device), ds, math.sqrt(d), batch_size=512, device=device,
                                           progress=False)
         _FEATURES[key] = (frozen.dataset, frozen.bound)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(_FEATURES[key], path)
         print(f"  scattering features of {len(ds)} images: {frozen.shape}, norm <= {frozen.bound:.4g} "
               f"({time.perf_counter() - start:.0f}s, computed once, shared by both sides)", flush=True)
     return _FEATURES[key]
@@ -473,7 +491,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "synthetic"])
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10", "synthetic"],
+                   help="cifar10: --arch scatter only (the cnn family is mnist_convnet's 28x28 shapes)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     p.add_argument("--arch", choices=["cnn", "scatter"], default="cnn",
@@ -498,6 +517,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="use only this many training examples")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min)")
     p.add_argument("--merge", nargs="+", default=None, help="combine the rows of these --json files into --json/--md")
+    p.add_argument("--feature-cache", default=None, help="--arch scatter: keep computed features in this folder")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--_perf-worker", dest="perf_worker", default=None, help=argparse.SUPPRESS)
@@ -524,6 +544,10 @@ def main() -> None:
         print(json.dumps(perf_worker(args)))
         return
     torch.set_num_threads(args.threads)
+    global FEATURE_CACHE
+    FEATURE_CACHE = args.feature_cache
+    if args.dataset == "cifar10" and (args.arch != "scatter" or not args.no_perf):
+        p.error("--dataset cifar10 needs --arch scatter --no-perf")
     if args.quick:
         from lipnet.data import resolve_data_root
         try:

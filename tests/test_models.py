@@ -28,9 +28,26 @@ def test_small_models_are_one_lipschitz_and_export(name, kw, shape, classes):
 
 
 def test_default_configs_build():
-    assert set(MODELS) == {"mnist-convnet", "cifar-liresnet", "imagenet-liresnet"}
+    assert set(MODELS) == {"mnist-convnet", "cifar-liresnet", "imagenet-liresnet", "scatter-net"}
     assert sum(p.numel() for p in mnist_convnet().parameters()) > 100_000
     assert sum(p.numel() for p in cifar_liresnet().parameters()) > 1_000_000
+
+
+def test_scatter_net_shapes_and_bound():
+    torch.manual_seed(0)
+    for head, hidden in (("plain", 0), ("ortho", 32)):
+        model = build_model("scatter-net", head=head, hidden=hidden, input_radius=8.0).eval()
+        out = model(torch.rand(3, 1, 28, 28))
+        assert out.shape == (3, 10) and torch.isfinite(out).all()
+        bound = lipschitz_bound(model)
+        if head == "ortho":  # every layer 1-Lipschitz
+            assert bound <= 1.0 + 1e-4
+        else:  # the plain head's spectral norm, nothing assumed
+            assert bound >= torch.linalg.matrix_norm(model[-1].weight.detach(), ord=2) * (1 - 1e-6)
+    cifar = build_model("scatter-net", in_channels=3, image_size=32, mean=(0.5, 0.5, 0.5))
+    assert cifar(torch.rand(2, 3, 32, 32)).shape == (2, 10) and cifar[1].out_shape == (3 * 81, 8, 8)
+    with pytest.raises(ValueError, match="head"):
+        build_model("scatter-net", head="dense")
 
 
 def test_imagenet_config_runs_a_forward_pass():
