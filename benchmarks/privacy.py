@@ -82,7 +82,7 @@ OPACUS = dict(width=8, hidden=128, activation="maxmin", batch=1024, lr=4.0, opti
 SCATTER = dict(arch="scatter", J=2, L=8, input_radius=8.0, hidden=0)
 OURS_SCATTER = dict(SCATTER, head="plain", freeze_bias=True, batch=4096, lr=0.5, optimizer="sgd", momentum=0.9,
                     temperature=1.0, offset=0.0, noise="per_layer")
-OPACUS_SCATTER = dict(SCATTER, batch=4096, lr=4.0, optimizer="sgd", momentum=0.9, max_grad_norm=1.0)
+OPACUS_SCATTER = dict(SCATTER, batch=4096, lr=8.0, optimizer="sgd", momentum=0.9, max_grad_norm=1.0)
 
 
 # ----------------------------------------------------------------------------------------------- data
