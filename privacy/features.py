@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from lipnet.data import ImageDataset
+from lipnet.distributed import world
 from lipnet.nn import L2BallProjection
 
 from .sampling import FeatureDataset
@@ -61,11 +63,16 @@ def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bou
     (Lip(layer) b + ||layer(0)|| layer by layer, as in :func:`gradient_norm_bounds`) bounds every
     feature's norm, so the trainer's projection onto that ball changes nothing. Prefix layers the
     privacy analysis refuses (e.g. ``BatchCentering``, which couples the samples) raise ``TypeError``.
+    Under ``torch.distributed`` the prefix's tensors are first broadcast from rank 0, so every rank
+    computes the same features.
     """
     prefix, head = split_frozen_prefix(model)
     if not len(head):
         raise ValueError("the model has no trainable parameters after its frozen prefix: nothing to train")
     shape = tuple(data.images.shape[1:])
+    if world()[1] > 1:  # every rank must compute the same features (as PrivateTrainer syncs the whole model)
+        for t in [*prefix.parameters(), *prefix.buffers()]:
+            dist.broadcast(t.data, src=0)
     bound, _ = _Analysis().visit(prefix, "", float(input_bound), shape, 0.0)
     project = L2BallProjection(input_bound)
     dtype = next(head.parameters()).dtype

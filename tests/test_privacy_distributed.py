@@ -11,7 +11,7 @@ from torch import nn
 
 import lipnet.nn as ln
 from lipnet.distributed import destroy_distributed, init_distributed, launch
-from lipnet.privacy import PrivateTrainer
+from lipnet.privacy import PrivateTrainer, precompute_frozen_prefix
 from test_privacy import _blobs, _small_model
 
 SIGMA = 3.0
@@ -49,8 +49,12 @@ def _rank_job(out_dir: str) -> None:
     model = _linear()
     trainer = _trainer(model, SIGMA, 0.0)
     trainer.step(x[ctx.rank::2], y[ctx.rank::2])
+    # a frozen prefix initialized differently on each rank: its features must still be rank 0's everywhere
+    frozen_model = nn.Sequential(ln.InputNormalization((0.5,)), nn.Conv2d(1, 2, 3, padding=1).requires_grad_(False),
+                                 ln.Flatten(), nn.Linear(128, 2))
+    features = precompute_frozen_prefix(frozen_model, ds, 8.0, progress=False).dataset.features[:8]
     torch.save({"state": state, "sizes": sizes, "grad": model[2].weight.grad.clone(),
-                "total": trainer.sensitivity().total, "expected": trainer.expected_batch_size},
+                "total": trainer.sensitivity().total, "expected": trainer.expected_batch_size, "features": features},
                f"{out_dir}/rank{ctx.rank}.pt")
     destroy_distributed()
 
@@ -81,3 +85,8 @@ def test_two_ranks_add_the_noise_of_one_step(ranks):
     std = (ranks[0]["grad"] - clean).std().item()
     assert std == pytest.approx(SIGMA * ranks[0]["total"] / ranks[0]["expected"], rel=0.15)
     assert not math.isclose(std, SIGMA * ranks[0]["total"] / ranks[0]["expected"] * math.sqrt(2), rel_tol=0.15)
+
+
+def test_frozen_prefix_features_agree_across_ranks(ranks):
+    torch.testing.assert_close(ranks[0]["features"], ranks[1]["features"], rtol=0, atol=0)
+    assert ranks[0]["features"].abs().sum() > 0
