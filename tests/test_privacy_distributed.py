@@ -50,6 +50,7 @@ def _rank_job(out_dir: str) -> None:
     trainer = _trainer(model, SIGMA, 0.0)
     trainer.step(x[ctx.rank::2], y[ctx.rank::2])
     # a frozen prefix initialized differently on each rank: its features must still be rank 0's everywhere
+    torch.manual_seed(200 + ctx.rank)
     frozen_model = nn.Sequential(ln.InputNormalization((0.5,)), nn.Conv2d(1, 2, 3, padding=1).requires_grad_(False),
                                  ln.Flatten(), nn.Linear(128, 2))
     features = precompute_frozen_prefix(frozen_model, ds, 8.0, progress=False).dataset.features[:8]
