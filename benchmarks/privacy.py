@@ -517,6 +517,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="use only this many training examples")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min)")
     p.add_argument("--merge", nargs="+", default=None, help="combine the rows of these --json files into --json/--md")
+    p.add_argument("--ours-cfg", default=None, help='JSON overrides of our config for the accuracy runs, e.g. \'{"lr": 0.25}\'')
+    p.add_argument("--opacus-cfg", default=None, help="JSON overrides of opacus' config for the accuracy runs")
     p.add_argument("--feature-cache", default=None, help="--arch scatter: keep computed features in this folder")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
@@ -600,6 +602,7 @@ def main() -> None:
             for side in args.sides:
                 cfg = dict({("ours", "cnn"): OURS, ("opacus", "cnn"): OPACUS, ("ours", "scatter"): OURS_SCATTER,
                             ("opacus", "scatter"): OPACUS_SCATTER}[side, args.arch])
+                cfg.update(json.loads((args.ours_cfg if side == "ours" else args.opacus_cfg) or "{}"))
                 if args.batch:
                     cfg["batch"] = args.batch
                 row = train_eval(side, cfg, train, test, eps, args.epochs, args.device, label="test")
