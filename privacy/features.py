@@ -76,15 +76,18 @@ def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bou
     bound, _ = _Analysis().visit(prefix, "", float(input_bound), shape, 0.0)
     project = L2BallProjection(input_bound)
     dtype = next(head.parameters()).dtype
-    was_training = prefix.training
-    prefix.train(model.training)
+    # Train mode, as PrivateTrainer.train_epoch runs the whole model; each layer's own mode is restored after
+    # (the prefix is a new container over the model's layers, so its own flag says nothing about theirs).
+    modes = [(m, m.training) for m in prefix.modules()]
+    prefix.train()
     chunks = []
     try:
         for start in tqdm(range(0, len(data), batch_size), desc="frozen features", disable=not progress, leave=False):
             x = data.images[start:start + batch_size].to(device, dtype=dtype).div_(255)
             chunks.append(prefix(project(x)))
     finally:
-        prefix.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return FrozenFeatures(head, FeatureDataset(torch.cat(chunks), data.labels), float(bound))
 
 

@@ -33,7 +33,9 @@ def test_split_frozen_prefix_stops_at_the_first_trainable_layer():
 def test_features_are_the_prefix_outputs_and_their_bound_holds():
     data = _digits()
     model = scatter_net(image_size=16, J=2, L=4, input_radius=2.0)
+    model.eval()
     frozen = precompute_frozen_prefix(model, data, input_bound=16.0, batch_size=64, progress=False)
+    assert not any(m.training for m in model.modules())  # every layer's own mode is left as it was
     x = data.images.float() / 255
     prefix, _ = split_frozen_prefix(model)
     with torch.no_grad():
