@@ -141,12 +141,16 @@ def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
     computed once per dataset and configuration with lipnet.privacy.precompute_frozen_prefix."""
     from lipnet.privacy import precompute_frozen_prefix
     key = (id(ds), cfg["J"], cfg["L"], cfg["input_radius"])
+    if key in _FEATURES:
+        return _FEATURES[key]
     # on-disk cache (--feature-cache): keyed by the images themselves and the configuration
-    digest = f"{ds.info.name}-{len(ds)}-{hash_images(ds)}-J{cfg['J']}-L{cfg['L']}-r{cfg['input_radius']}"
-    path = Path(FEATURE_CACHE) / f"scatter-{digest}.pt" if FEATURE_CACHE else None
-    if key not in _FEATURES and path is not None and path.is_file():
+    path = None
+    if FEATURE_CACHE:
+        digest = f"{ds.info.name}-{len(ds)}-{hash_images(ds)}-J{cfg['J']}-L{cfg['L']}-r{cfg['input_radius']}"
+        path = Path(FEATURE_CACHE) / f"scatter-{digest}.pt"
+    if path is not None and path.is_file():
         _FEATURES[key] = torch.load(path, weights_only=False)
-    if key not in _FEATURES:
+    else:
         start = time.perf_counter()
         c, h, _ = ds.images.shape[1:]
         model = scatter_net(in_channels=c, image_size=h, J=cfg["J"], L=cfg["L"], mean=ds.info.mean[:c],
