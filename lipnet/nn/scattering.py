@@ -32,7 +32,7 @@ Filters: Morlet-like wavelets defined in the Fourier domain (sigma 0.8, centre 3
 2^j, L orientations in [0, pi), aspect 0.5, zero mean), a Gaussian low-pass at scale 2^J, then
 divided by the square root of their Littlewood-Paley sum (floored) so the bank is close to a tight
 frame -- features keep most of the input's energy, which keeps the bound tight (adversarial pairs
-reach 0.99 of it, tests/test_scattering.py).
+reach >= 0.9 of it in tests/test_scattering.py).
 """
 
 from __future__ import annotations
