@@ -98,13 +98,14 @@ def test_other_dtypes(dtype):
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=well_conditioned(max_condition=10.0), method=st.sampled_from(["ns5", "turbo"]))
-def test_output_singular_values_follow_the_scalar_map_and_band(case, method):
+@given(case=well_conditioned(max_condition=10.0), method=st.sampled_from(["ns5", "turbo"]),
+       form=st.sampled_from(["direct", "gram"]))
+def test_output_singular_values_follow_the_scalar_map_and_band(case, method, form):
     W, _ = case
     start = prescaled_singular_values(W, method)
     lower, band_min, band_max = DOCUMENTED_BANDS[method]
     assert start.min() >= lower  # well-conditioned inputs are inside the documented region
-    out = svdvals64(orthogonalize(W, method))
+    out = svdvals64(orthogonalize(W, method, form=form))
     expected = torch.from_numpy(apply_scalar_map(start.numpy(), SCHEDULES[method]))
     # the polynomial need not be monotone, so compare sorted values
     torch.testing.assert_close(out.sort(-1).values, expected.sort(-1).values, atol=2e-4, rtol=0)
@@ -112,14 +113,57 @@ def test_output_singular_values_follow_the_scalar_map_and_band(case, method):
 
 
 @settings(max_examples=40, deadline=None)
-@given(W=any_matrix(), method=st.sampled_from(["ns5", "turbo"]))
-def test_band_max_holds_for_any_input(W, method):
+@given(W=any_matrix(), method=st.sampled_from(["ns5", "turbo"]), form=st.sampled_from(["direct", "gram"]))
+def test_band_max_holds_for_any_input(W, method, form):
     # Below the documented lower threshold values are not lifted into the band, but nothing grows
     # past the supremum of the scalar map over (0, 1] (prescaling guarantees sigma <= 1).
     _, sup = singular_value_band(SCHEDULES[method], 1e-9)
     assert sup < 1.23
-    out = svdvals64(orthogonalize(W, method))
+    out = svdvals64(orthogonalize(W, method, form=form))
     assert out.max() <= sup + 2e-4
+
+
+def _conditioned(k: int, n: int, condition: float, batch: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(batch, k, k, dtype=torch.float64, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(batch, n, k, dtype=torch.float64, generator=g))[0]
+    return ((U * torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)) @ V.mT).float()
+
+
+@pytest.mark.parametrize("method", ["ns5", "turbo"])
+@pytest.mark.parametrize("shape", [(32, 288), (64, 576), (576, 64), (16, 16)])
+@pytest.mark.parametrize("condition", [1.0, 1e2, 1e3])
+def test_gram_form_matches_direct_form(method, shape, condition):
+    # Same polynomial steps on the k x k side: equal to the direct form up to fp32 rounding,
+    # compared with the fp64 direct iteration as reference.
+    W = _conditioned(min(shape), max(shape), condition)
+    W = W.mT if shape[0] > shape[1] else W
+    ref = orthogonalize(W.double(), method, form="direct")
+    for form, tol in [("direct", 1e-4), ("gram", 1e-3)]:
+        err = torch.linalg.matrix_norm(orthogonalize(W, method, form=form).double() - ref) / torch.linalg.matrix_norm(ref)
+        assert err.max() < tol, (form, err.max().item())
+
+
+def test_auto_form_picks_gram_for_wide_fp32_optimizer_methods_only():
+    W = torch.randn(3, 16, 64)
+    assert torch.equal(orthogonalize(W, "turbo"), orthogonalize(W, "turbo", form="gram"))
+    assert torch.equal(orthogonalize(W.mT, "ns5"), orthogonalize(W.mT, "ns5", form="gram"))
+    assert torch.equal(orthogonalize(W, "convergent"), orthogonalize(W, "convergent", form="direct"))
+    square = torch.randn(16, 16)
+    assert torch.equal(orthogonalize(square, "turbo"), orthogonalize(square, "turbo", form="direct"))
+    assert torch.equal(orthogonalize(W, "turbo", low_precision=True),
+                       orthogonalize(W, "turbo", low_precision=True, form="direct"))
+
+
+def test_gram_form_gradients_match_direct_form():
+    W = torch.randn(2, 8, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    target = torch.randn(2, 8, 40, dtype=torch.float64)
+    grads = []
+    for form in ["direct", "gram"]:
+        Wf = W.clone().requires_grad_(True)
+        (orthogonalize(Wf, "turbo", form=form) * target).sum().backward()
+        grads.append(Wf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
 
 
 # ---------------------------------------------------------------- convergent methods (layers)
@@ -247,6 +291,13 @@ def test_bad_steps_raise(steps):
         orthogonalize(torch.randn(4, 4), "turbo", steps=steps)
 
 
+def test_bad_form_raises():
+    with pytest.raises(ValueError, match="form must be one of"):
+        orthogonalize(torch.randn(4, 8), "turbo", form="fast")
+    with pytest.raises(ValueError, match="fp32/fp64 only"):
+        orthogonalize(torch.randn(4, 8), "turbo", form="gram", low_precision=True)
+
+
 def test_unknown_method_and_svd_steps_raise():
     with pytest.raises(ValueError, match="unknown method"):
         orthogonalize(torch.randn(4, 4), "qr")
@@ -262,4 +313,6 @@ def test_zero_matrix_without_validation_maps_to_zero(method):
     W = torch.stack([torch.zeros(4, 6), torch.randn(4, 6)])
     Q = orthogonalize(W, method, validate=False)
     assert torch.isfinite(Q).all() and torch.equal(Q[0], torch.zeros(4, 6))
+    Qg = orthogonalize(W, method, validate=False, form="gram")
+    assert torch.isfinite(Qg).all() and torch.equal(Qg[0], torch.zeros(4, 6))
     assert math.isclose(svdvals64(Q[1]).max().item(), svdvals64(orthogonalize(W[1], method)).max().item(), rel_tol=1e-5)
