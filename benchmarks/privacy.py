@@ -26,7 +26,10 @@ steps. Peak memory on CPU: VmHWM of the process after the steps, with the high-w
 (``echo 5 > /proc/self/clear_refs``) just before the first (warm-up) step; ``+train`` is that peak minus
 the RSS before that step (model, data and batches loaded). On CUDA: ``torch.cuda.max_memory_allocated``
 (``+train`` = over the allocation before the first step). Sides alternate, ``--perf-repeats`` times;
-the medians are reported, with ratios ours/opacus.
+the medians are reported, with ratios ours/opacus. With ``--arch scatter`` (needs ``--feature-cache``)
+both sides train the linear head on the cached scattering features, the only trainable part of that
+family; the features sit in memory before the clock and the high-water-mark reset, so "peak" includes
+them on both sides and ``+train`` is the training's own memory.
 
 Accuracy: train each side to each epsilon (sigma calibrated by each side's accountant for the
 planned epochs; the epsilon actually spent is read back from the accountant), test accuracy on the
@@ -326,9 +329,15 @@ def perf_worker(args) -> dict:
     """One (side, batch) measurement in this (fresh) process."""
     torch.set_num_threads(args.threads)
     device = args.device
-    cfg = dict(OURS if args.side == "ours" else OPACUS, **json.loads(args.cfg or "{}"))
+    global FEATURE_CACHE
+    FEATURE_CACHE = args.feature_cache
+    if args.arch == "scatter":  # the head on the cached features: what either side trains in this family
+        base = OURS_SCATTER if args.side == "ours" else OPACUS_SCATTER
+    else:
+        base = OURS if args.side == "ours" else OPACUS
+    cfg = dict(base, **json.loads(args.cfg or "{}"))
     cfg["batch"] = args.batch
-    if args.perf_train == "all":
+    if args.perf_train == "all" and args.arch == "cnn":
         cfg["train"] = "all"  # the whole network is trained on both sides
     train, _ = get_data(args.dataset, args.data_root, limit=args.limit)
     side = SIDES[args.side](cfg, train, 3.0, 1, device)
@@ -379,6 +388,8 @@ def run_perf(args) -> list[dict]:
                     cmd += ["--data-root", args.data_root]
                 if args.limit:
                     cmd += ["--limit", str(args.limit)]
+                if args.arch == "scatter":
+                    cmd += ["--arch", "scatter", "--feature-cache", args.feature_cache]
                 env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode:
@@ -395,7 +406,8 @@ def run_perf(args) -> list[dict]:
             rs = [r for r in raw if r["side"] == side and r["batch"] == batch]
             med[side] = {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "peak_mb", "train_mb")}
         rows.append(dict(kind="perf", dataset=args.dataset, batch=batch, threads=args.threads, device=args.device,
-                         trained="all layers, both sides" if args.perf_train == "all" else
+                         trained="linear head on fixed scattering features, both sides" if args.arch == "scatter"
+                         else "all layers, both sides" if args.perf_train == "all" else
                          f"ours: {OURS.get('train', 'all')} layers, opacus: {OPACUS.get('train', 'all')} layers",
                          steps=args.perf_steps, repeats=args.perf_repeats,
                          ours_samples_per_s=med["ours"]["samples_per_s"],
@@ -552,8 +564,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     global FEATURE_CACHE
     FEATURE_CACHE = args.feature_cache
-    if args.dataset == "cifar10" and (args.arch != "scatter" or not args.no_perf):
-        p.error("--dataset cifar10 needs --arch scatter --no-perf")
+    if args.dataset == "cifar10" and args.arch != "scatter":
+        p.error("--dataset cifar10 needs --arch scatter (the cnn family is mnist_convnet's 28x28 shapes)")
+    if args.arch == "scatter" and not args.no_perf and not args.feature_cache and not args.perf_worker:
+        # each perf measurement is a fresh process: without a disk cache each would recompute the features
+        p.error("--arch scatter throughput runs need --feature-cache DIR (or --no-perf)")
     if args.quick:
         from lipnet.data import resolve_data_root
         try:
