@@ -15,7 +15,7 @@ from torch import nn
 
 from lipnet.optim import SchattenMuon, TurboMuon, schatten_update
 from lipnet.optim.schatten import (activation_log_norms, alignment_ratio, choose_p, layer_features, p_grid,
-                                   _gram_eigh, _wide)
+                                   _gram_eigh)
 from lipnet.ortho import orthogonalize
 
 from strategies import matrix_with_spectrum
