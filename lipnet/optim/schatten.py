@@ -134,7 +134,8 @@ def schatten_update(M: torch.Tensor, p: float | torch.Tensor, *, root: str = "ei
         exponent = (1 / p_t - 1) / 2
         if exponent.ndim:
             exponent = exponent[..., None]
-        S = (W * lam_c.pow(exponent).unsqueeze(-2)) @ (W.mT @ X)
+        # (W diag W^T) X: one k x k product and one pass over the long side, not two
+        S = ((W * lam_c.pow(exponent).unsqueeze(-2)) @ W.mT) @ X
     return (S.mT if transposed else S).to(M.dtype)
 
 
@@ -385,7 +386,7 @@ class SchattenMuon(torch.optim.Optimizer):
             exponent = ((1 / p_vec - 1) / 2)[:, None, None]
         else:
             exponent = (1 / p - 1) / 2
-        S = (W * lam_c.unsqueeze(-2).pow(exponent)) @ (W.mT @ X)
+        S = ((W * lam_c.unsqueeze(-2).pow(exponent)) @ W.mT) @ X     # k x k first: one pass over the long side
         return S.mT if transposed else S
 
     def current_p(self) -> list[float]:
