@@ -108,7 +108,10 @@ def get_data(dataset: str, data_root: str | None, holdout: int = 0, limit: int |
     train = load_dataset(dataset, "train", data_root, progress=False)
     if holdout:
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-        return train.subset(perm[:-holdout]), train.subset(perm[-holdout:])
+        parts = train.subset(perm[:-holdout]), train.subset(perm[-holdout:])
+        for part, index in zip(parts, (perm[:-holdout], perm[-holdout:])):
+            _PARENT[id(part)] = (train, index)   # --arch scatter: index the full split's (cached) features
+        return parts
     test = load_dataset(dataset, "test", data_root, progress=False)
     if limit:
         train = train.subset(torch.arange(min(limit, len(train))))
@@ -129,6 +132,7 @@ class FloatDataset(torch.utils.data.Dataset):
 
 
 _FEATURES: dict[tuple, tuple] = {}
+_PARENT: dict[int, tuple] = {}   # id(subset) -> (full dataset, indices), set by get_data(holdout=...)
 FEATURE_CACHE: str | None = None
 
 
@@ -142,9 +146,14 @@ def hash_images(ds: ImageDataset) -> str:
 def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
     """(FeatureDataset of InputNormalization -> L2BallProjection -> Scattering2d of every image, norm bound),
     computed once per dataset and configuration with lipnet.privacy.precompute_frozen_prefix."""
-    from lipnet.privacy import precompute_frozen_prefix
+    from lipnet.privacy import FeatureDataset, precompute_frozen_prefix
     key = (id(ds), cfg["J"], cfg["L"], cfg["input_radius"])
     if key in _FEATURES:
+        return _FEATURES[key]
+    if id(ds) in _PARENT:  # a held-out split of TRAIN: the features are per image, so index the full split's
+        parent, index = _PARENT[id(ds)]
+        full, bound = scatter_features(parent, cfg, device)
+        _FEATURES[key] = (FeatureDataset(full.features[index], full.labels[index]), bound)
         return _FEATURES[key]
     # on-disk cache (--feature-cache): keyed by the images themselves and the configuration
     path = None
