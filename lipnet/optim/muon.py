@@ -58,7 +58,10 @@ def momentum_directions(state: dict, params: list[torch.Tensor], grads: list[tor
                         nesterov: bool) -> list[torch.Tensor]:
     """B = beta B + (1 - beta) G in ``state[p]["momentum_buffer"]`` (as ``torch.optim.Muon``); returns
     the update directions (1 - beta) G + beta B (nesterov) or the buffers B themselves."""
-    bufs = [state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+    for p in params:  # not setdefault: its default argument would allocate a buffer every step
+        if "momentum_buffer" not in state[p]:
+            state[p]["momentum_buffer"] = torch.zeros_like(p)
+    bufs = [state[p]["momentum_buffer"] for p in params]
     torch._foreach_lerp_(bufs, grads, 1 - beta)
     return torch._foreach_lerp(grads, bufs, beta) if nesterov else bufs
 

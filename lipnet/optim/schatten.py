@@ -351,7 +351,9 @@ class SchattenMuon(torch.optim.Optimizer):
         out = []
         for q, g in zip(params, grads):
             state = self.state[q]
-            v = state.setdefault("second_moment", torch.zeros_like(q))
+            if "second_moment" not in state:
+                state["second_moment"] = torch.zeros_like(q)
+            v = state["second_moment"]
             v.lerp_(g.square(), 1 - beta2)
             out.append((v / (1 - beta2 ** state["step"]) + eps).pow(exponent))
         return out
