@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .certify import certified_accuracy
+from .certify import certified_accuracy, network_lipschitz_bound
 from .distributed import DistributedContext, all_reduce_mean, wrap_ddp
 from .models import build_model
 from .nn import LipschitzCrossEntropy
@@ -223,6 +223,21 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, device
     return history
 
 
+@torch.no_grad()
+def frozen_test_features(prefix: nn.Module, loader: Iterable, device: str | torch.device = "cpu"
+                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(prefix(x), y)]`` for the batches of ``loader``, the prefix in eval mode (as certification
+    runs the model), kept on ``device``: ``head(prefix(x)) == model(x)`` for a Sequential split by
+    :func:`lipnet.privacy.split_frozen_prefix`, so per-epoch evaluation can run the head alone."""
+    modes = [(m, m.training) for m in prefix.modules()]
+    prefix.eval()
+    try:
+        return [(prefix(x.to(device)), y.to(device)) for x, y in loader]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, device: str | torch.device = "cpu",
                 progress: bool = True, log: Callable[[str], None] = print, evaluate: bool = True) -> list[dict]:
     """Clipping-free DP-SGD (``lipnet.privacy.PrivateTrainer``) on ``LipschitzCrossEntropy``: Poisson
@@ -244,11 +259,15 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     else:
         optimizer = torch.optim.Adam(params, lr=config.lr)
     trained, data, input_bound, input_shape = model, train_set, dp["input_bound"], None
+    eval_model, eval_batches = model, test_loader
     if dp.get("precompute", True) and isinstance(model, nn.Sequential) and len(split_frozen_prefix(model)[0]):
         # the frozen leading layers (scattering, frozen convs) run once per example, not once per step
         frozen = precompute_frozen_prefix(model, train_set, dp["input_bound"], device=device, progress=progress)
         trained, data, input_bound, input_shape = frozen.head, frozen.dataset, frozen.bound, frozen.shape
         log(f"frozen prefix computed once: features {frozen.shape}, norm <= {frozen.bound:.4g}")
+        if evaluate:  # and once per test image: each epoch's evaluation runs the head only
+            eval_model, eval_batches = frozen.head, frozen_test_features(split_frozen_prefix(model)[0], test_loader,
+                                                                         device)
     trainer = PrivateTrainer(trained, optimizer, data, loss=loss_fn, input_bound=input_bound, input_shape=input_shape,
                              target_epsilon=dp["epsilon"], target_delta=dp["delta"], epochs=config.epochs,
                              sample_rate=config.batch_size / len(train_set), accountant=dp["accountant"],
@@ -260,7 +279,9 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
         if not evaluate:
             history.append(row)
             continue
-        report = certified_accuracy(model, test_loader, config.eval_eps, device=device)
+        # radii in input space: the whole model's bound (prefix included), whichever part is evaluated
+        report = certified_accuracy(eval_model, eval_batches, config.eval_eps, device=device,
+                                    lipschitz=network_lipschitz_bound(model))
         row.update(clean=report.clean, certified=report.certified, lipschitz_bound=report.lipschitz_bound,
                    train_seconds=row["seconds"])
         history.append(row)
