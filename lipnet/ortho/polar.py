@@ -203,8 +203,9 @@ def orthogonalize(
         form: ``"direct"`` (X = a X + B X on the (k, N) matrix every step), ``"gram"`` (the same
             polynomial steps carried out on the k x k Gram side, X_T = (P_{T-1} ... P_0) X_0; fewer
             flops when N > 1.5 k, slightly more rounding; fp32/fp64 only) or ``"auto"`` (gram for
-            ``"turbo"``/``"ns5"`` in fp32/fp64 when N >= 2 k, else direct). The bands above hold
-            for both forms (tested).
+            ``"turbo"``/``"ns5"`` in fp32/fp64 when N >= 2 k, else direct). The ns5 / turbo bands
+            hold in both forms (tested); the converging schedules end further from orthogonal in the
+            Gram form (see the note at ``FORMS``), which is why "auto" never picks it for them.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
