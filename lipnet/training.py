@@ -77,10 +77,17 @@ PRIVATE_PRESETS: dict[str, dict[str, PrivatePreset]] = {
         "mnist-convnet": PrivatePreset({"mean": mean, **_MNIST_DP}, 1024, 0.2, 15, 28.0, 0.0, 0.1),
     } for dataset, mean in (("mnist", (0.1307,)), ("fashion-mnist", (0.2860,)))
 }
-# not tuned (no GPU run yet): the MNIST CNN recipe on the CIFAR ResNet without centering
-PRIVATE_PRESETS["cifar10"] = {"cifar-liresnet": PrivatePreset(
-    {"mean": (0.4914, 0.4822, 0.4465), "centering": "none", "width": 32, "blocks": (1, 1, 1)}, 2048, 0.2, 30, 56.0,
-    0.0, 0.1)}
+# CIFAR-10: raw pixels have ||x|| <= sqrt(3 * 32 * 32) < 55.5. scatter-net (the default): chosen on a held-out
+# part of the CIFAR-10 train split at eps=1 (lr 0.25, temperature 0.1, offset 3: a hinge-like loss keeps every
+# example inside the margin at the gradient norm the noise is calibrated to; benchmarks/results/
+# privacy_tune_scatter_cifar10.md). cifar-liresnet: not tuned (no GPU run yet), the MNIST CNN recipe.
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+PRIVATE_PRESETS["cifar10"] = {
+    "scatter-net": PrivatePreset({"mean": _CIFAR_MEAN, "in_channels": 3, "image_size": 32, **_SCATTER_DP}, 4096, 0.25,
+                                 20, 55.5, 3.0, 0.1, trainable="all"),
+    "cifar-liresnet": PrivatePreset({"mean": _CIFAR_MEAN, "centering": "none", "width": 32, "blocks": (1, 1, 1)}, 2048,
+                                    0.2, 30, 56.0, 0.0, 0.1),
+}
 
 
 def private_trainable(model: nn.Module, trainable: str = "dense", freeze_bias: bool = True) -> list[nn.Parameter]:

@@ -13,7 +13,7 @@ import pytest
 
 from lipnet.cli import main
 from lipnet.nn import Scattering2d
-from lipnet.training import load_checkpoint
+from lipnet.training import TrainConfig, load_checkpoint
 
 
 def test_train_then_certify(tmp_path, data_root, capsys):
@@ -129,6 +129,28 @@ def test_train_dp_reports_epsilon_per_epoch(tmp_path, data_root, capsys):
     assert config.model == "scatter-net" and isinstance(model[2], Scattering2d)
     assert config.dp["epsilon"] == 2.0 and config.dp["epsilon_spent"] == pytest.approx(spent[1], abs=1e-3)
     assert [h["epsilon"] for h in history] == pytest.approx(spent, abs=1e-3)
+
+
+def test_cifar10_private_default_is_the_measured_scatter_recipe():
+    import torch
+
+    from lipnet.models import build_model
+    from lipnet.nn import LipschitzCrossEntropy
+    from lipnet.privacy import gradient_norm_bounds, split_frozen_prefix
+
+    config = TrainConfig.from_preset("cifar10", private=True)
+    assert config.model == "scatter-net" and (config.lr, config.temperature, config.offset) == (0.25, 0.1, 3.0)
+    model = build_model(config.model, **config.model_config)
+    x = torch.rand(2, 3, 32, 32)
+    assert model(x).shape == (2, 10)
+    # raw pixels in [0, 1]^3072 lie in the input ball (the trainer's projection is a no-op) and the
+    # scattering is the frozen prefix: only the linear head is trained, with a finite bound
+    assert config.dp["input_bound"] >= x[0].numel() ** 0.5
+    prefix, head = split_frozen_prefix(model)
+    assert isinstance(prefix[2], Scattering2d) and len(head) == 1
+    loss = LipschitzCrossEntropy(config.temperature, config.offset)
+    report = gradient_norm_bounds(model, config.dp["input_bound"], loss, (3, 32, 32))
+    assert set(report.as_dict()) == {"4.weight", "4.bias"} and 0 < report.total < float("inf")
 
 
 def test_train_dp_errors(tmp_path, data_root, capsys):
