@@ -338,8 +338,6 @@ def perf_worker(args) -> dict:
     """One (side, batch) measurement in this (fresh) process."""
     torch.set_num_threads(args.threads)
     device = args.device
-    global FEATURE_CACHE
-    FEATURE_CACHE = args.feature_cache
     if args.arch == "scatter":  # the head on the cached features: what either side trains in this family
         base = OURS_SCATTER if args.side == "ours" else OPACUS_SCATTER
     else:
@@ -566,16 +564,16 @@ def main() -> None:
         if args.md:
             Path(args.md).write_text(markdown(rows, meta))
         return
+    global FEATURE_CACHE
+    FEATURE_CACHE = args.feature_cache
     if args.perf_worker:
         args.side = args.perf_worker
         print(json.dumps(perf_worker(args)))
         return
     torch.set_num_threads(args.threads)
-    global FEATURE_CACHE
-    FEATURE_CACHE = args.feature_cache
     if args.dataset == "cifar10" and args.arch != "scatter":
         p.error("--dataset cifar10 needs --arch scatter (the cnn family is mnist_convnet's 28x28 shapes)")
-    if args.arch == "scatter" and not args.no_perf and not args.feature_cache and not args.perf_worker:
+    if args.arch == "scatter" and not args.no_perf and not args.feature_cache:
         # each perf measurement is a fresh process: without a disk cache each would recompute the features
         p.error("--arch scatter throughput runs need --feature-cache DIR (or --no-perf)")
     if args.quick:

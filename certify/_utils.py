@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
+from ..modes import training_mode
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode (certificates are about the eval-mode function), then restore."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+
+def eval_mode(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Run ``model`` in eval mode (certificates are about the eval-mode function), then restore every
+    submodule's own mode."""
+    return training_mode(model, False)
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:

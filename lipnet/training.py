@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .certify import certified_accuracy, network_lipschitz_bound
 from .distributed import DistributedContext, all_reduce_mean, wrap_ddp
 from .models import build_model
+from .modes import training_mode
 from .nn import LipschitzCrossEntropy
 
 
@@ -236,13 +237,8 @@ def frozen_test_features(prefix: nn.Module, loader: Iterable, device: str | torc
     """``[(prefix(x), y)]`` for the batches of ``loader``, the prefix in eval mode (as certification
     runs the model), kept on ``device``: ``head(prefix(x)) == model(x)`` for a Sequential split by
     :func:`lipnet.privacy.split_frozen_prefix`, so per-epoch evaluation can run the head alone."""
-    modes = [(m, m.training) for m in prefix.modules()]
-    prefix.eval()
-    try:
+    with training_mode(prefix, False):
         return [(prefix(x.to(device)), y.to(device)) for x, y in loader]
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, device: str | torch.device = "cpu",
@@ -267,14 +263,15 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
         optimizer = torch.optim.Adam(params, lr=config.lr)
     trained, data, input_bound, input_shape = model, train_set, dp["input_bound"], None
     eval_model, eval_batches = model, test_loader
-    if dp.get("precompute", True) and isinstance(model, nn.Sequential) and len(split_frozen_prefix(model)[0]):
+    precompute = dp.get("precompute", True) and isinstance(model, nn.Sequential)
+    prefix = split_frozen_prefix(model)[0] if precompute else ()
+    if len(prefix):
         # the frozen leading layers (scattering, frozen convs) run once per example, not once per step
         frozen = precompute_frozen_prefix(model, train_set, dp["input_bound"], device=device, progress=progress)
         trained, data, input_bound, input_shape = frozen.head, frozen.dataset, frozen.bound, frozen.shape
         log(f"frozen prefix computed once: features {frozen.shape}, norm <= {frozen.bound:.4g}")
         if evaluate:  # and once per test image: each epoch's evaluation runs the head only
-            eval_model, eval_batches = frozen.head, frozen_test_features(split_frozen_prefix(model)[0], test_loader,
-                                                                         device)
+            eval_model, eval_batches = frozen.head, frozen_test_features(prefix, test_loader, device)
     trainer = PrivateTrainer(trained, optimizer, data, loss=loss_fn, input_bound=input_bound, input_shape=input_shape,
                              target_epsilon=dp["epsilon"], target_delta=dp["delta"], epochs=config.epochs,
                              sample_rate=config.batch_size / len(train_set), accountant=dp["accountant"],

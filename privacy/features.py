@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lipnet.data import ImageDataset
 from lipnet.distributed import world
+from lipnet.modes import training_mode
 from lipnet.nn import L2BallProjection
 
 from .sampling import FeatureDataset
@@ -78,16 +79,11 @@ def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bou
     dtype = next(head.parameters()).dtype
     # Train mode, as PrivateTrainer.train_epoch runs the whole model; each layer's own mode is restored after
     # (the prefix is a new container over the model's layers, so its own flag says nothing about theirs).
-    modes = [(m, m.training) for m in prefix.modules()]
-    prefix.train()
     chunks = []
-    try:
+    with training_mode(prefix, True):
         for start in tqdm(range(0, len(data), batch_size), desc="frozen features", disable=not progress, leave=False):
             x = data.images[start:start + batch_size].to(device, dtype=dtype).div_(255)
             chunks.append(prefix(project(x)))
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return FrozenFeatures(head, FeatureDataset(torch.cat(chunks), data.labels), float(bound))
 
 

@@ -156,3 +156,21 @@ def test_bad_input(trained):
         certify.lipschitz_lower_bound(model, bad)
     with pytest.raises(ValueError, match="eps"):
         certify.pgd_l2(model, x[:2], y[:2], -1.0)
+
+
+def test_eval_mode_gives_every_layer_its_own_mode_back():
+    # A model with one layer kept in eval mode on purpose: certification must not switch it to train.
+    from torch import nn
+
+    from lipnet.certify._utils import eval_mode
+    from lipnet.modes import training_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Linear(2, 2))
+    model.train()
+    model[1].eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model] == [True, False, True] and model.training
+    with training_mode(model, True):
+        assert all(m.training for m in model.modules())
+    assert [m.training for m in model] == [True, False, True]
