@@ -147,6 +147,17 @@ def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
     """(FeatureDataset of InputNormalization -> L2BallProjection -> Scattering2d of every image, norm bound),
     computed once per dataset and configuration with lipnet.privacy.precompute_frozen_prefix."""
     from lipnet.privacy import FeatureDataset, precompute_frozen_prefix
+    # feature_norm="sphere" (a search option only): every feature vector rescaled to the bound, so each sample's
+    # ||x|| is the one the noise is calibrated to. Not offered by the library: x -> R x / ||x|| is not Lipschitz,
+    # so the model would lose its certificates.
+    if cfg.get("feature_norm", "none") == "sphere":
+        base, bound = scatter_features(ds, dict(cfg, feature_norm="none"), device)
+        key = (id(ds), cfg["J"], cfg["L"], cfg["input_radius"], "sphere")
+        if key not in _FEATURES:
+            f = base.features
+            norms = f.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (f.dim() - 1))
+            _FEATURES[key] = (FeatureDataset(f * (bound / norms), base.labels), bound)
+        return _FEATURES[key]
     key = (id(ds), cfg["J"], cfg["L"], cfg["input_radius"])
     if key in _FEATURES:
         return _FEATURES[key]
@@ -218,6 +229,13 @@ def _optimizer(params, cfg: dict) -> torch.optim.Optimizer:
 
 
 # ----------------------------------------------------------------------------------------------- sides
+def ours_loss(cfg: dict) -> nn.Module:
+    """LipschitzCrossEntropy(temperature, offset); with ``loss_clip`` its per-sample logit gradient clipped
+    to that norm (lipnet.nn.ClippedLossGradient), which is then the loss bound the noise is calibrated to."""
+    loss = ln.LipschitzCrossEntropy(cfg["temperature"], cfg["offset"])
+    return ln.ClippedLossGradient(loss, cfg["loss_clip"]) if cfg.get("loss_clip") else loss
+
+
 class Ours:
     name = "ours (lipnet.privacy)"
 
@@ -230,7 +248,7 @@ class Ours:
             self.model = feature_head(cfg, features.features[0].numel(), ortho=True).to(device)
             private_trainable(self.model, "all", freeze_bias=cfg["freeze_bias"])
             self.trainer = make_private(self.model, _optimizer(self.model.parameters(), cfg), features, eps, DELTA,
-                                        epochs, loss=ln.LipschitzCrossEntropy(cfg["temperature"], cfg["offset"]),
+                                        epochs, loss=ours_loss(cfg),
                                         input_bound=bound, noise=cfg["noise"], device=device, seed=seed,
                                         progress=False, sample_rate=cfg["batch"] / len(features))
             self.loader, self.device = self.trainer.loader, device
@@ -241,7 +259,7 @@ class Ours:
         # the model's own L2BallProjection(input_radius) after mean subtraction is what bounds the first layer.
         d = math.prod(train.images.shape[1:])
         self.trainer = make_private(self.model, _optimizer(self.model.parameters(), cfg), loader, eps, DELTA, epochs,
-                                    loss=ln.LipschitzCrossEntropy(cfg["temperature"], cfg["offset"]),
+                                    loss=ours_loss(cfg),
                                     input_bound=math.sqrt(d), noise=cfg["noise"], device=device, seed=seed,
                                     progress=False)
         self.loader, self.device = self.trainer.loader, device

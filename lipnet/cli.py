@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--delta", type=float, default=1e-5, help="--dp: delta (must be < 1/n)")
     t.add_argument("--input-bound", type=float, default=None,
                    help="--dp: inputs are projected onto the L2 ball of this radius (raw pixels; default: preset)")
+    t.add_argument("--loss-clip", type=float, default=None,
+                   help="--dp: clip each sample's loss gradient w.r.t. the logits to this norm and calibrate the "
+                        "noise to it (lipnet.nn.ClippedLossGradient; default: the preset's; 0: off)")
     t.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="--dp: opacus accountant")
     t.add_argument("--noise", choices=["global", "per_layer"], default=None,
                    help="--dp: noise calibration (default: the preset's, per_layer)")
@@ -172,6 +176,10 @@ def _train_private(args, ctx: lipdist.DistributedContext) -> int:
     config.dp.update(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
     config.dp.update({k: v for k, v in (("input_bound", args.input_bound), ("noise", args.noise),
                                         ("trainable", args.dp_train)) if v is not None})
+    if args.loss_clip is not None:
+        if not (math.isfinite(args.loss_clip) and args.loss_clip >= 0):
+            raise ValueError(f"--loss-clip must be >= 0 (0: no clipping), got {args.loss_clip}")
+        config.dp["loss_clip"] = args.loss_clip or None
     train = lipdata.load_dataset(args.dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
     test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
     model = build_model(config.model, **config.model_config).to(ctx.device)

@@ -17,7 +17,7 @@ from .certify import certified_accuracy, network_lipschitz_bound
 from .distributed import DistributedContext, all_reduce_mean, wrap_ddp
 from .models import build_model
 from .modes import training_mode
-from .nn import LipschitzCrossEntropy
+from .nn import ClippedLossGradient, LipschitzCrossEntropy
 
 
 @dataclass
@@ -61,6 +61,7 @@ class PrivatePreset:
     noise: str = "per_layer"
     trainable: str = "dense"
     freeze_bias: bool = True
+    loss_clip: float | None = None   # ClippedLossGradient: per-sample logit-gradient norm (None: the loss' own bound)
 
 
 # MNIST / Fashion-MNIST: raw pixels have ||x|| <= 28, so the raw projection is a no-op; the model's own
@@ -150,7 +151,8 @@ class TrainConfig:
                      # private models have small margins: report certificates at smaller radii
                      eval_eps=tuple(e / 5 for e in p["eval_eps"]),
                      dp={"input_bound": q.input_bound, "noise": q.noise, "optimizer": q.optimizer,
-                         "momentum": q.momentum, "trainable": q.trainable, "freeze_bias": q.freeze_bias})
+                         "momentum": q.momentum, "trainable": q.trainable, "freeze_bias": q.freeze_bias,
+                         "loss_clip": q.loss_clip})
         elif model is not None and model != p["model"]:
             p.update(model=model, model_config={"mean": p["model_config"]["mean"]})
         p.update({k: v for k, v in overrides.items() if v is not None})
@@ -246,8 +248,9 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     """Clipping-free DP-SGD (``lipnet.privacy.PrivateTrainer``) on ``LipschitzCrossEntropy``: Poisson
     batches of expected size ``config.batch_size``, noise calibrated to spend ``config.dp["epsilon"]``
     at ``config.dp["delta"]`` over ``config.epochs``; ``config.dp`` also names the optimizer ("sgd"
-    with ``momentum`` or "adam"), the noise calibration and the trainable layers
-    (:func:`private_trainable`).
+    with ``momentum`` or "adam"), the noise calibration, the trainable layers
+    (:func:`private_trainable`) and ``loss_clip`` (if set, the loss' per-sample logit gradient is
+    clipped to that norm, :class:`lipnet.nn.ClippedLossGradient`, and the noise calibrated to it).
     After each epoch: epsilon spent so far (the accountant), clean and certified test accuracy
     (``evaluate=False``: no evaluation, e.g. on ranks other than 0 of a multi-process run)."""
     from .privacy import PrivateTrainer, epoch_row, precompute_frozen_prefix, split_frozen_prefix
@@ -256,6 +259,8 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     if not 0 < config.batch_size <= len(train_set):
         raise ValueError(f"expected batch size {config.batch_size} must be in [1, {len(train_set)}] (the training set)")
     loss_fn = LipschitzCrossEntropy(temperature=config.temperature, offset=config.offset)
+    if dp.get("loss_clip"):  # noise calibrated to the clipped logit-gradient norm instead of the loss' sqrt(2)
+        loss_fn = ClippedLossGradient(loss_fn, dp["loss_clip"])
     params = private_trainable(model, dp.get("trainable", "all"), dp.get("freeze_bias", False))
     if dp.get("optimizer", "adam") == "sgd":
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=dp.get("momentum", 0.0))

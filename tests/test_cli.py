@@ -131,6 +131,20 @@ def test_train_dp_reports_epsilon_per_epoch(tmp_path, data_root, capsys):
     assert [h["epsilon"] for h in history] == pytest.approx(spent, abs=1e-3)
 
 
+def test_train_dp_loss_clip_calibrates_the_noise_to_the_clip(tmp_path, data_root, capsys):
+    out = tmp_path / "dpclip"
+    assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "2.0", "--delta", "1e-4", "--epochs", "1",
+                 "--limit", "400", "--batch-size", "100", "--loss-clip", "0.2", "--out", str(out), "--data-root",
+                 str(data_root), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"loss Lipschitz 0\.2\b", text)
+    sensitivity = float(re.findall(r"C=([0-9.e+-]+)", text)[0])
+    _, config, _ = load_checkpoint(out)
+    assert config.dp["loss_clip"] == 0.2
+    # one linear head on scattering features of norm <= 8: C = 8 * 0.2 (not 8 * sqrt(2)), up to BOUND_MARGIN
+    assert sensitivity == pytest.approx(8 * 0.2, rel=2e-3)
+
+
 def test_cifar10_private_default_is_the_measured_scatter_recipe():
     import torch
 
@@ -161,6 +175,7 @@ def test_train_dp_errors(tmp_path, data_root, capsys):
                            (["--dp", "--epsilon", "0", "--no-progress"], "target_epsilon"),
                            (["--dp", "--epsilon", "1", "--batch-size", "500"], "training set"),
                            (["--epsilon", "1"], "only meaningful with --dp"),
+                           (["--dp", "--epsilon", "1", "--loss-clip", "-1"], "--loss-clip must be >= 0"),
                            (["--dp", "--epsilon", "1", "--width", "4"], "--width does not apply to scatter-net")):
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err

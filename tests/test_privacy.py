@@ -15,7 +15,7 @@ from torch import nn
 import lipnet.nn as ln
 from lipnet.data import DATASETS, BatchLoader, ImageDataset
 from lipnet.models import mnist_convnet
-from lipnet.privacy import (PoissonBatchLoader, PrivateTrainer, conv_reuse, gradient_norm_bounds, make_private,
+from lipnet.privacy import (BOUND_MARGIN, PoissonBatchLoader, PrivateTrainer, conv_reuse, gradient_norm_bounds, make_private,
                             per_sample_gradient_norms)
 
 TOL = 1e-6  # the bounds carry BOUND_MARGIN = 1e-4; the audit is float64-normed float32 gradients
@@ -96,11 +96,12 @@ def conv_models(draw):
 
 @settings(max_examples=25, deadline=None)
 @given(conv_models(), st.floats(0.5, 30.0), st.integers(0, 10**6),
-       st.sampled_from(["lce", "hinge", "ce"]))
+       st.sampled_from(["lce", "hinge", "ce", "clipped"]))
 def test_per_sample_gradients_never_exceed_the_bound_conv(model_shape, radius, seed, loss_name):
     model, shape = model_shape
     loss = {"lce": ln.LipschitzCrossEntropy(temperature=0.1), "hinge": ln.MultiMarginHinge(margin=2.0),
-            "ce": nn.CrossEntropyLoss()}[loss_name]
+            "ce": nn.CrossEntropyLoss(),
+            "clipped": ln.ClippedLossGradient(ln.LipschitzCrossEntropy(temperature=0.5), 0.05)}[loss_name]
     x = _on_sphere(shape, radius, seed, 12)
     y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(seed))
     _check(model, loss, x, y, radius)
@@ -171,6 +172,24 @@ def test_bound_is_attained_by_a_dense_layer_and_a_circular_conv():
     ratios = _check(model, loss, x, torch.tensor([1]), radius)
     assert conv_reuse(conv, (8, 8)) == (9, 64)
     assert ratios["0.weight"] > 0.99  # sqrt(R) = 3 is needed: a bound without it would be broken
+
+
+def test_clipped_loss_gradient_gives_every_sample_the_full_bound():
+    """Why ClippedLossGradient exists: with cross-entropy's own bound sqrt(2) a linear head's samples reach
+    ||x|| ||p - e_y|| / (X sqrt(2)) of the bound; clipped at a small clip, every sample on the sphere that is
+    not already fitted reaches the whole bound (what per-sample clipping gives opacus), none exceeds it."""
+    torch.manual_seed(0)
+    radius, head = 5.0, nn.Linear(12, 4, bias=False)
+    x = _on_sphere((12,), radius, 0, 32)
+    x = x / x.norm(dim=1, keepdim=True) * radius
+    y = torch.randint(0, 4, (32,))
+    plain = _check(head, ln.LipschitzCrossEntropy(temperature=1.0, offset=0.0), x, y, radius)
+    assert plain["weight"] < 0.9
+    clipped = ln.ClippedLossGradient(ln.LipschitzCrossEntropy(temperature=1.0, offset=0.0), 0.05)
+    report = gradient_norm_bounds(head, radius, clipped, (12,))
+    norms = per_sample_gradient_norms(head, report, x, y, clipped)["weight"]
+    assert report.bounds[0].bound == pytest.approx(radius * 0.05 * (1 + BOUND_MARGIN), rel=1e-6)
+    assert (norms <= report.bounds[0].bound).all() and (norms >= 0.999 * radius * 0.05).all()
 
 
 def test_conv_reuse_counts():

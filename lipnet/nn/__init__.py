@@ -3,7 +3,8 @@
 Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside), ``AOLLinear``,
 ``AOLConv2d``, ``SLLBlock``; activations ``MaxMin``, ``Abs``; pooling ``L2NormPool2d``,
 ``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``L2BallProjection``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
-``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``.
+``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``,
+``ClippedLossGradient`` (per-sample logit-gradient clipping, for private training).
 Bounds: ``lipschitz_bound(module)``; export: ``export(model)``.
 """
 
@@ -16,7 +17,7 @@ from .conv_norm import conv_operator_norm_bound
 from .export import export, register_exporter
 from .linear import AOLLinear, OrthoLinear
 from .normalization import InputNormalization, L2BallProjection
-from .losses import LipschitzCrossEntropy, MultiMarginHinge
+from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
 from .parametrizations import core_ortho_params
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
@@ -24,7 +25,7 @@ from .scattering import Scattering2d
 from .sll import SLLBlock
 
 __all__ = [
-    "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ConvexResidual", "FirstChannels", "Flatten",
+    "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConvexResidual", "FirstChannels", "Flatten",
     "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "MultiMarginHinge", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
