@@ -149,11 +149,12 @@ def test_cifar10_private_default_is_the_measured_scatter_recipe():
     import torch
 
     from lipnet.models import build_model
-    from lipnet.nn import LipschitzCrossEntropy
+    from lipnet.nn import ClippedLossGradient, LipschitzCrossEntropy
     from lipnet.privacy import gradient_norm_bounds, split_frozen_prefix
 
     config = TrainConfig.from_preset("cifar10", private=True)
-    assert config.model == "scatter-net" and (config.lr, config.temperature, config.offset) == (0.25, 0.1, 3.0)
+    assert config.model == "scatter-net" and (config.lr, config.temperature, config.offset) == (1.0, 1.0, 0.0)
+    assert config.dp["loss_clip"] == 0.25
     model = build_model(config.model, **config.model_config)
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, 10)
@@ -162,7 +163,7 @@ def test_cifar10_private_default_is_the_measured_scatter_recipe():
     assert config.dp["input_bound"] >= x[0].numel() ** 0.5
     prefix, head = split_frozen_prefix(model)
     assert isinstance(prefix[2], Scattering2d) and len(head) == 1
-    loss = LipschitzCrossEntropy(config.temperature, config.offset)
+    loss = ClippedLossGradient(LipschitzCrossEntropy(config.temperature, config.offset), config.dp["loss_clip"])
     report = gradient_norm_bounds(model, config.dp["input_bound"], loss, (3, 32, 32))
     assert set(report.as_dict()) == {"4.weight", "4.bias"} and 0 < report.total < float("inf")
 
