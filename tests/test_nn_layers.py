@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -250,6 +251,22 @@ def test_clipped_loss_gradient_clips_each_sample_and_keeps_the_value(n, seed, te
         torch.testing.assert_close(out, base(z, y).sum() * scale)
         torch.testing.assert_close(torch.autograd.grad(out, z)[0], expected / weights[:, None] * scale)
     assert base.reduction == "none"  # the wrapper restores the wrapped loss' own reduction
+
+
+def test_clipped_loss_gradient_bounds_each_row_even_for_a_batch_coupled_loss():
+    class Coupled(nn.Module):  # each value depends on the whole batch (through the batch mean)
+        reduction = "none"
+
+        def forward(self, z, y):
+            return F.cross_entropy(z - 3 * z.mean(0, keepdim=True), y, reduction=self.reduction)
+
+    z = (4 * torch.randn(16, 5, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, 5, (16,))
+    coupled = Coupled()
+    raw = torch.autograd.grad(coupled(z, y).sum(), z)[0]
+    assert raw.norm(dim=1).max() > 0.5       # the batch call's own rows exceed the clip
+    grads = torch.autograd.grad(ln.ClippedLossGradient(coupled, 0.5)(z, y).sum(), z)[0]
+    assert (grads.norm(dim=1) <= 0.5 * (1 + 1e-12)).all()
 
 
 def test_clipped_loss_gradient_refuses_bad_arguments():

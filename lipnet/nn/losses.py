@@ -91,6 +91,8 @@ class ClippedLossGradient(nn.Module):
     samples, while noise is calibrated to it; clipping at a small ``clip`` gives every sample still
     being learned the full gradient norm the noise is calibrated to, as per-sample clipping does.
     The update is then no longer the gradient of the reported value (as with per-sample clipping).
+    Each g_i is computed on sample i alone and sent as is, so the bound holds even for a wrapped
+    loss whose batch call would couple samples.
     """
 
     def __init__(self, loss: nn.Module, clip: float, reduction: str | None = None) -> None:
@@ -121,11 +123,11 @@ class ClippedLossGradient(nn.Module):
         def one(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self._per_sample(z[None], t[None]).sum()
 
-        # each sample's own logit gradient (torch.func composes with callers' vmap/grad, e.g. the audits)
+        # each sample's own logit gradient, the sample taken alone (torch.func composes with callers' vmap/grad)
         g = torch.func.vmap(torch.func.grad(one))(logits.detach(), target)
-        scale = (self.clip / g.flatten(1).norm(dim=1).clamp_min(self.clip)).detach()
-        # value unchanged, gradient scaled per sample: d/dz [v.detach() + s (v - v.detach())] = s dv/dz
-        out = values.detach() + scale * (values - values.detach())
+        clipped = (g * (self.clip / g.norm(dim=1, keepdim=True).clamp_min(self.clip))).detach()
+        # value unchanged; d out_i / d z = clipped_i exactly, whatever the batch call's own gradient would be
+        out = values.detach() + (clipped * (logits - logits.detach())).sum(dim=1)
         if self.reduction == "mean":
             return out.mean()
         if self.reduction == "sum":
