@@ -460,7 +460,7 @@ def train_eval(side_name: str, cfg: dict, train, evalset, eps: float, epochs: in
     acc = accuracy(side, evalset, device)
     row = dict(kind="accuracy", side=side_name, target_epsilon=eps, epsilon=side.epsilon(), delta=DELTA,
                sigma=side.sigma(), epochs=epochs, batch=cfg["batch"], accuracy=acc, train_loss=losses[-1],
-               seconds=seconds, n_train=len(train), n_eval=len(evalset), config=cfg, label=label)
+               seconds=seconds, n_train=len(train), n_eval=len(evalset), config=cfg, label=label, seed=seed)
     print(f"  {side_name:6s} eps {eps:g} ({row['epsilon']:.3f} spent, sigma {row['sigma']:.3f}) {label}: "
           f"acc {acc:.4f}, loss {losses[-1]:.4f}, {seconds:.0f}s", flush=True)
     return row
@@ -560,6 +560,7 @@ def main() -> None:
     p.add_argument("--merge", nargs="+", default=None, help="combine the rows of these --json files into --json/--md")
     p.add_argument("--ours-cfg", default=None, help='JSON overrides of our config for the accuracy runs, e.g. \'{"lr": 0.25}\'')
     p.add_argument("--opacus-cfg", default=None, help="JSON overrides of opacus' config for the accuracy runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of both sides' initialization, sampling and noise")
     p.add_argument("--feature-cache", default=None, help="--arch scatter: keep computed features in this folder")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
@@ -629,7 +630,7 @@ def main() -> None:
                 continue
             for cfg in cfgs:
                 change = ", ".join(f"{k}={v}" for k, v in cfg.items() if base.get(k) != v) or "base"
-                row = train_eval(side, cfg, train, held, args.tune_eps, args.epochs, args.device, label=change)
+                row = train_eval(side, cfg, train, held, args.tune_eps, args.epochs, args.device, args.seed, label=change)
                 row.update(kind="tune", change=change, dataset=args.dataset)
                 rows.append(row)
                 save()
@@ -649,7 +650,8 @@ def main() -> None:
                 cfg.update(json.loads((args.ours_cfg if side == "ours" else args.opacus_cfg) or "{}"))
                 if args.batch:
                     cfg["batch"] = args.batch
-                row = train_eval(side, cfg, train, test, eps, args.epochs, args.device, label="test")
+                row = train_eval(side, cfg, train, test, eps, args.epochs, args.device, args.seed,
+                                 label="test" if not args.seed else f"test, seed {args.seed}")
                 row["dataset"] = args.dataset
                 rows.append(row)
                 save()
