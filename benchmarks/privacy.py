@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 import lipnet.nn as ln  # noqa: E402
 from lipnet.data import DATASETS, BatchLoader, ImageDataset, load_dataset  # noqa: E402
 from lipnet.models import mnist_convnet, scatter_net  # noqa: E402
-from lipnet.training import private_trainable  # noqa: E402
+from lipnet.training import private_loss, private_trainable  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -229,27 +229,20 @@ def _optimizer(params, cfg: dict) -> torch.optim.Optimizer:
 
 
 # ----------------------------------------------------------------------------------------------- sides
-def ours_loss(cfg: dict) -> nn.Module:
-    """LipschitzCrossEntropy(temperature, offset); with ``loss_clip`` its per-sample logit gradient clipped
-    to that norm (lipnet.nn.ClippedLossGradient), which is then the loss bound the noise is calibrated to."""
-    loss = ln.LipschitzCrossEntropy(cfg["temperature"], cfg["offset"])
-    return ln.ClippedLossGradient(loss, cfg["loss_clip"]) if cfg.get("loss_clip") else loss
-
-
 class Ours:
     name = "ours (lipnet.privacy)"
 
     def __init__(self, cfg, train, eps, epochs, device, seed=0):
         from lipnet.privacy import make_private
         torch.manual_seed(seed)
+        loss = private_loss(cfg["temperature"], cfg["offset"], cfg.get("loss_clip"))
         if cfg.get("arch") == "scatter":
             self.scatter_cfg = cfg
             features, bound = scatter_features(train, cfg, device)
             self.model = feature_head(cfg, features.features[0].numel(), ortho=True).to(device)
             private_trainable(self.model, "all", freeze_bias=cfg["freeze_bias"])
             self.trainer = make_private(self.model, _optimizer(self.model.parameters(), cfg), features, eps, DELTA,
-                                        epochs, loss=ours_loss(cfg),
-                                        input_bound=bound, noise=cfg["noise"], device=device, seed=seed,
+                                        epochs, loss=loss, input_bound=bound, noise=cfg["noise"], device=device, seed=seed,
                                         progress=False, sample_rate=cfg["batch"] / len(features))
             self.loader, self.device = self.trainer.loader, device
             return
@@ -259,8 +252,7 @@ class Ours:
         # the model's own L2BallProjection(input_radius) after mean subtraction is what bounds the first layer.
         d = math.prod(train.images.shape[1:])
         self.trainer = make_private(self.model, _optimizer(self.model.parameters(), cfg), loader, eps, DELTA, epochs,
-                                    loss=ours_loss(cfg),
-                                    input_bound=math.sqrt(d), noise=cfg["noise"], device=device, seed=seed,
+                                    loss=loss, input_bound=math.sqrt(d), noise=cfg["noise"], device=device, seed=seed,
                                     progress=False)
         self.loader, self.device = self.trainer.loader, device
 

@@ -93,6 +93,14 @@ PRIVATE_PRESETS["cifar10"] = {
 }
 
 
+def private_loss(temperature: float, offset: float, loss_clip: float | None = None) -> nn.Module:
+    """``LipschitzCrossEntropy(temperature, offset)``; with ``loss_clip`` its per-sample logit gradient is
+    clipped to that norm (:class:`lipnet.nn.ClippedLossGradient`), the bound the noise is then calibrated to
+    instead of the loss' sqrt(2)."""
+    loss = LipschitzCrossEntropy(temperature=temperature, offset=offset)
+    return ClippedLossGradient(loss, loss_clip) if loss_clip else loss
+
+
 def private_trainable(model: nn.Module, trainable: str = "dense", freeze_bias: bool = True) -> list[nn.Parameter]:
     """Freeze what private training leaves alone; returns the parameters that still train.
     ``trainable="dense"``: every convolution keeps its current (e.g. random orthogonal) weights;
@@ -259,9 +267,7 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     dp = config.dp
     if not 0 < config.batch_size <= len(train_set):
         raise ValueError(f"expected batch size {config.batch_size} must be in [1, {len(train_set)}] (the training set)")
-    loss_fn = LipschitzCrossEntropy(temperature=config.temperature, offset=config.offset)
-    if dp.get("loss_clip"):  # noise calibrated to the clipped logit-gradient norm instead of the loss' sqrt(2)
-        loss_fn = ClippedLossGradient(loss_fn, dp["loss_clip"])
+    loss_fn = private_loss(config.temperature, config.offset, dp.get("loss_clip"))
     params = private_trainable(model, dp.get("trainable", "all"), dp.get("freeze_bias", False))
     if dp.get("optimizer", "adam") == "sgd":
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=dp.get("momentum", 0.0))

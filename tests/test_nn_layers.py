@@ -250,7 +250,7 @@ def test_clipped_loss_gradient_clips_each_sample_and_keeps_the_value(n, seed, te
         out = reduced(z, y)
         torch.testing.assert_close(out, base(z, y).sum() * scale)
         torch.testing.assert_close(torch.autograd.grad(out, z)[0], expected / weights[:, None] * scale)
-    assert base.reduction == "none"  # the wrapper restores the wrapped loss' own reduction
+    assert base.reduction == "none"  # the wrapper leaves the wrapped loss' own reduction alone
 
 
 def test_clipped_loss_gradient_bounds_each_row_even_for_a_batch_coupled_loss():

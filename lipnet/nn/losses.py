@@ -6,11 +6,20 @@ label y (before the batch reduction); the privacy module multiplies it into grad
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    return values
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
@@ -70,12 +79,7 @@ class MultiMarginHinge(nn.Module):
         _check(logits, target, "MultiMarginHinge")
         true = logits.gather(1, target[:, None])[:, 0]
         others = logits.scatter(1, target[:, None], float("-inf")).amax(dim=1)
-        loss = F.relu(self.margin - (true - others))
-        if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        return loss
+        return _reduce(F.relu(self.margin - (true - others)), self.reduction)
 
 
 class ClippedLossGradient(nn.Module):
@@ -91,8 +95,8 @@ class ClippedLossGradient(nn.Module):
     samples, while noise is calibrated to it; clipping at a small ``clip`` gives every sample still
     being learned the full gradient norm the noise is calibrated to, as per-sample clipping does.
     The update is then no longer the gradient of the reported value (as with per-sample clipping).
-    Each g_i is computed on sample i alone and sent as is, so the bound holds even for a wrapped
-    loss whose batch call would couple samples.
+    Each value and g_i is computed on sample i alone (g_i sent as is), so the bound holds even for a
+    wrapped loss whose batch call would couple samples.
     """
 
     def __init__(self, loss: nn.Module, clip: float, reduction: str | None = None) -> None:
@@ -101,38 +105,27 @@ class ClippedLossGradient(nn.Module):
             raise ValueError(f"ClippedLossGradient: clip must be finite and > 0, got {clip}")
         if not hasattr(loss, "reduction"):
             raise TypeError(f"ClippedLossGradient: {type(loss).__name__} has no `reduction` (needs per-sample values)")
-        self.loss, self.clip = loss, float(clip)
         self.reduction = loss.reduction if reduction is None else reduction
+        self.loss, self.clip = copy.copy(loss), float(clip)   # a per-sample copy; the caller's loss is left as is
+        self.loss.reduction = "none"
 
     @property
     def lipschitz(self) -> float:
         return self.clip
 
-    def _per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        saved = self.loss.reduction
-        self.loss.reduction = "none"
-        try:
-            return self.loss(logits, target)
-        finally:
-            self.loss.reduction = saved
-
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check(logits, target, "ClippedLossGradient")
-        values = self._per_sample(logits, target)
 
         def one(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self._per_sample(z[None], t[None]).sum()
+            return self.loss(z[None], t[None]).sum()
 
-        # each sample's own logit gradient, the sample taken alone (torch.func composes with callers' vmap/grad)
-        g = torch.func.vmap(torch.func.grad(one))(logits.detach(), target)
+        # each sample's own value and logit gradient, the sample taken alone (torch.func composes with callers'
+        # vmap/grad, e.g. the privacy audits)
+        g, values = torch.func.vmap(torch.func.grad_and_value(one))(logits.detach(), target)
         clipped = (g * (self.clip / g.norm(dim=1, keepdim=True).clamp_min(self.clip))).detach()
-        # value unchanged; d out_i / d z = clipped_i exactly, whatever the batch call's own gradient would be
+        # the value; d out_i / d z = clipped_i exactly
         out = values.detach() + (clipped * (logits - logits.detach())).sum(dim=1)
-        if self.reduction == "mean":
-            return out.mean()
-        if self.reduction == "sum":
-            return out.sum()
-        return out
+        return _reduce(out, self.reduction)
 
     def extra_repr(self) -> str:
         return f"clip={self.clip:g}"
