@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..modes import training_mode
+from ..nn._precision import full_precision
 
 
-def eval_mode(model: nn.Module) -> AbstractContextManager[nn.Module]:
-    """Run ``model`` in eval mode (certificates are about the eval-mode function), then restore every
-    submodule's own mode."""
-    return training_mode(model, False)
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode and full precision (certificates, bounds and conformal sets are
+    about the eval-mode fp32 function, whatever autocast context the caller is in), then restore
+    every submodule's own mode."""
+    with training_mode(model, False), full_precision("cpu"), full_precision("cuda"):
+        yield model
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -78,19 +78,28 @@ def test_ortho_conv_preserves_norms(cin, cout, k, s, pad):
     assert torch.allclose(ratio, torch.ones(3), atol=1e-3), ratio
 
 
-@pytest.mark.parametrize("method", ["convergent", "bjorck", "turbo", "svd"])
-def test_ortho_linear(method):
+@pytest.mark.parametrize("method,parametrization", [("convergent", "retraction"), ("convergent", "polar"),
+                                                    ("bjorck", "polar"), ("svd", "polar"), ("svd", "retraction")])
+def test_ortho_linear(method, parametrization):
     torch.manual_seed(1)
     for fin, fout in [(7, 7), (5, 11), (12, 3)]:
-        m = ln.OrthoLinear(fin, fout, method=method)
+        m = ln.OrthoLinear(fin, fout, method=method, parametrization=parametrization)
         with torch.no_grad():
             m.parametrizations.weight.original.normal_()
         low, bound = assert_bound_holds(m, (2, fin))
-        if method != "turbo":  # turbo is an optimizer schedule: sigma in [0.78, 1.22], still bounded
-            assert bound <= 1 + 1e-3
-            w = m.weight.detach()
-            small = w @ w.mT if fout <= fin else w.mT @ w
-            assert torch.allclose(small, torch.eye(min(fin, fout), dtype=w.dtype), atol=1e-3)
+        assert bound <= 1 + 1e-3
+        w = m.weight.detach()
+        small = w @ w.mT if fout <= fin else w.mT @ w
+        assert torch.allclose(small, torch.eye(min(fin, fout), dtype=w.dtype), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["turbo", "ns5"])
+def test_optimizer_schedules_are_refused_for_layers(method):
+    # turbo's band [0.78, 1.22] is no orthogonal weight: an AOC conv with groups=2 had sigma_max 17 on it
+    with pytest.raises(ValueError, match="optimizer schedule"):
+        ln.OrthoLinear(4, 4, method=method)
+    with pytest.raises(ValueError, match="optimizer schedule"):
+        ln.OrthoConv2d(8, 8, 3, groups=2, method=method)
 
 
 def test_ortho_linear_square_preserves_norms():

@@ -5,7 +5,9 @@ Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside),
 ``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``L2BallProjection``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
 ``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``,
 ``ClippedLossGradient`` (per-sample logit-gradient clipping, for private training).
-Bounds: ``lipschitz_bound(module)``; export: ``export(model)``.
+Bounds: ``lipschitz_bound(module)``; export: ``export(model)``; ``retract_(module)``: every stored
+orthogonal factor back onto the orthogonal matrices now (the layers also do it on their own after
+every change).
 """
 
 from ._checks import set_input_checks
@@ -18,7 +20,7 @@ from .export import export, register_exporter
 from .linear import AOLLinear, OrthoLinear
 from .normalization import InputNormalization, L2BallProjection
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
-from .parametrizations import core_ortho_params
+from .parametrizations import core_ortho_params, retract_
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
 from .scattering import Scattering2d
@@ -29,5 +31,5 @@ __all__ = [
     "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "MultiMarginHinge", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
-    "set_input_checks",
+    "retract_", "set_input_checks",
 ]

@@ -31,12 +31,14 @@ class BatchCentering(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = self._shape(x)
         if self.training:
-            mean = x.transpose(0, 1).reshape(self.num_features, -1).mean(dim=1)
+            # accumulated in at least fp32 (bf16/fp16 inputs under autocast), kept in the buffer's dtype
+            mean = x.transpose(0, 1).reshape(self.num_features, -1).mean(
+                dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
             with torch.no_grad():
-                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
         else:
             mean = self.running_mean
-        out = x - mean.view(shape)
+        out = x - mean.to(x.dtype).view(shape)
         return out if self.bias is None else out + self.bias.view(shape)
 
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d, AdaptiveOrthoConvTranspose2d
 from orthogonium.reparametrizers import L2Normalize
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import check_input
+from ._precision import full_precision
 from .conv_norm import check_circular_input
-from .parametrizations import DEFAULT_LAYER_METHOD, AOLScaling, core_ortho_params
+from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, AOLScaling, core_ortho_params, retract_
 
 Padding = Union[str, int]
 
@@ -57,7 +59,11 @@ class OrthoConv2d(nn.Module):
     """Orthogonal convolution: the AOC construction (Boissin et al., 2025) -- BCOP for stride 1, RKO
     for kernel == stride, BCOP x RKO for native strides; dilation, groups, transposed -- built by
     orthogonium with **every matrix orthogonalization done by** ``lipnet.ortho`` (injected through
-    ``OrthoParams``; ``method`` picks the core's schedule, default ``"convergent"``).
+    ``OrthoParams``). ``parametrization="retraction"`` (default): the orthogonal factors are the
+    parameters, retracted in place after every change, so only the kernel construction is in the
+    autograd graph; ``"polar"``: each factor is ``orthogonalize(raw, method, steps)`` on every
+    access (see :class:`lipnet.nn.parametrizations.CoreOrthogonalizer`). Under ``torch.autocast``
+    the kernel is built in fp32 and the convolution runs in autocast's precision.
 
     Guarantees: with circular padding, stride 1 and in == out channels the convolution is orthogonal
     (norm-preserving) up to the core's convergence; in every supported configuration it is
@@ -83,6 +89,7 @@ class OrthoConv2d(nn.Module):
         output_padding: int = 0,
         method: str = DEFAULT_LAYER_METHOD,
         steps: int | None = None,
+        parametrization: str = DEFAULT_PARAMETRIZATION,
     ) -> None:
         super().__init__()
         name = "OrthoConv2d"
@@ -123,8 +130,8 @@ class OrthoConv2d(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.stride, self.padding, self.dilation, self.groups = s, padding, d, groups
         self.padding_mode, self.transposed, self.output_padding = padding_mode, transposed, output_padding
-        self.method, self.steps = method, steps
-        params = core_ortho_params(method, steps)
+        self.method, self.steps, self.parametrization = method, steps, parametrization
+        params = core_ortho_params(method, steps, parametrization)
         try:
             if transposed:
                 self.conv = AdaptiveOrthoConvTranspose2d(
@@ -143,11 +150,15 @@ class OrthoConv2d(nn.Module):
         for m in self.conv.modules():  # orthogonium pins L2Normalize's dtype at construction;
             if isinstance(m, L2Normalize):  # let it follow the weight so .double() works
                 m.dtype = None
+        retract_(self)  # orthogonium draws some factors Gaussian (RKO): start from orthogonal ones
 
     @property
     def weight(self) -> torch.Tensor:
-        """The constrained kernel in use (``F.conv2d`` / ``F.conv_transpose2d`` layout)."""
-        return self.conv.weight
+        """The constrained kernel in use (``F.conv2d`` / ``F.conv_transpose2d`` layout), built in
+        full precision also inside ``torch.autocast``: the bound and the forward pass see one kernel."""
+        with full_precision(self.conv.bias.device.type if self.conv.bias is not None else
+                            next(self.conv.parameters()).device.type):
+            return self.conv.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -158,12 +169,18 @@ class OrthoConv2d(nn.Module):
         if self.padding_mode == "circular":
             k, s, d = self.kernel_size, self.stride, self.dilation
             _check_circular(x, "OrthoConv2d", (k, k), (s, s), self.padding, (d, d))
-        return self.conv(x)
+        weight, conv = self.weight, self.conv
+        if not self.transposed:
+            return conv._conv_forward(x, weight, conv.bias)
+        output_padding = conv._output_padding(x, None, conv.stride, conv.padding, conv.kernel_size, 2, conv.dilation)
+        return F.conv_transpose2d(x, weight, conv.bias, conv.stride, conv.padding, output_padding, conv.groups,
+                                  conv.dilation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding!r}, dilation={self.dilation}, groups={self.groups}, "
-                f"padding_mode={self.padding_mode!r}, transposed={self.transposed}, method={self.method!r}")
+                f"padding_mode={self.padding_mode!r}, transposed={self.transposed}, method={self.method!r}, "
+                f"parametrization={self.parametrization!r}")
 
 
 class AOLConv2d(nn.Conv2d):

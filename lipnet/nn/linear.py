@@ -7,25 +7,33 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import check_input
-from .parametrizations import DEFAULT_LAYER_METHOD, AOLScaling, CoreOrthogonalizer
+from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, AOLScaling, CoreOrthogonalizer, retract_
 
 
 class OrthoLinear(nn.Linear):
-    """Linear layer whose weight is the core's ``orthogonalize`` of a raw parameter.
+    """Linear layer with a (semi-)orthogonal weight kept by the core.
 
-    Weight (out, in): orthonormal rows if out <= in, orthonormal columns otherwise (semi-orthogonal),
-    so ||W||_2 = 1 up to the core's convergence (``method="convergent"``: within 1e-3 for inputs
-    whose AOL-scaled singular values are >= 1e-3). ``lipschitz_bound`` certifies the actual weight.
-    ``state_dict`` holds the raw parameter (``parametrizations.weight.original``) and the bias.
+    Weight (out, in): orthonormal rows if out <= in, orthonormal columns otherwise, so ||W||_2 = 1
+    up to the core's convergence. ``parametrization="retraction"`` (default): the parameter is the
+    orthogonal factor, retracted in place after each change (within ~1e-6 of orthogonal in fp32,
+    any input); ``"polar"``: weight = ``orthogonalize(raw, method, steps)`` on every access
+    (``method="convergent"``: within 1e-3 for raw matrices whose AOL-scaled singular values are
+    >= 1e-3). See :class:`lipnet.nn.parametrizations.CoreOrthogonalizer`. ``lipschitz_bound``
+    certifies the actual weight. Under ``torch.autocast`` the weight is still computed in fp32
+    (the core ignores autocast); the matmul runs in autocast's precision. ``state_dict`` holds ``parametrizations.weight.original``
+    and the bias.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 method: str = DEFAULT_LAYER_METHOD, steps: int | None = None) -> None:
+                 method: str = DEFAULT_LAYER_METHOD, steps: int | None = None,
+                 parametrization: str = DEFAULT_PARAMETRIZATION) -> None:
         super().__init__(in_features, out_features, bias=bias)
         nn.init.orthogonal_(self.weight)
         if bias:
             nn.init.zeros_(self.bias)
-        parametrize.register_parametrization(self, "weight", CoreOrthogonalizer(self.weight.shape, method, steps))
+        parametrize.register_parametrization(
+            self, "weight", CoreOrthogonalizer(self.weight.shape, method, steps, parametrization))
+        retract_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, type(self).__name__, channels=self.in_features, ndims=(1, 2))

@@ -1,8 +1,9 @@
 """Weight parametrizations (``torch.nn.utils.parametrize`` style): the raw parameter is kept, the
 constrained weight is derived on access, ``state_dict`` holds only raw parameters.
 
-* :class:`CoreOrthogonalizer` -- the core's ``orthogonalize`` of a raw (..., m, n) parameter; with
-  :func:`core_ortho_params` it fills orthogonium's ``OrthoParams`` slots, so every matrix
+* :class:`CoreOrthogonalizer` -- an orthogonal (..., m, n) factor by the core: a stored factor
+  retracted after every change (default), or the polar factor of a raw parameter on every access;
+  with :func:`core_ortho_params` it fills orthogonium's ``OrthoParams`` slots, so every matrix
   orthogonalization inside an AOC convolution runs through our core too.
 * :class:`AOLScaling` -- AOL rescaling (Prach & Lampert, 2022): W diag(d), d_j = (sum_i |W^T W|_ij)^(-1/2),
   which guarantees ||W diag(d)||_2 <= 1. Dense weights use the core's ``aol_rescale`` (short
@@ -15,40 +16,145 @@ import torch
 from orthogonium.model_factory.classparam import ClassParam
 from orthogonium.reparametrizers import OrthoParams
 from torch import nn
+from torch.nn.utils import parametrize
 
-from ..ortho import METHODS, aol_rescale, orthogonalize
+from ..ortho import POLAR_BACKWARD_METHODS, aol_rescale, orthogonalize, retract, tangent_projection
+from ._checks import _functorch_active
+from ._precision import full_precision
 from .conv_norm import conv_gram_kernel
 
-# Layers want sigma within 1e-3 of 1 (DESIGN.md): the convergent schedule, not turbo.
+# Layers want sigma within 1e-3 of 1 (DESIGN.md): converging methods only, never the optimizer's bands.
 DEFAULT_LAYER_METHOD = "convergent"
+LAYER_METHODS = POLAR_BACKWARD_METHODS
+PARAMETRIZATIONS = ("retraction", "polar")
+DEFAULT_PARAMETRIZATION = "retraction"
 
 
-def check_method(method: str, steps: int | None) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown orthogonalization method {method!r}; expected one of {METHODS}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+def check_method(method: str, steps: int | None, parametrization: str = DEFAULT_PARAMETRIZATION) -> None:
+    """ValueError unless (method, steps, parametrization) describe a layer whose weight converges to orthogonal."""
+    if method in ("turbo", "ns5"):
+        raise ValueError(f"method {method!r} is an optimizer schedule: it leaves singular values in a band "
+                         "(turbo: [0.78, 1.22]), not at 1, so a layer built on it is not orthogonal (an AOC "
+                         "convolution with groups=2 measured sigma_max 17 at initialization); "
+                         f"use one of {LAYER_METHODS}")
+    if method not in LAYER_METHODS:
+        raise ValueError(f"unknown orthogonalization method {method!r}; expected one of {LAYER_METHODS}")
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+        if parametrization != "polar" or method == "svd":
+            raise ValueError("steps applies to parametrization='polar' with an iterative method only "
+                             "(a retraction runs until it has converged)")
+
+
+def _stored_parameter(w: torch.Tensor) -> nn.Parameter | None:
+    """The parameter ``w`` is (or a full contiguous view of): the stored factor a retraction may
+    overwrite. None under torch.func transforms or for any other tensor (e.g. functional_call inputs)."""
+    if _functorch_active():
+        return None
+    if isinstance(w, nn.Parameter):
+        return w
+    base = w._base
+    if (isinstance(base, nn.Parameter) and w.is_contiguous() and base.is_contiguous()
+            and w.numel() == base.numel() and w.storage_offset() == base.storage_offset()):
+        return base
+    return None
+
+
+class _TangentGradient(torch.autograd.Function):
+    """Identity forward; backward: the gradient projected onto the tangent space at the factor."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return tangent_projection(w.detach(), grad.to(torch.promote_types(grad.dtype, torch.float32))).to(grad.dtype)
 
 
 class CoreOrthogonalizer(nn.Module):
-    """weight = the core's ``orthogonalize`` of the raw (..., m, n) parameter: semi-orthogonal when
-    m != n. Also orthogonium's ``orthogonalizer`` slot (called as ``cls(weight_shape=...)``).
-    Guarantee: whatever the core returns; ``lipschitz_bound`` measures the result."""
+    """The orthogonal (semi-orthogonal when m != n) weight of a raw (..., m, n) parameter, by the
+    core. Also orthogonium's ``orthogonalizer`` slot (called as ``cls(weight_shape=...)``).
+
+    ``parametrization="retraction"`` (default): the parameter *is* the orthogonal factor and the
+    weight is that tensor itself, so no orthogonalization sits in the autograd graph; its gradient
+    is projected onto the tangent space at the factor (``lipnet.ortho.tangent_projection``: what the
+    polar parametrization's gradient is at an orthogonal raw matrix, two matmuls). Whenever the
+    stored factor has changed since it was last retracted (an optimizer step, ``load_state_dict``,
+    ``.double()``: any in-place write or new storage), the next access retracts it in place
+    (``lipnet.ortho.retract``: a few Newton-Schulz steps after an optimizer step, converging
+    fallbacks far from orthogonal), in train and eval mode alike, so the bound, the forward pass
+    and ``export`` all read the same retracted tensor. A write that bypasses the version counter
+    (``p.data.add_``) is not seen: the weight in use is then the drifted factor, and
+    ``lipschitz_bound`` reports its actual norm; :func:`lipnet.nn.retract_` retracts explicitly.
+    Under torch.func transforms the given tensor is used as it is.
+
+    ``parametrization="polar"``: weight = ``orthogonalize(raw, method, steps)`` on every access,
+    differentiated as the exact polar factor (``backward="polar"``): any raw tensor is valid.
+
+    Guarantee: whatever the core returns; ``lipschitz_bound`` measures the result.
+    """
 
     def __init__(self, weight_shape: tuple[int, ...], method: str = DEFAULT_LAYER_METHOD,
-                 steps: int | None = None) -> None:
+                 steps: int | None = None, parametrization: str = DEFAULT_PARAMETRIZATION) -> None:
         super().__init__()
-        check_method(method, steps)
+        check_method(method, steps, parametrization)
         self.weight_shape, self.method, self.steps = tuple(weight_shape), method, steps
-        # Converging schedules: differentiate the polar factor they converge to (one eigh of the
-        # small side) instead of every step -- the same gradient up to convergence error, cheaper.
-        self.backward = "polar" if method in ("convergent", "bjorck") else "iteration"
+        self.parametrization = parametrization
+        self._retracted_state: tuple | None = None  # (data_ptr, version) of the factor when last retracted
+        self._force_retraction = False  # set by lipnet.nn.retract_ for one access
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return orthogonalize(w, method=self.method, steps=self.steps, backward=self.backward)
+        stored = _stored_parameter(w)
+        if stored is not None and (self._force_retraction or (
+                self.parametrization == "retraction" and (stored.data_ptr(), stored._version) != self._retracted_state)):
+            self.retract_(w)
+        if self.parametrization == "polar":
+            return orthogonalize(w, method=self.method, steps=self.steps, backward="polar")
+        return _TangentGradient.apply(w) if torch.is_grad_enabled() and w.requires_grad else w
+
+    def retract_(self, w: torch.Tensor) -> None:
+        """Retract the stored factor ``w`` (the parameter or its full view) in place, now."""
+        stored = _stored_parameter(w)
+        if stored is None:
+            raise ValueError("retract_: the tensor is not a stored factor (a parameter or a full view of one)")
+        retracted = retract(w.detach(), self.method)
+        if retracted.data_ptr() != stored.data_ptr():  # else: already orthogonal, returned as it is
+            with torch.no_grad():
+                stored.copy_(retracted.reshape(stored.shape))
+        self._retracted_state = (stored.data_ptr(), stored._version)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, parametrization={self.parametrization!r}"
+
+
+def retract_(module: nn.Module) -> nn.Module:
+    """Retract every stored factor of ``module``'s orthogonal layers onto the orthogonal matrices now,
+    whatever it has been through (also writes that bypassed the version counter, and the raw
+    parameters of ``parametrization="polar"`` layers, whose polar factor does not change but whose
+    conditioning is restored). Returns ``module``. The layers call it on themselves at construction,
+    so a new layer's factors are orthogonal (orthogonium initializes some of them Gaussian)."""
+    orthogonalizers = [m for m in module.modules() if isinstance(m, CoreOrthogonalizer)]
+    for m in orthogonalizers:
+        m._force_retraction = True
+    try:
+        with torch.no_grad():
+            for m in module.modules():
+                if parametrize.is_parametrized(m):
+                    for name in m.parametrizations:
+                        getattr(m, name)  # runs the chain: each CoreOrthogonalizer retracts its input
+    finally:
+        for m in orthogonalizers:
+            m._force_retraction = False
+    return module
 
 
 class NoSpectralNormalization(nn.Module):
@@ -66,12 +172,13 @@ class NoSpectralNormalization(nn.Module):
         return w
 
 
-def core_ortho_params(method: str = DEFAULT_LAYER_METHOD, steps: int | None = None) -> OrthoParams:
+def core_ortho_params(method: str = DEFAULT_LAYER_METHOD, steps: int | None = None,
+                      parametrization: str = DEFAULT_PARAMETRIZATION) -> OrthoParams:
     """orthogonium ``OrthoParams`` that route every orthogonalization through ``lipnet.ortho``."""
-    check_method(method, steps)
+    check_method(method, steps, parametrization)
     return OrthoParams(
         spectral_normalizer=ClassParam(NoSpectralNormalization),
-        orthogonalizer=ClassParam(CoreOrthogonalizer, method=method, steps=steps),
+        orthogonalizer=ClassParam(CoreOrthogonalizer, method=method, steps=steps, parametrization=parametrization),
     )
 
 
@@ -98,10 +205,11 @@ class AOLScaling(nn.Module):
         self.groups = groups
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        if raw.dim() == 2:
-            return aol_rescale(raw)  # the core's AOL, on the short side (the smaller Gram matrix)
-        d = aol_conv_scale(raw, self.groups)
-        co, cig = raw.shape[:2]
-        d = d.view(self.groups, 1, cig).expand(self.groups, co // self.groups, cig).reshape(co, cig)
-        return raw * d[:, :, None, None]
+        with full_precision(raw.device.type):  # the bound and the forward pass must see one weight
+            if raw.dim() == 2:
+                return aol_rescale(raw)  # the core's AOL, on the short side (the smaller Gram matrix)
+            d = aol_conv_scale(raw, self.groups)
+            co, cig = raw.shape[:2]
+            d = d.view(self.groups, 1, cig).expand(self.groups, co // self.groups, cig).reshape(co, cig)
+            return raw * d[:, :, None, None]
 

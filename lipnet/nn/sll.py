@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_input
+from ._precision import full_precision
 from .conv_norm import conv_gram_kernel
 
 # Relative inflation of T: keeps T - W^T W dominated by the diagonal despite float rounding.
@@ -57,7 +58,8 @@ class SLLBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dense = self.kernel_size is None
         check_input(x, "SLLBlock", channels=self.features, ndims=(1, 2) if dense else (3, 4))
-        t_inv = self.t_inverse()
+        with full_precision(x.device.type):  # T's diagonal dominance is what makes the block 1-Lipschitz
+            t_inv = self.t_inverse()
         if dense:
             h = F.linear(x, self.weight, self.bias)
             return x - 2 * F.linear(F.relu(h) * t_inv, self.weight.t())

@@ -45,6 +45,8 @@ from .schedules import (
 from .validation import check_matrices
 
 METHODS = ("turbo", "ns5", "convergent", "bjorck", "svd")
+# The methods whose result is (up to convergence) the exact polar factor: what backward="polar" differentiates.
+POLAR_BACKWARD_METHODS = ("convergent", "bjorck", "svd")
 FORMS = ("auto", "direct", "gram")
 # form="auto" takes the Gram form for these methods when N >= _GRAM_MIN_ASPECT * k (fp32/fp64 only):
 # there it needs fewer flops (break-even at N = 1.5 k), and its extra rounding (~1e-4 relative for
@@ -96,7 +98,8 @@ def aol_rescale(W: torch.Tensor) -> torch.Tensor:
     check_matrices(W, allow_zero=True)
     transpose = W.shape[-2] > W.shape[-1]
     X = W.mT if transpose else W
-    X, _ = _aol_precondition(X)
+    with torch.autocast(W.device.type, enabled=False):  # the guarantee needs the input's precision
+        X, _ = _aol_precondition(X)
     return X.mT if transpose else X
 
 
@@ -144,12 +147,21 @@ class _PolarBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, gram, schedule, first_fp32_step, dtype):
-        Q = _iterate(X, gram, schedule, first_fp32_step, dtype)
+        if schedule is None:  # method="svd": the exact polar factor
+            U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+            Q = U @ Vh
+        else:
+            Q = _iterate(X, gram, schedule, first_fp32_step, dtype)
         ctx.save_for_backward(X, Q)
         return Q
 
     @staticmethod
     def backward(ctx, G):
+        with torch.autocast(G.device.type, enabled=False):
+            return _PolarBackward._backward(ctx, G)
+
+    @staticmethod
+    def _backward(ctx, G):
         X, Q = ctx.saved_tensors
         G, Xf, Qf = G.to(Q.dtype), X.to(Q.dtype), Q
         P = Qf @ Xf.mT
@@ -176,7 +188,8 @@ def orthogonalize(
 
     Tall, wide and square matrices and any leading batch dims are accepted; the iteration runs on
     the short side. Differentiable (autograd through the iteration). Output dtype = input dtype;
-    computation in fp32 (fp64 for fp64 inputs).
+    computation in fp32 (fp64 for fp64 inputs), also inside ``torch.autocast`` (disabled here:
+    the schedules' guarantees assume that precision; ``low_precision`` is the only way to bf16).
 
     Guarantees, per method, for the singular values of the result (exact arithmetic):
       * ``"ns5"``: in [0.68, 1.14] for every singular value of G / ||G||_F that is >= 1e-2.
@@ -196,10 +209,12 @@ def orthogonalize(
         validate: check for non-finite entries and zero matrices (one host sync). The optimizer
             passes False; a zero matrix then maps to zero instead of raising.
         backward: ``"iteration"`` (autograd through every step: the exact derivative of what is
-            computed) or ``"polar"`` (``"convergent"`` / ``"bjorck"`` only: the derivative of the
-            exact polar factor of the AOL-scaled input, which those schedules converge to; one eigh
-            of the small Gram side instead of back-propagating through the steps -- cheaper, and
-            equal to the iteration's derivative up to its convergence error).
+            computed) or ``"polar"`` (``"convergent"`` / ``"bjorck"`` / ``"svd"`` only: the derivative
+            of the exact polar factor of the AOL-scaled input, which those schedules converge to
+            (of W itself for ``"svd"``); one eigh of the small Gram side instead of
+            back-propagating through the steps -- cheaper, equal to the iteration's derivative up
+            to its convergence error, and defined where the SVD's own backward is not: equal
+            singular values, e.g. an orthogonal W).
         form: ``"direct"`` (X = a X + B X on the (k, N) matrix every step), ``"gram"`` (the same
             polynomial steps carried out on the k x k Gram side, X_T = (P_{T-1} ... P_0) X_0; fewer
             flops when N > 1.5 k, slightly more rounding; fp32/fp64 only) or ``"auto"`` (gram for
@@ -216,8 +231,8 @@ def orthogonalize(
             raise ValueError("steps does not apply to method='svd'")
     if backward not in ("iteration", "polar"):
         raise ValueError(f"backward must be 'iteration' or 'polar', got {backward!r}")
-    if backward == "polar" and method not in ("convergent", "bjorck"):
-        raise ValueError(f"backward='polar' needs a converging method ('convergent' or 'bjorck'), got {method!r}")
+    if backward == "polar" and method not in POLAR_BACKWARD_METHODS:
+        raise ValueError(f"backward='polar' needs a converging method {POLAR_BACKWARD_METHODS}, got {method!r}")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if validate:
@@ -225,8 +240,22 @@ def orthogonalize(
     elif W.ndim < 2:
         raise ValueError(f"W must have at least 2 dims (..., m, n), got shape {tuple(W.shape)}")
 
+    # The core's precision policy holds under torch.autocast too: autocast would lower every matmul
+    # of the iteration (and the eigh of the polar backward) to bf16/fp16.
+    with torch.autocast(W.device.type, enabled=False):
+        return _orthogonalize(W, method, steps, low_precision, backward, form)
+
+
+def _orthogonalize(W: torch.Tensor, method: str, steps: int | None, low_precision: bool | None,
+                   backward: str, form: str) -> torch.Tensor:
     dtype = _compute_dtype(W)
     if method == "svd":
+        if backward == "polar" and torch.is_grad_enabled() and W.requires_grad:
+            # the SVD's own backward is undefined for equal singular values (an orthogonal W)
+            transpose = W.shape[-2] > W.shape[-1]
+            X = W.mT if transpose else W
+            X = _PolarBackward.apply(X.to(dtype), None, None, 0, dtype).to(W.dtype)
+            return X.mT if transpose else X
         U, _, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
         return (U @ Vh).to(W.dtype)
 
