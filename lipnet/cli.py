@@ -20,7 +20,8 @@ from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bo
 from .models import MODELS, build_model
 from .nn import set_input_checks
 from .nn._checks import input_checks_enabled
-from .training import PRESETS, TrainConfig, fit, format_table, load_checkpoint, save_checkpoint
+from .training import (AMP_DTYPES, CHECKPOINT, PRESETS, Checkpoint, TrainConfig, amp_dtype, fit, format_table,
+                       load_checkpoint, read_checkpoint)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -34,16 +35,25 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipnet", description="1-Lipschitz networks with certified robustness")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a 1-Lipschitz CNN and save a checkpoint")
-    t.add_argument("--dataset", required=True, choices=sorted(PRESETS))
+    t.add_argument("--dataset", choices=sorted(PRESETS), help="required unless --resume")
     t.add_argument("--epochs", type=int, default=None, help="default: the dataset preset's")
-    t.add_argument("--out", required=True, help="checkpoint directory")
+    t.add_argument("--out", default=None,
+                   help="checkpoint directory, rewritten after every epoch (required unless --resume; default: "
+                        "the --resume directory)")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose checkpoint is in DIR with its configuration and trains its "
+                        "remaining epochs, writing to DIR (or --out); options that would change the result must be "
+                        "left out or match the run's")
+    t.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
+                   help="mixed-precision training steps under torch.autocast (bf16: CPU or CUDA; fp16: CUDA only, "
+                        "with loss scaling); evaluation stays fp32. Default: fp32")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--model", choices=sorted(MODELS), default=None,
                    help="default: the dataset preset's (with --dp: scatter-net on MNIST / Fashion-MNIST)")
     t.add_argument("--width", type=int, default=None, help="model width (channels of the first stage)")
     t.add_argument("--offset", type=float, default=None, help="margin asked by the loss (logit units)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=None, help="default: 0")
     t.add_argument("--dp", action="store_true",
                    help="differentially private training (clipping-free DP-SGD, lipnet.privacy)")
     t.add_argument("--epsilon", type=float, default=None, help="--dp: privacy budget spent by the end of training")
@@ -91,13 +101,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loaders(dataset: str, args, batch_size: int, seed: int, world_size: int = 1):
-    train = lipdata.load_dataset(dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
-    test = lipdata.load_dataset(dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
+# Test-only: seconds to sleep before each training batch, so that tests/test_cli.py can kill a run
+# in the middle of an epoch (the results do not depend on it). Not an option for users.
+_STEP_DELAY_VAR = "LIPNET_TEST_STEP_DELAY"
+
+
+class _DelayedLoader:
+    """The wrapped loader, each batch handed out ``delay`` seconds late (see ``_STEP_DELAY_VAR``);
+    every other attribute (len, dataset, generator) is the wrapped loader's."""
+
+    def __init__(self, loader, delay: float) -> None:
+        self.loader, self.delay = loader, delay
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.delay)
+            yield batch
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+
+def _loaders(config: TrainConfig, args, world_size: int = 1):
+    train = lipdata.load_dataset(config.dataset, "train", args.data_root, limit=config.limit,
+                                 progress=not args.no_progress)
+    test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=config.limit,
+                                progress=not args.no_progress)
     if world_size > 1:  # this rank's share of the same global batches (same seed on every rank)
-        train_loader = lipdist.ShardedBatchLoader(train, batch_size, shuffle=True, seed=seed)
+        train_loader = lipdist.ShardedBatchLoader(train, config.batch_size, shuffle=True, seed=config.seed)
     else:
-        train_loader = lipdata.BatchLoader(train, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        train_loader = lipdata.BatchLoader(train, config.batch_size, shuffle=True,
+                                           generator=torch.Generator().manual_seed(config.seed))
+    delay = float(os.environ.get(_STEP_DELAY_VAR) or 0)
+    if delay > 0:
+        train_loader = _DelayedLoader(train_loader, delay)
     return train_loader, lipdata.BatchLoader(test, 500, shuffle=False)
 
 
@@ -106,6 +146,35 @@ def _train_process(argv: list[str]) -> None:
     code = main(argv)
     if code:
         raise SystemExit(code)
+
+
+# Options of `lipnet train` whose value is part of the result, and the TrainConfig field each sets.
+_RESULT_OPTIONS = (("--dataset", "dataset"), ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"),
+                   ("--model", "model"), ("--offset", "offset"), ("--seed", "seed"), ("--limit", "limit"),
+                   ("--amp", "amp"))
+
+
+def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
+    """The configuration of the run to resume; ValueError if the command line asks for another one
+    (an option given with a different value) or the checkpoint cannot be resumed."""
+    config = ckpt.config
+    if config.dp is not None:
+        raise ValueError(f"--resume is not supported with --dp yet: {ckpt.path} is a private run (the privacy "
+                         "accountant's state is not checkpointed)")
+    if not ckpt.resumable:
+        raise ValueError(f"--resume: {ckpt.path} holds weights only, no training state (written by an older lipnet?)")
+    conflicts = [f"{flag} {getattr(args, attr)} (the run's: {getattr(config, attr)})" for flag, attr in _RESULT_OPTIONS
+                 if getattr(args, attr) is not None and getattr(args, attr) != getattr(config, attr)]
+    if args.width is not None and args.width != config.model_config.get("width"):
+        conflicts.append(f"--width {args.width} (the run's: {config.model_config.get('width')})")
+    if conflicts:
+        raise ValueError(f"--resume {args.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps "
+                         "its configuration (leave these options out, or start a new run with --out)")
+    trained_by = ckpt.training.get("world_size", 1)
+    if trained_by != world_size:
+        raise ValueError(f"--resume {args.resume}: the run was trained by {trained_by} process(es), resume it with "
+                         f"--nproc {trained_by} (got {world_size})")
+    return config
 
 
 def cmd_train(args) -> int:
@@ -117,29 +186,45 @@ def cmd_train(args) -> int:
         raise ValueError("--epsilon is only meaningful with --dp")
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    batch_size = args.batch_size if args.batch_size is not None else PRESETS[args.dataset].batch_size
-    if not args.dp and batch_size % max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))):
-        raise ValueError(f"--batch-size {batch_size} (the global batch) must be divisible by the number of processes")
+    if args.dp and args.resume is not None:
+        raise ValueError("--resume is not supported with --dp yet (the privacy accountant's state is not checkpointed)")
+    if args.dp and args.amp is not None:
+        raise ValueError("--amp is not supported with --dp (private training's gradient bounds are computed for fp32)")
+    world_size = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.resume is not None:
+        ckpt = read_checkpoint(args.resume)
+        config = _resume_config(args, ckpt, world_size)
+        if ckpt.epoch >= config.epochs:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{args.resume}: all {config.epochs} epochs are done, nothing to resume")
+            return 0
+    else:
+        ckpt, config = None, _train_config(args)
+    amp_dtype(config.amp, args.device)
+    if not args.dp and config.batch_size % world_size:
+        raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the number of "
+                         "processes")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun: start the processes ourselves
         lipdist.launch(_train_process, args.nproc, args=(args.argv,))
         return 0
     ctx = lipdist.init_distributed(args.device)
     try:
-        return _train(args, ctx)
+        if args.dp:
+            return _train_private(args, ctx, config)
+        return _train(args, ctx, config, ckpt)
     finally:
         lipdist.destroy_distributed()
 
 
 def _train_config(args) -> TrainConfig:
-    """The dataset's preset (the private one with --dp) with the command line's overrides; seeds torch."""
+    """The dataset's preset (the private one with --dp) with the command line's overrides."""
     config = TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, epochs=args.epochs,
                                      batch_size=args.batch_size, lr=args.lr, offset=args.offset, seed=args.seed,
-                                     limit=args.limit)
+                                     limit=args.limit, amp=args.amp)
     if args.width is not None:
         if "width" not in inspect.signature(MODELS[config.model]).parameters:
             raise ValueError(f"--width does not apply to {config.model}")
         config.model_config = {**config.model_config, "width": args.width}
-    torch.manual_seed(config.seed)
     return config
 
 
@@ -149,30 +234,31 @@ def _rank_log(ctx: lipdist.DistributedContext):
     return log, (f" x {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else "")
 
 
-def _train(args, ctx: lipdist.DistributedContext) -> int:
-    if args.dp:
-        return _train_private(args, ctx)
-    config = _train_config(args)
-    train_loader, test_loader = _loaders(args.dataset, args, config.batch_size, config.seed, ctx.world_size)
+def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: Checkpoint | None) -> int:
+    """Train (or, with ``resume``, continue) ``config``; ``fit`` rewrites the checkpoint after every epoch."""
+    out = Path(args.out if args.out is not None else args.resume)
+    train_loader, test_loader = _loaders(config, args, ctx.world_size)
+    torch.manual_seed(config.seed)  # the initialization (a resumed run then loads its weights and RNG states)
     model = build_model(config.model, **config.model_config).to(ctx.device)
     log, procs = _rank_log(ctx)
-    log(f"training {config.model} on {args.dataset} ({len(train_loader.dataset)} train / "
-        f"{len(test_loader.dataset)} test) for {config.epochs} epochs on {ctx.device}{procs}")
+    what = f"training {config.model} on {config.dataset}"
+    if resume is not None:
+        what = f"resuming {resume.path} after epoch {resume.epoch}/{config.epochs}: {what}"
+    amp = f" with {config.amp} autocast" if config.amp else ""
+    log(f"{what} ({len(train_loader.dataset)} train / {len(test_loader.dataset)} test) for {config.epochs} epochs "
+        f"on {ctx.device}{procs}{amp}")
     start = time.perf_counter()
-    history = fit(model, train_loader, test_loader, config, device=ctx.device, progress=not args.no_progress,
-                  log=log, dist_ctx=ctx)
-    if ctx.is_main:
-        path = save_checkpoint(args.out, model, config, history)
-        log(f"saved {path} ({time.perf_counter() - start:.0f}s)")
+    fit(model, train_loader, test_loader, config, device=ctx.device, progress=not args.no_progress, log=log,
+        dist_ctx=ctx, checkpoint_dir=out, resume=resume)
+    log(f"saved {out / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 
-def _train_private(args, ctx: lipdist.DistributedContext) -> int:
+def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -> int:
     """--dp: one Poisson batch per step split over the ranks, noise added once across them
-    (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and saves."""
+    (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and writes the checkpoint after every epoch."""
     from .training import fit_private
 
-    config = _train_config(args)
     config.dp.update(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
     config.dp.update({k: v for k, v in (("input_bound", args.input_bound), ("noise", args.noise),
                                         ("trainable", args.dp_train)) if v is not None})
@@ -182,19 +268,19 @@ def _train_private(args, ctx: lipdist.DistributedContext) -> int:
         config.dp["loss_clip"] = args.loss_clip or None
     train = lipdata.load_dataset(args.dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
     test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
+    torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_config).to(ctx.device)
     log, procs = _rank_log(ctx)
     log(f"private training of {config.model} on {args.dataset} ({len(train)} train / {len(test)} test) for "
         f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={args.epsilon:g}, delta={args.delta:g})")
     start = time.perf_counter()
     history = fit_private(model, train, lipdata.BatchLoader(test, 500), config, device=ctx.device,
-                          progress=not args.no_progress and ctx.is_main, log=log, evaluate=ctx.is_main)
+                          progress=not args.no_progress and ctx.is_main, log=log, evaluate=ctx.is_main,
+                          checkpoint_dir=args.out if ctx.is_main else None)
     if not ctx.is_main:
         return 0
-    config.dp["epsilon_spent"] = history[-1]["epsilon"]
-    path = save_checkpoint(args.out, model, config, history)
     print(f"privacy: ({history[-1]['epsilon']:.3f}, {args.delta:g})-DP after {history[-1]['steps']} steps "
-          f"(accountant {args.accountant}); saved {path} ({time.perf_counter() - start:.0f}s)")
+          f"(accountant {args.accountant}); saved {Path(args.out) / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 
@@ -330,7 +416,12 @@ COMMANDS = {"train": cmd_train, "certify": cmd_certify, "conformal": cmd_conform
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.resume is None:
+        missing = [flag for flag, value in (("--dataset", args.dataset), ("--out", args.out)) if value is None]
+        if missing:
+            parser.error(f"train: {' and '.join(missing)} required (or --resume DIR to continue a run)")
     args.argv = argv  # `train --nproc N` re-runs the same command line in each process
     checks = input_checks_enabled()
     set_input_checks(False)  # uint8 datasets are finite; certify checks each batch itself

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import numbers
+import os
+import pickle
+import pickletools
+import secrets
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import IO, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .certify import certified_accuracy, network_lipschitz_bound
-from .distributed import DistributedContext, all_reduce_mean, wrap_ddp
-from .models import build_model
+from .distributed import DistributedContext, all_gather_stack, all_reduce_mean, wrap_ddp
+from .models import MODELS, build_model
 from .modes import training_mode
 from .nn import ClippedLossGradient, LipschitzCrossEntropy
+from .nn.parametrizations import DEFAULT_PARAMETRIZATION
 
 
 @dataclass
@@ -123,6 +134,11 @@ def private_trainable(model: nn.Module, trainable: str = "dense", freeze_bias: b
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _takes_parametrization(model: str | None) -> bool:
+    """Whether the named model builder has orthogonal layers with a ``parametrization`` choice."""
+    return model in MODELS and "parametrization" in inspect.signature(MODELS[model]).parameters
+
+
 @dataclass
 class TrainConfig:
     """Everything needed to re-run a training job (stored in the checkpoint)."""
@@ -141,6 +157,8 @@ class TrainConfig:
     limit: int | None = None
     # private training: {"epsilon", "delta", "input_bound", "accountant", "noise"}; None = not private
     dp: dict | None = None
+    # mixed precision of the training steps: "bf16", "fp16" (CUDA only) or None (fp32); evaluation is always fp32
+    amp: str | None = None
 
     @classmethod
     def from_preset(cls, dataset: str, private: bool = False, model: str | None = None, **overrides) -> TrainConfig:
@@ -165,6 +183,8 @@ class TrainConfig:
         elif model is not None and model != p["model"]:
             p.update(model=model, model_config={"mean": p["model_config"]["mean"]})
         p.update({k: v for k, v in overrides.items() if v is not None})
+        if _takes_parametrization(p["model"]):  # recorded, so a checkpoint always says how its factors are stored
+            p["model_config"] = {"parametrization": DEFAULT_PARAMETRIZATION, **p["model_config"]}
         return cls(dataset=dataset, **p)
 
 
@@ -181,10 +201,38 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """The autocast dtype of ``amp`` ("bf16", "fp16" or None: no autocast) on ``device``.
+
+    ValueError for an unknown name, and for "fp16" off CUDA: fp16 training needs ``GradScaler``'s
+    loss scaling, which lipnet only runs on CUDA (bf16 has fp32's exponent range and needs none)."""
+    if amp is None:
+        return None
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+    if amp == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError(f"--amp fp16 needs a CUDA device (got {device}); on CPU use --amp bf16")
+    return AMP_DTYPES[amp]
+
+
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                 scheduler=None, device: str | torch.device = "cpu", augment: bool = False,
-                generator: torch.Generator | None = None, progress: bool = True, desc: str = "train") -> float:
-    """One pass over ``loader``; returns the mean training loss. NaN/inf loss -> RuntimeError."""
+                generator: torch.Generator | None = None, progress: bool = True, desc: str = "train", *,
+                amp: str | None = None, scaler: torch.amp.GradScaler | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss. NaN/inf loss -> RuntimeError.
+
+    ``amp`` ("bf16" / "fp16", see :func:`amp_dtype`): each step's forward pass and loss run under
+    ``torch.autocast``, the backward pass and the update outside it (parameters stay fp32).
+    "fp16" needs an enabled ``scaler`` (``torch.amp.GradScaler``), which then scales the loss,
+    unscales the gradients and skips steps whose gradients overflowed."""
+    device = torch.device(device)
+    dtype = amp_dtype(amp, device)
+    scaled = scaler is not None and scaler.is_enabled()
+    if amp == "fp16" and not scaled:
+        raise ValueError("amp='fp16' needs an enabled torch.amp.GradScaler (fp16 gradients underflow unscaled)")
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
@@ -192,12 +240,18 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         if augment:
             x = augment_batch(x, generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged: loss = {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaled:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total, count = total + loss.item() * len(y), count + len(y)
@@ -205,40 +259,149 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     return total / max(count, 1)
 
 
+def _loader_generator(loader) -> torch.Generator | None:
+    generator = getattr(loader, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
+
+
+def _rng_states(augment: torch.Generator, loader: torch.Generator | None, device: torch.device,
+                dist_ctx: DistributedContext | None) -> dict[str, list[torch.Tensor] | None]:
+    """Every RNG stream training draws from, one state per rank (rank order): the global CPU
+    generator, the augmentation generator, the train loader's shuffling generator and, on CUDA,
+    the device's generator. A collective under DDP: every rank must call it."""
+    local = {"torch": torch.get_rng_state(), "augment": augment.get_state(),
+             "loader": loader.get_state() if loader is not None else None,
+             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if dist_ctx is None or dist_ctx.world_size == 1:
+        return {k: None if v is None else [v] for k, v in local.items()}
+    # nccl gathers device tensors only; gloo takes CPU ones
+    comm = dist_ctx.device if dist_ctx.backend == "nccl" else torch.device("cpu")
+    # one tensor per rank with its own storage: a row view would be saved with its offset in the
+    # stacked storage, which Generator.set_state ignores
+    return {k: None if v is None else [row.clone() for row in all_gather_stack(v.to(comm)[None]).cpu()]
+            for k, v in local.items()}
+
+
+def _config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    x, y = asdict(a), asdict(b)
+    return [f"{k}: {x[k]!r} vs {y[k]!r}" for k in x if x[k] != y[k]]
+
+
+def _restore(resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+             augment: torch.Generator, loader: torch.Generator | None, config: TrainConfig, device: torch.device,
+             rank: int, world_size: int, steps: int) -> tuple[int, list[dict]]:
+    """Load a resumable checkpoint's states into a fresh run; returns (first epoch to train, history)."""
+    where = resume.path
+    if resume.training is None:
+        raise CheckpointError(f"{where} holds weights only (no optimizer / scheduler / RNG states): it cannot be "
+                              "resumed (written by an older lipnet, by save_checkpoint without training state, "
+                              "or by private training)")
+    diff = _config_differences(resume.config, config)
+    if diff:
+        raise ValueError(f"cannot resume {where} with a different configuration: {'; '.join(diff)}")
+    state = resume.training
+    if state.get("world_size", 1) != world_size:
+        raise ValueError(f"{where} was trained by {state.get('world_size', 1)} process(es); resume it with "
+                         f"--nproc {state.get('world_size', 1)} (got {world_size}): the per-rank random streams "
+                         "and batch statistics depend on it")
+    if state["scheduler"].get("total_steps") not in (None, steps):
+        raise ValueError(f"{where}: its learning-rate schedule has {state['scheduler']['total_steps']} steps, this "
+                         f"run {steps} (a different training set size or batch size)")
+    model.load_state_dict(resume.state_dict)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    # Generator.set_state reads a state from the start of its storage: give each its own
+    rng = {k: None if v is None else [t.clone() for t in v] for k, v in state["rng"].items()}
+    torch.set_rng_state(rng["torch"][rank])
+    augment.set_state(rng["augment"][rank])
+    if loader is not None:
+        if rng.get("loader") is None:
+            raise ValueError(f"{where} has no shuffling state for the train loader, which this run shuffles")
+        loader.set_state(rng["loader"][rank])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"][rank], device)
+    return resume.epoch + 1, list(resume.history)
+
+
+def _reload_checkpointed_state(model: nn.Module) -> None:
+    """Load rank 0's state_dict (the one just checkpointed) into ``model`` on every rank.
+
+    A resumed run starts its next epoch from ``load_state_dict(checkpoint)`` on every rank; this run
+    does too, so rank-local state (buffers and factors that only rank 0 touched while evaluating, the
+    other ranks' own copies) cannot make the uninterrupted and the resumed multi-process run differ
+    (measured: without it a 2-process resume drifted by 3e-4 in the biases feeding BatchCentering,
+    whose true gradient is zero and whose Adam step amplifies any difference)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for tensor in state.values():
+        dist.broadcast(tensor, src=0)
+    model.load_state_dict(state)
+
+
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, device: str | torch.device = "cpu",
         progress: bool = True, log: Callable[[str], None] = print,
-        dist_ctx: DistributedContext | None = None) -> list[dict]:
+        dist_ctx: DistributedContext | None = None, *, checkpoint_dir: str | Path | None = None,
+        resume: Checkpoint | None = None) -> list[dict]:
     """Adam + one-cycle schedule on ``LipschitzCrossEntropy(temperature, offset)``; after each epoch,
-    clean and certified accuracy on ``test_loader`` at ``config.eval_eps``. Returns the history.
+    clean and certified accuracy on ``test_loader`` at ``config.eval_eps`` (always in fp32, outside
+    any autocast, even with ``config.amp``). Returns the history (one row per epoch, resumed ones included).
+
+    ``checkpoint_dir``: after every epoch, :func:`save_checkpoint` writes it atomically with the
+    whole training state (model, optimizer, scheduler, GradScaler, RNG states, the epoch). The
+    random streams an epoch draws from (global CPU / CUDA generator, the augmentation generator, the
+    loader's ``generator`` attribute if it is a ``torch.Generator``) are a function of that state,
+    so ``resume=read_checkpoint(dir)`` (same ``config``, a fresh model and loaders built alike)
+    trains the remaining epochs exactly as the uninterrupted run would have (same device and thread
+    settings: up to float non-associativity). A loader without such a ``generator`` must make its
+    own order reproducible.
 
     Multi-process (``dist_ctx.world_size > 1``): ``train_loader`` must give this rank's share of
     every global batch (``lipnet.distributed.ShardedBatchLoader``); the model trains under DDP
     (gradients averaged: a step uses the whole global batch), the logged loss is the mean over
-    ranks, and only rank 0 evaluates, logs and shows progress (the history is rank 0's)."""
+    ranks, and only rank 0 evaluates, logs, shows progress and writes checkpoints (the history is
+    rank 0's). Pass the same ``checkpoint_dir`` on every rank: the per-rank RNG states are gathered
+    to rank 0 (a collective); resuming needs the same number of processes."""
     distributed = dist_ctx is not None and dist_ctx.world_size > 1
     main = not distributed or dist_ctx.is_main
-    forward = wrap_ddp(model, dist_ctx) if distributed else model
+    rank, world_size = (dist_ctx.rank, dist_ctx.world_size) if distributed else (0, 1)
+    device = torch.device(device)
+    amp_dtype(config.amp, device)  # refuse an unknown / unsupported amp before any work
     loss_fn = LipschitzCrossEntropy(temperature=config.temperature, offset=config.offset)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps = config.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.2)
-    generator = torch.Generator().manual_seed(config.seed + (dist_ctx.rank if distributed else 0))  # augmentation
-    history = []
-    for epoch in range(1, config.epochs + 1):
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    generator = torch.Generator().manual_seed(config.seed + rank)  # augmentation
+    shuffling = _loader_generator(train_loader)
+    history, first = [], 1
+    if resume is not None:
+        first, history = _restore(resume, model, optimizer, scheduler, scaler, generator, shuffling, config, device,
+                                  rank, world_size, steps)
+    forward = wrap_ddp(model, dist_ctx) if distributed else model
+    for epoch in range(first, config.epochs + 1):
         start = time.perf_counter()
         loss = train_epoch(forward, train_loader, optimizer, loss_fn, scheduler, device, config.augment, generator,
-                           progress and main, desc=f"epoch {epoch}/{config.epochs}")
+                           progress and main, desc=f"epoch {epoch}/{config.epochs}", amp=config.amp, scaler=scaler)
         loss = all_reduce_mean(loss) if distributed else loss
         seconds = time.perf_counter() - start
-        if not main:
-            continue
-        report = certified_accuracy(model, test_loader, config.eval_eps, device=device)
-        row = {"epoch": epoch, "loss": loss, "train_seconds": seconds, "clean": report.clean,
-               "certified": report.certified, "lipschitz_bound": report.lipschitz_bound}
-        history.append(row)
-        certs = "  ".join(f"cert@{e:.3g} {a:.2%}" for e, a in report.certified.items())
-        log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  clean {report.clean:.2%}  {certs}  "
-            f"L<={report.lipschitz_bound:.5f}  ({seconds:.0f}s)")
+        if main:
+            report = certified_accuracy(model, test_loader, config.eval_eps, device=device)
+            row = {"epoch": epoch, "loss": loss, "train_seconds": seconds, "clean": report.clean,
+                   "certified": report.certified, "lipschitz_bound": report.lipschitz_bound}
+            history.append(row)
+            certs = "  ".join(f"cert@{e:.3g} {a:.2%}" for e, a in report.certified.items())
+            log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  clean {report.clean:.2%}  {certs}  "
+                f"L<={report.lipschitz_bound:.5f}  ({seconds:.0f}s)")
+        if checkpoint_dir is not None:
+            # after the evaluation: these are the states the next epoch starts from
+            rng = _rng_states(generator, shuffling, device, dist_ctx if distributed else None)
+            if main:
+                training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(), "rng": rng, "world_size": world_size}
+                save_checkpoint(checkpoint_dir, model, config, history, epoch=epoch, training=training)
+            if distributed:
+                _reload_checkpointed_state(model)
     return history
 
 
@@ -253,7 +416,8 @@ def frozen_test_features(prefix: nn.Module, loader: Iterable, device: str | torc
 
 
 def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, device: str | torch.device = "cpu",
-                progress: bool = True, log: Callable[[str], None] = print, evaluate: bool = True) -> list[dict]:
+                progress: bool = True, log: Callable[[str], None] = print, evaluate: bool = True, *,
+                checkpoint_dir: str | Path | None = None) -> list[dict]:
     """Clipping-free DP-SGD (``lipnet.privacy.PrivateTrainer``) on ``LipschitzCrossEntropy``: Poisson
     batches of expected size ``config.batch_size``, noise calibrated to spend ``config.dp["epsilon"]``
     at ``config.dp["delta"]`` over ``config.epochs``; ``config.dp`` also names the optimizer ("sgd"
@@ -261,9 +425,15 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     (:func:`private_trainable`) and ``loss_clip`` (if set, the loss' per-sample logit gradient is
     clipped to that norm, :class:`lipnet.nn.ClippedLossGradient`, and the noise calibrated to it).
     After each epoch: epsilon spent so far (the accountant), clean and certified test accuracy
-    (``evaluate=False``: no evaluation, e.g. on ranks other than 0 of a multi-process run)."""
+    (``evaluate=False``: no evaluation, e.g. on ranks other than 0 of a multi-process run).
+    ``config.dp["epsilon_spent"]`` is updated after each epoch; ``checkpoint_dir``: then written
+    there (:func:`save_checkpoint`, weights and history only: private runs cannot be resumed, the
+    accountant's state is not saved). No mixed precision: ``config.amp`` must be None."""
     from .privacy import PrivateTrainer, epoch_row, precompute_frozen_prefix, split_frozen_prefix
 
+    if config.amp is not None:
+        raise ValueError("mixed precision (--amp) is not supported with private training (--dp): its gradient "
+                         "bounds are computed for fp32")
     dp = config.dp
     if not 0 < config.batch_size <= len(train_set):
         raise ValueError(f"expected batch size {config.batch_size} must be in [1, {len(train_set)}] (the training set)")
@@ -292,8 +462,11 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     history = []
     for _ in range(config.epochs):
         row = epoch_row(trainer.train_epoch())
+        dp["epsilon_spent"] = row["epsilon"]
         if not evaluate:
             history.append(row)
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, model, config, history)
             continue
         # radii in input space: the whole model's bound (prefix included), whichever part is evaluated
         report = certified_accuracy(eval_model, eval_batches, config.eval_eps, device=device,
@@ -305,35 +478,262 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
         log(f"epoch {row['epoch']}/{config.epochs}  eps spent {row['epsilon']:.3f} (delta {row['delta']:g})  "
             f"loss {row['loss']:.4f}  clean {report.clean:.2%}  {certs}  C={row['sensitivity']:.3g}  "
             f"({row['seconds']:.0f}s, {row['samples_per_s']:.0f} samples/s)")
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, model, config, history)
     return history
 
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "lipnet.checkpoint"
+CHECKPOINT_VERSION = 2  # 1: {config, state_dict, history}, pickled without restriction; 2: + epoch, training
 
 
-def save_checkpoint(out: str | Path, model: nn.Module, config: TrainConfig, history: Sequence[dict] = ()) -> Path:
-    """Write ``out/checkpoint.pt`` (state_dict + config to rebuild the model) and ``out/config.json``."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: empty, truncated or not a checkpoint at all, holding
+    objects that only arbitrary (code-running) unpickling could rebuild -- refused without
+    unpickling them -- or lacking what the caller needs (e.g. the training state to resume)."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's content as :func:`read_checkpoint` returns it (nothing in it ran code to load)."""
+
+    path: Path                          # the checkpoint file
+    config: TrainConfig
+    state_dict: dict[str, torch.Tensor]  # the model's
+    history: list[dict]                 # one row per completed epoch (rank 0's)
+    epoch: int                          # epochs completed when it was written
+    # {"optimizer", "scheduler", "scaler": state_dicts, "rng": {stream: [state per rank] | None},
+    #  "world_size"}; None: weights only (not resumable)
+    training: dict | None = None
+
+    @property
+    def resumable(self) -> bool:
+        """True if it holds the training state :func:`fit` needs to continue the run."""
+        return self.training is not None
+
+
+_PLAIN_SCALARS = (type(None), bool, int, float, str)
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """``obj`` rebuilt from plain types (dict, list, tuple, str, int, float, bool, None) and tensors,
+    which ``torch.load(weights_only=True)`` loads without running code: number-likes (e.g. numpy
+    scalars) become int / float, dict / list / tuple subclasses the base type; anything else is a
+    TypeError naming ``where`` it is."""
+    if type(obj) in _PLAIN_SCALARS or isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, dict):
+        return {_plain(k, f"{where} key {k!r}"): _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    raise TypeError(f"save_checkpoint: {where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints "
+                    "hold only dict / list / tuple / str / int / float / bool / None and tensors, so that loading "
+                    "them never needs arbitrary unpickling")
+
+
+def _unsafe_globals(file: Path | IO[bytes]) -> list[str]:
+    """The pickle globals of a torch zip archive that ``weights_only=True`` would refuse, found by
+    disassembling the pickle (nothing is executed); [] if torch cannot tell (torch < 2.5)."""
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    return list(scan(file if not isinstance(file, Path) else str(file))) if scan is not None else []
+
+
+def _raw_pickle_globals(f: IO[bytes]) -> list[str] | None:
+    """The globals named by the pickle(s) at the start of ``f`` (a pre-zip ``torch.save`` file or a
+    bare ``pickle.dump``), by static disassembly (``pickletools``: nothing is executed); None if
+    ``f`` does not start with a pickle. Torch's own rebuild functions are left out."""
+    found: list[str] = []
+    parsed = False
+    while True:
+        strings: list[str] = []
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # not (or no longer) pickle data: tensor bytes of a legacy file, garbage
+            break
+        parsed = True
+        position = f.tell()
+        if not f.read(1):  # end of file
+            break
+        f.seek(position)
+    if not parsed:
+        return None
+    return sorted({g for g in found if not (g.startswith("torch.") or g == "collections.OrderedDict")})
+
+
+def _fsync_dir(folder: Path) -> None:
+    # makes the rename itself durable on POSIX; directories cannot be opened this way on Windows
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None], verify: Callable[[Path], None] | None = None) -> None:
+    """Replace ``path`` by what ``write`` writes, all or nothing: into a temporary file of the same
+    directory, flushed and fsynced, checked by ``verify`` (it raises to refuse), then renamed over
+    ``path`` (``os.replace``, atomic). A reader, or a crash at any point, sees the old file or the
+    new one, never a partial one; on failure the temporary file is removed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _refuse_unsafe(tmp: Path) -> None:
+    unsafe = _unsafe_globals(tmp)
+    if unsafe:
+        raise TypeError(f"save_checkpoint: the state holds objects ({', '.join(unsafe)}) that load_checkpoint would "
+                        "refuse (they need arbitrary unpickling); nothing was written")
+
+
+def save_checkpoint(out: str | Path, model: nn.Module, config: TrainConfig, history: Sequence[dict] = (), *,
+                    epoch: int | None = None, training: dict | None = None) -> Path:
+    """Write ``out/checkpoint.pt`` (the model's state_dict, the config to rebuild it, the history)
+    and ``out/config.json`` (config and history, for people); returns the checkpoint's path.
+
+    Each file is replaced atomically (written to a temporary file in ``out``, flushed and fsynced,
+    then ``os.replace``d): a run killed at any moment leaves the previous complete checkpoint or the
+    new one. Everything is stored as plain types and tensors,
+    so :func:`load_checkpoint` reads it with ``torch.load(weights_only=True)``; a config, history or
+    ``training`` holding anything else is a TypeError and nothing is written. ``epoch``: epochs
+    completed (default ``len(history)``); ``training``: the state :func:`fit` resumes from (fit
+    builds it; None: a weights-only checkpoint)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = asdict(config)
-    torch.save({"config": cfg, "state_dict": model.state_dict(), "history": list(history)}, out / CHECKPOINT)
-    (out / "config.json").write_text(json.dumps({"config": cfg, "history": list(history)}, indent=2, default=str))
+    cfg = _plain(asdict(config), "config")
+    rows = _plain(list(history), "history")
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": cfg,
+               "state_dict": model.state_dict(), "history": rows,
+               "epoch": len(rows) if epoch is None else int(epoch),
+               "training": None if training is None else _plain(training, "training")}
+    _atomic_write(out / CHECKPOINT, lambda f: torch.save(payload, f), verify=_refuse_unsafe)
+    text = json.dumps({"config": cfg, "history": rows, "epoch": payload["epoch"]}, indent=2, default=str)
+    _atomic_write(out / "config.json", lambda f: f.write(text.encode()))
     return out / CHECKPOINT
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, list[dict]]:
-    """Rebuild the model of a checkpoint written by :func:`save_checkpoint` (a directory or the file)."""
+def _safe_load(file: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(file, weights_only=True)``, every failure a CheckpointError naming ``file``.
+    One open file handle for all the checks and the load: a checkpoint replaced meanwhile (a
+    running ``lipnet train``) is either wholly the old file or wholly the new one."""
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CheckpointError(f"checkpoint {file} is empty (an interrupted copy?)")
+        # torch.save writes zip archives; a truncated one loses its central directory (at the end)
+        if not zipfile.is_zipfile(f):
+            f.seek(0)
+            named = _raw_pickle_globals(f)
+            if named:
+                raise CheckpointError(f"refusing to load {file}: a bare pickle (not a torch zip archive) naming "
+                                      f"{', '.join(named)}, which only arbitrary unpickling could rebuild and which "
+                                      "can run code (nothing of it was executed)")
+            raise CheckpointError(f"{file} ({size} bytes) is not a PyTorch checkpoint archive: truncated, corrupt, "
+                                  "or not written by `lipnet train`")
+        try:
+            f.seek(0)
+            unsafe = _unsafe_globals(f)
+        except Exception as err:
+            raise CheckpointError(f"cannot read checkpoint {file}: corrupt archive ({type(err).__name__})") from err
+        if unsafe:
+            raise CheckpointError(f"refusing to load {file}: it holds pickled objects ({', '.join(unsafe)}) that only "
+                                  "arbitrary unpickling could rebuild, which can run code; lipnet checkpoints hold "
+                                  "plain types and tensors only (nothing of it was executed)")
+        try:
+            f.seek(0)
+            return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                          type(err).__name__)
+            raise CheckpointError(f"refusing to load {file}: its pickle is corrupt or needs arbitrary unpickling, "
+                                  f"which can run code ({detail}); nothing of it was executed") from err
+        except Exception as err:  # the zip reader's internal errors, EOF in a damaged record, ...
+            raise CheckpointError(f"cannot read checkpoint {file}: corrupt or truncated "
+                                  f"({type(err).__name__})") from err
+
+
+def _config_from_dict(cfg: dict, file: Path) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise CheckpointError(f"{file}: unknown config fields {unknown} (written by a newer lipnet?)")
+    cfg = dict(cfg)
+    model_config = cfg.get("model_config") or {}
+    if _takes_parametrization(cfg.get("model")) and "parametrization" not in model_config:
+        # written before layers stored their orthogonal factors: its raw parameters are "polar" ones
+        cfg["model_config"] = {**model_config, "parametrization": "polar"}
+    cfg["eval_eps"] = tuple(cfg.get("eval_eps", ()))  # version-1 files and JSON round trips may hold a list
+    try:
+        return TrainConfig(**cfg)
+    except TypeError as err:
+        raise CheckpointError(f"{file}: incomplete config ({err})") from err
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """The content of a checkpoint written by :func:`save_checkpoint` (``path``: its directory or
+    the file), loaded with ``torch.load(weights_only=True)``: nothing in the file can run code.
+
+    FileNotFoundError if there is no such file; CheckpointError (a ValueError) naming the file if
+    it is empty, truncated or foreign, or holds objects that only arbitrary unpickling could
+    rebuild (refused before unpickling them). Resuming needs ``map_location="cpu"`` (RNG states
+    are CPU tensors; optimizer states follow their parameters' device when loaded)."""
     path = Path(path)
     file = path / CHECKPOINT if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no checkpoint at {file} (expected the directory written by `lipnet train --out`)")
-    ckpt = torch.load(file, map_location=map_location, weights_only=False)
-    cfg = ckpt["config"]
-    cfg["eval_eps"] = tuple(cfg.get("eval_eps", ()))
-    config = TrainConfig(**cfg)
-    model = build_model(config.model, **config.model_config)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(map_location).eval(), config, ckpt.get("history", [])
+    raw = _safe_load(file, map_location)
+    if not (isinstance(raw, dict) and isinstance(raw.get("config"), dict) and isinstance(raw.get("state_dict"), dict)):
+        raise CheckpointError(f"{file} is not a lipnet checkpoint (expected a dict with 'config' and 'state_dict', "
+                              "as `lipnet train --out` writes)")
+    history = raw.get("history") or []
+    if not isinstance(history, list):
+        raise CheckpointError(f"{file}: its history is a {type(history).__name__}, not a list")
+    training = raw.get("training")
+    if training is not None and not (isinstance(training, dict)
+                                     and {"optimizer", "scheduler", "rng"} <= set(training)):
+        raise CheckpointError(f"{file}: incomplete training state (keys {sorted(training)})")
+    epoch = raw.get("epoch", len(history))
+    return Checkpoint(file, _config_from_dict(raw["config"], file), raw["state_dict"], history, int(epoch), training)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, list[dict]]:
+    """Rebuild the model of a checkpoint written by :func:`save_checkpoint` (a directory or the
+    file): ``(model in eval mode on map_location, config, history)``. Loads safely and raises as
+    :func:`read_checkpoint`; weights that do not fit the configured model are a CheckpointError."""
+    ckpt = read_checkpoint(path, map_location)
+    model = build_model(ckpt.config.model, **ckpt.config.model_config)
+    try:
+        model.load_state_dict(ckpt.state_dict)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt.path}: its weights do not fit {ckpt.config.model}"
+                              f"({ckpt.config.model_config}): {err}") from err
+    return model.to(map_location).eval(), ckpt.config, ckpt.history
 
 
 def format_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
@@ -345,6 +745,6 @@ def format_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PRESETS", "PRIVATE_PRESETS", "Preset", "PrivatePreset", "TrainConfig", "augment_batch", "fit",
-           "fit_private", "format_table", "load_checkpoint", "private_trainable",
-           "save_checkpoint", "train_epoch"]
+__all__ = ["AMP_DTYPES", "CHECKPOINT", "PRESETS", "PRIVATE_PRESETS", "Checkpoint", "CheckpointError", "Preset",
+           "PrivatePreset", "TrainConfig", "amp_dtype", "augment_batch", "fit", "fit_private", "format_table",
+           "load_checkpoint", "private_trainable", "read_checkpoint", "save_checkpoint", "train_epoch"]

@@ -6,14 +6,19 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
+from lipnet import data as lipdata
 from lipnet.cli import main
+from lipnet.models import build_model
 from lipnet.nn import Scattering2d
-from lipnet.training import TrainConfig, load_checkpoint
+from lipnet.training import CHECKPOINT, TrainConfig, fit, load_checkpoint, read_checkpoint, save_checkpoint
 
 
 def test_train_then_certify(tmp_path, data_root, capsys):
@@ -110,6 +115,15 @@ def test_train_with_two_processes(tmp_path, data_root, capsys):
     assert rc == 0 and (out / "checkpoint.pt").is_file()
     model, config, history = load_checkpoint(out)
     assert len(history) == 1 and config.batch_size == 64
+    # rank 0 wrote every rank's random streams (the augmentation generators are seeded per rank)
+    training = read_checkpoint(out).training
+    assert training["world_size"] == 2 and all(len(training["rng"][s]) == 2 for s in ("torch", "augment", "loader"))
+    assert not torch.equal(*training["rng"]["augment"])
+    common = ["--no-progress", "--data-root", str(data_root)]
+    assert main(["train", "--resume", str(out), *common]) == 2
+    assert "resume it with --nproc 2" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--nproc", "2", *common]) == 0
+    assert "all 1 epochs are done" in capsys.readouterr().out
     assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--batch-size", "63", "--nproc", "2",
                  "--out", str(tmp_path / "bad"), "--data-root", str(data_root), "--no-progress"]) == 2
     assert "divisible" in capsys.readouterr().err
@@ -202,3 +216,163 @@ def test_dp_example_runs(tmp_path, data_root):
                          env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "privacy report: (" in res.stdout and "-DP" in res.stdout
+
+
+# --------------------------------------------------------------------------- resumable runs, --amp
+def _train_argv(out, data_root, *extra) -> list[str]:
+    return [sys.executable, "-m", "lipnet.cli", "train", "--dataset", "mnist", "--epochs", "3", "--limit", "256",
+            "--width", "4", "--batch-size", "32", "--no-progress", "--out", str(out), "--data-root", str(data_root),
+            *extra]
+
+
+def _env(**extra) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _checkpointed_epoch(folder) -> int:
+    return read_checkpoint(folder).epoch if (folder / CHECKPOINT).is_file() else 0
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, data_root):
+    a, b = tmp_path / "A", tmp_path / "B"
+    done = subprocess.run(_train_argv(a, data_root), env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 8 steps per epoch, each handed its batch 0.25 s late (test-only hook): epoch 2 lasts > 2 s,
+    # so the kill 0.6 s after epoch 1's checkpoint lands inside it
+    proc = subprocess.Popen(_train_argv(b, data_root), env=_env(LIPNET_TEST_STEP_DELAY="0.25"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _checkpointed_epoch(b) < 1:  # every poll also reads a checkpoint that is being rewritten
+            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after epoch 1"
+            time.sleep(0.05)
+        time.sleep(0.6)
+        assert proc.poll() is None, "the run was not killed mid-epoch: it had already ended"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed = read_checkpoint(b)  # what the kill left is complete: it loads, with epoch 1's state
+    assert killed.epoch == 1 and killed.resumable and [r["epoch"] for r in killed.history] == [1]
+    assert sorted(p.name for p in b.iterdir()) == ["checkpoint.pt", "config.json"]
+    assert json.loads((b / "config.json").read_text())["epoch"] == 1
+
+    resumed = subprocess.run([sys.executable, "-m", "lipnet.cli", "train", "--resume", str(b), "--no-progress",
+                              "--data-root", str(data_root)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 1/3" in resumed.stdout and re.findall(r"^epoch (\d)/3", resumed.stdout, re.M) == ["2", "3"]
+    full, final = read_checkpoint(a), read_checkpoint(b)
+    assert final.epoch == full.epoch == 3 and final.config == full.config
+    assert final.state_dict.keys() == full.state_dict.keys()
+    for name, tensor in full.state_dict.items():
+        torch.testing.assert_close(final.state_dict[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+    assert [r["loss"] for r in final.history] == pytest.approx([r["loss"] for r in full.history], rel=1e-5)
+    for stream in ("torch", "augment", "loader"):  # the runs end in the same random state too
+        assert all(torch.equal(x, y) for x, y in zip(final.training["rng"][stream], full.training["rng"][stream]))
+    # the resumed run's checkpoint serves certify / conformal like any other
+    model, config, history = load_checkpoint(b)
+    assert config.epochs == 3 and len(history) == 3 and not model.training
+
+
+def test_a_two_process_run_resumes_to_the_same_weights(tmp_path, data_root):
+    """--nproc 2: rank 0 checkpoints every rank's random streams; resuming epoch 1's checkpoint with
+    2 processes ends where the uninterrupted run does."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    argv = [sys.executable, "-m", "lipnet.cli", "train", "--dataset", "mnist", "--epochs", "2", "--limit", "128",
+            "--width", "2", "--batch-size", "32", "--nproc", "2", "--no-progress", "--out", str(run),
+            "--data-root", str(data_root)]
+    # 4 steps per epoch, 0.3 s late each (test-only hook): epoch 1's checkpoint stays current for > 1 s
+    proc = subprocess.Popen(argv, env=_env(LIPNET_TEST_STEP_DELAY="0.3"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _checkpointed_epoch(run) < 1:
+            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after epoch 1"
+            time.sleep(0.05)
+        copy.mkdir()
+        shutil.copy(run / CHECKPOINT, copy / CHECKPOINT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert read_checkpoint(copy).epoch == 1
+    assert main(["train", "--resume", str(copy), "--nproc", "2", "--no-progress", "--data-root", str(data_root)]) == 0
+    full, resumed = read_checkpoint(run), read_checkpoint(copy)
+    assert resumed.epoch == full.epoch == 2 and resumed.training["world_size"] == 2
+    for name, tensor in full.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_resume_keeps_the_run_configuration(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    common = ["--no-progress", "--data-root", str(data_root)]
+    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--width", "2", "--batch-size",
+                 "32", "--out", str(out), *common]) == 0
+    capsys.readouterr()
+    assert read_checkpoint(out).resumable
+    # finished: nothing to do; options equal to the run's are accepted
+    for extra in ([], ["--dataset", "mnist", "--epochs", "1", "--width", "2", "--seed", "0", "--device", "cpu"]):
+        assert main(["train", "--resume", str(out), *extra, *common]) == 0
+        assert "all 1 epochs are done" in capsys.readouterr().out
+    for extra, message in ((["--lr", "0.5"], "--lr 0.5 (the run's: 0.002) would change the run"),
+                           (["--epochs", "5", "--width", "8"], "--epochs 5 (the run's: 1), --width 8 (the run's: 2)"),
+                           (["--amp", "bf16"], "--amp bf16 (the run's: None)"),
+                           (["--nproc", "2"], "trained by 1 process(es), resume it with --nproc 1"),
+                           (["--dp", "--epsilon", "1"], "--resume is not supported with --dp yet")):
+        assert main(["train", "--resume", str(out), *extra, *common]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing"), *common]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    # a private run's checkpoint, and a weights-only one, cannot be resumed
+    private = TrainConfig.from_preset("mnist", private=True)
+    save_checkpoint(tmp_path / "dp", build_model("mnist-convnet", width=2, hidden=16), private)
+    assert main(["train", "--resume", str(tmp_path / "dp"), *common]) == 2
+    assert "--resume is not supported with --dp yet" in capsys.readouterr().err
+    model, config, history = load_checkpoint(out)
+    save_checkpoint(tmp_path / "weights", model, config, history)
+    assert main(["train", "--resume", str(tmp_path / "weights"), *common]) == 2
+    assert "holds weights only" in capsys.readouterr().err
+    # without --resume, --dataset and --out stay required
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "mnist", *common])
+    assert "--out required" in capsys.readouterr().err
+
+
+def test_train_with_bf16_autocast(tmp_path, data_root, capsys):
+    """Depends on the layers being autocast-safe (lipnet/nn, lipnet/ortho under torch.autocast)."""
+    out = tmp_path / "amp"
+    common = ["--dataset", "mnist", "--epochs", "1", "--limit", "128", "--width", "4", "--data-root", str(data_root),
+              "--no-progress"]
+    assert main(["train", *common, "--amp", "bf16", "--out", str(out)]) == 0
+    assert "with bf16 autocast" in capsys.readouterr().out
+    ckpt = read_checkpoint(out)
+    assert ckpt.config.amp == "bf16" and ckpt.resumable
+    assert all(t.dtype == torch.float32 for t in ckpt.state_dict.values() if t.is_floating_point())
+    assert 0 < ckpt.history[0]["lipschitz_bound"] <= 1.001
+    assert main(["train", *common, "--amp", "fp16", "--out", str(tmp_path / "fp16")]) == 2
+    assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_amp_runs_the_training_forward_under_autocast_and_evaluation_in_fp32(data_root):
+    """Depends on the layers being autocast-safe (lipnet/nn, lipnet/ortho under torch.autocast)."""
+    config = TrainConfig.from_preset("mnist", epochs=1, batch_size=32, limit=64, amp="bf16")
+    config.model_config = {**config.model_config, "width": 2, "hidden": 16}
+    torch.manual_seed(0)
+    model = build_model(config.model, **config.model_config)
+    seen = []
+    model[-1].register_forward_hook(lambda module, inputs, output: seen.append((module.training, output.dtype)))
+    train = lipdata.load_dataset("mnist", "train", data_root, limit=64, progress=False)
+    test = lipdata.load_dataset("mnist", "test", data_root, limit=64, progress=False)
+    history = fit(model, lipdata.BatchLoader(train, 32, shuffle=True), lipdata.BatchLoader(test, 32), config,
+                  progress=False, log=lambda _: None)
+    assert len(history) == 1
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}
