@@ -19,20 +19,23 @@ from torch.profiler import profile
 import lipnet.nn as ln
 from lipnet.nn.parametrizations import CoreOrthogonalizer
 
-VARIANTS = {"convergent": ("convergent", None), "convergent, 5 steps": ("convergent", 5),
-            "convergent, iteration backward": ("convergent", None, "iteration"),
-            "svd": ("svd", None), "bjorck": ("bjorck", None)}
+# (parametrization, method, steps, backward); "retraction" is the layers' default: its weights are the
+# stored factors (the retraction after an optimizer step is not part of this forward + backward)
+VARIANTS = {"retraction": ("retraction", "convergent", None),
+            "polar convergent": ("polar", "convergent", None), "polar convergent, 5 steps": ("polar", "convergent", 5),
+            "polar convergent, iteration backward": ("polar", "convergent", None, "iteration"),
+            "polar svd": ("polar", "svd", None), "polar bjorck": ("polar", "bjorck", None)}
 
 
-def build(method: str, steps: int | None, backward: str | None = None) -> nn.ModuleList:
+def build(parametrization: str, method: str, steps: int | None, backward: str | None = None) -> nn.ModuleList:
     torch.manual_seed(0)
-    kw = dict(method=method, steps=steps)
+    kw = dict(method=method, steps=steps, parametrization=parametrization)
     layers = nn.ModuleList([
         ln.OrthoConv2d(3, 32, 3, **kw), ln.OrthoConv2d(32, 64, 3, stride=2, padding=1, **kw), ln.OrthoConv2d(64, 64, 3, **kw),
         ln.OrthoConv2d(64, 128, 3, stride=2, padding=1, **kw), ln.OrthoConv2d(128, 128, 3, stride=2, padding=1, **kw),
         ln.OrthoLinear(2048, 10, **kw),
     ])
-    for m in layers.modules():  # the layers' default is backward="polar" for converging methods
+    for m in layers.modules():  # the polar layers' default is backward="polar"
         if isinstance(m, CoreOrthogonalizer) and backward is not None:
             m.backward = backward
     return layers
@@ -57,14 +60,14 @@ def main() -> None:
             weights_forward_backward(layers)
             times[name].append(time.perf_counter() - start)
     print(f"{torch.get_num_threads()} threads, median of {args.repeats}, weights forward+backward:")
-    base = sorted(times["convergent"])[args.repeats // 2]
+    base = sorted(times["polar convergent"])[args.repeats // 2]
     for name, layers in models.items():
         median = sorted(times[name])[args.repeats // 2]
         bounds = ", ".join(f"{ln.lipschitz_bound(layer):.6f}" for layer in layers)
         print(f"  {name:31s} {median * 1e3:7.1f} ms  ({median / base:.2f}x)  bounds: {bounds}")
     with profile() as prof:
         for _ in range(3):
-            weights_forward_backward(models["convergent"])
+            weights_forward_backward(models["polar convergent"])
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

@@ -20,6 +20,7 @@ from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bo
 from .models import MODELS, build_model
 from .nn import set_input_checks
 from .nn._checks import input_checks_enabled
+from .nn.parametrizations import PARAMETRIZATIONS
 from .training import (AMP_DTYPES, CHECKPOINT, PRESETS, Checkpoint, TrainConfig, amp_dtype, fit, format_table,
                        load_checkpoint, read_checkpoint)
 
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=sorted(MODELS), default=None,
                    help="default: the dataset preset's (with --dp: scatter-net on MNIST / Fashion-MNIST)")
     t.add_argument("--width", type=int, default=None, help="model width (channels of the first stage)")
+    t.add_argument("--parametrization", choices=list(PARAMETRIZATIONS), default=None,
+                   help="how the orthogonal layers keep their weights: 'retraction' (default: the orthogonal "
+                        "factor is stored and retracted after every step) or 'polar' (polar factor of a raw "
+                        "parameter, recomputed every step)")
     t.add_argument("--offset", type=float, default=None, help="margin asked by the loss (logit units)")
     t.add_argument("--seed", type=int, default=None, help="default: 0")
     t.add_argument("--dp", action="store_true",
@@ -165,8 +170,10 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
         raise ValueError(f"--resume: {ckpt.path} holds weights only, no training state (written by an older lipnet?)")
     conflicts = [f"{flag} {getattr(args, attr)} (the run's: {getattr(config, attr)})" for flag, attr in _RESULT_OPTIONS
                  if getattr(args, attr) is not None and getattr(args, attr) != getattr(config, attr)]
-    if args.width is not None and args.width != config.model_config.get("width"):
-        conflicts.append(f"--width {args.width} (the run's: {config.model_config.get('width')})")
+    for flag, key in (("--width", "width"), ("--parametrization", "parametrization")):
+        given = getattr(args, key)
+        if given is not None and given != config.model_config.get(key):
+            conflicts.append(f"{flag} {given} (the run's: {config.model_config.get(key)})")
     if conflicts:
         raise ValueError(f"--resume {args.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps "
                          "its configuration (leave these options out, or start a new run with --out)")
@@ -225,6 +232,10 @@ def _train_config(args) -> TrainConfig:
         if "width" not in inspect.signature(MODELS[config.model]).parameters:
             raise ValueError(f"--width does not apply to {config.model}")
         config.model_config = {**config.model_config, "width": args.width}
+    if args.parametrization is not None:
+        if "parametrization" not in inspect.signature(MODELS[config.model]).parameters:
+            raise ValueError(f"--parametrization does not apply to {config.model}")
+        config.model_config = {**config.model_config, "parametrization": args.parametrization}
     return config
 
 

@@ -686,8 +686,9 @@ def _config_from_dict(cfg: dict, file: Path) -> TrainConfig:
     cfg = dict(cfg)
     model_config = cfg.get("model_config") or {}
     if _takes_parametrization(cfg.get("model")) and "parametrization" not in model_config:
-        # written before layers stored their orthogonal factors: its raw parameters are "polar" ones
-        cfg["model_config"] = {**model_config, "parametrization": "polar"}
+        # written before layers stored their orthogonal factors: its raw parameters are "polar" ones,
+        # and its convolutions had a bias before every centering
+        cfg["model_config"] = {**model_config, "parametrization": "polar", "conv_bias": True}
     cfg["eval_eps"] = tuple(cfg.get("eval_eps", ()))  # version-1 files and JSON round trips may hold a list
     try:
         return TrainConfig(**cfg)

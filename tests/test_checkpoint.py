@@ -87,7 +87,7 @@ def test_checkpoints_without_a_parametrization_load_as_polar(tmp_path):
     from lipnet.models import mnist_convnet
 
     torch.manual_seed(0)
-    old = mnist_convnet(width=2, hidden=8, parametrization="polar")
+    old = mnist_convnet(width=2, hidden=8, parametrization="polar", conv_bias=True)  # as models were built then
     with torch.no_grad():
         for name, p in old.named_parameters():
             if "original" in name:

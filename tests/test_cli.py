@@ -376,3 +376,18 @@ def test_amp_runs_the_training_forward_under_autocast_and_evaluation_in_fp32(dat
     assert len(history) == 1
     assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
     assert {dtype for training, dtype in seen if not training} == {torch.float32}
+
+
+def test_train_parametrization_option(tmp_path, data_root):
+    from lipnet.nn.parametrizations import CoreOrthogonalizer
+
+    out = tmp_path / "polar"
+    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--width", "2", "--batch-size", "32",
+                 "--parametrization", "polar", "--out", str(out), "--data-root", str(data_root), "--no-progress"]) == 0
+    model, config, _ = load_checkpoint(out)
+    assert config.model_config["parametrization"] == "polar"
+    kinds = {m.parametrization for m in model.modules() if isinstance(m, CoreOrthogonalizer)}
+    assert kinds == {"polar"}
+    # a resumed run keeps it: asking for the other one is refused
+    assert main(["train", "--resume", str(out), "--parametrization", "retraction", "--no-progress",
+                 "--data-root", str(data_root)]) == 2

@@ -32,17 +32,21 @@ def _centering(channels: int, centering: str) -> list[nn.Module]:
 
 
 def _conv_block(cin: int, cout: int, kernel: int, stride: int, method: str, centering: str = "batch",
-                parametrization: str = DEFAULT_PARAMETRIZATION) -> list[nn.Module]:
+                parametrization: str = DEFAULT_PARAMETRIZATION, conv_bias: bool | None = None) -> list[nn.Module]:
     padding = "same" if stride == 1 else (kernel - stride) // 2
+    # A bias right before BatchCentering is subtracted again by it: its true gradient is zero and
+    # Adam turns the rounding noise in it into steps (the centering's own bias does its job).
+    bias = centering != "batch" if conv_bias is None else conv_bias
     return [ln.OrthoConv2d(cin, cout, kernel, stride=stride, padding=padding, padding_mode="zeros", method=method,
-                           parametrization=parametrization),
+                           parametrization=parametrization, bias=bias),
             *_centering(cout, centering), ln.MaxMin()]
 
 
 def mnist_convnet(num_classes: int = 10, in_channels: int = 1, width: int = 16, hidden: int = 256,
                   mean: Sequence[float] = (0.1307,), std: Sequence[float] | None = None,
                   method: str = DEFAULT_LAYER_METHOD, centering: str = "batch",
-                  input_radius: float | None = None, parametrization: str = DEFAULT_PARAMETRIZATION) -> nn.Sequential:
+                  input_radius: float | None = None, parametrization: str = DEFAULT_PARAMETRIZATION,
+                  conv_bias: bool | None = None) -> nn.Sequential:
     """Small 1-Lipschitz ConvNet for 28x28 inputs (MNIST, Fashion-MNIST).
 
     Normalization -> 2 x [orthogonal 3x3 conv, centering, MaxMin] at 28x28 -> orthogonal 2x2/stride-2
@@ -52,15 +56,16 @@ def mnist_convnet(num_classes: int = 10, in_channels: int = 1, width: int = 16, 
     (LayerCentering, per sample) or "none"; private training needs "layer" or "none".
     ``input_radius``: project the normalized input onto the L2 ball of that radius
     (``L2BallProjection``, 1-Lipschitz) -- it bounds what the first layer sees (``lipnet.privacy``).
-    ``method`` / ``parametrization``: those of every orthogonal layer (``lipnet.nn.OrthoConv2d``).
+    ``method`` / ``parametrization``: those of every orthogonal layer (``lipnet.nn.OrthoConv2d``);
+    ``conv_bias``: whether the convolutions have a bias (default: not before ``BatchCentering``).
     """
-    w, c, p = width, centering, parametrization
+    w, c, p, b = width, centering, parametrization, conv_bias
     layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
     if input_radius is not None:
         layers.append(ln.L2BallProjection(input_radius))
-    layers += _conv_block(in_channels, w, 3, 1, method, c, p) + _conv_block(w, w, 3, 1, method, c, p)
-    layers += _conv_block(w, 2 * w, 2, 2, method, c, p) + _conv_block(2 * w, 2 * w, 3, 1, method, c, p)
-    layers += _conv_block(2 * w, 4 * w, 2, 2, method, c, p)
+    layers += _conv_block(in_channels, w, 3, 1, method, c, p, b) + _conv_block(w, w, 3, 1, method, c, p, b)
+    layers += _conv_block(w, 2 * w, 2, 2, method, c, p, b) + _conv_block(2 * w, 2 * w, 3, 1, method, c, p, b)
+    layers += _conv_block(2 * w, 4 * w, 2, 2, method, c, p, b)
     layers += [ln.Flatten(), ln.OrthoLinear(4 * w * 7 * 7, hidden, method=method, parametrization=p), ln.MaxMin(),
                ln.OrthoLinear(hidden, num_classes, method=method, parametrization=p)]
     return nn.Sequential(*layers)
@@ -70,7 +75,8 @@ def liresnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
              blocks: Sequence[int] = (2, 2, 2), stem_stride: int = 1, max_width: int = 512,
              hidden: int = 512, mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
              std: Sequence[float] | None = None, method: str = DEFAULT_LAYER_METHOD,
-             centering: str = "batch", parametrization: str = DEFAULT_PARAMETRIZATION) -> nn.Sequential:
+             centering: str = "batch", parametrization: str = DEFAULT_PARAMETRIZATION,
+             conv_bias: bool | None = None) -> nn.Sequential:
     """1-Lipschitz residual CNN in the spirit of AOC / LiResNet.
 
     Stem (orthogonal conv, stride ``stem_stride``), then stages of ``ConvexResidual`` blocks
@@ -79,22 +85,22 @@ def liresnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
     ``max_width``); then flatten and an orthogonal dense head. Bound of the whole net: the product
     of its layers' bounds (~1 with ``std=None``; ``1/min(std)`` otherwise). ``centering``: as in
     :func:`mnist_convnet` ("layer" or "none" for private training); ``method`` / ``parametrization``:
-    those of every orthogonal layer.
+    those of every orthogonal layer; ``conv_bias``: as in :func:`mnist_convnet`.
     """
-    p = parametrization
+    p, b = parametrization, conv_bias
     if image_size % stem_stride:
         raise ValueError(f"liresnet: image_size={image_size} is not divisible by stem_stride={stem_stride}")
     size, w = image_size // stem_stride, width
     layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
-    layers += _conv_block(in_channels, w, max(3, stem_stride), stem_stride, method, centering, p)
+    layers += _conv_block(in_channels, w, max(3, stem_stride), stem_stride, method, centering, p, b)
     for stage, n in enumerate(blocks):
         for _ in range(n):
-            inner = nn.Sequential(*_conv_block(w, w, 3, 1, method, centering, p))
+            inner = nn.Sequential(*_conv_block(w, w, 3, 1, method, centering, p, b))
             layers.append(ln.ConvexResidual(inner, alpha=0.5, learnable=True))
         if stage < len(blocks) - 1:
             if size % 2:
                 raise ValueError(f"liresnet: feature map {size}x{size} cannot be halved; use fewer stages")
-            layers += _conv_block(w, min(2 * w, max_width), 2, 2, method, centering, p)
+            layers += _conv_block(w, min(2 * w, max_width), 2, 2, method, centering, p, b)
             w, size = min(2 * w, max_width), size // 2
     if size > 8:  # keep the dense head small: fold the remaining map with a kernel == stride conv
         fold = size // 4

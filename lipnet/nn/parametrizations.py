@@ -106,6 +106,9 @@ class CoreOrthogonalizer(nn.Module):
         check_method(method, steps, parametrization)
         self.weight_shape, self.method, self.steps = tuple(weight_shape), method, steps
         self.parametrization = parametrization
+        # polar: differentiate the polar factor the schedule converges to (one eigh of the small
+        # side) instead of every step -- the same gradient up to convergence error, cheaper
+        self.backward = "polar"
         self._retracted_state: tuple | None = None  # (data_ptr, version) of the factor when last retracted
         self._force_retraction = False  # set by lipnet.nn.retract_ for one access
 
@@ -115,7 +118,7 @@ class CoreOrthogonalizer(nn.Module):
                 self.parametrization == "retraction" and (stored.data_ptr(), stored._version) != self._retracted_state)):
             self.retract_(w)
         if self.parametrization == "polar":
-            return orthogonalize(w, method=self.method, steps=self.steps, backward="polar")
+            return orthogonalize(w, method=self.method, steps=self.steps, backward=self.backward)
         return _TangentGradient.apply(w) if torch.is_grad_enabled() and w.requires_grad else w
 
     def retract_(self, w: torch.Tensor) -> None:
