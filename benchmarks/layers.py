@@ -1,7 +1,7 @@
 """Side-by-side cost of one training step of the same 1-Lipschitz CNN built from four layer libraries.
 
     python benchmarks/layers.py                                  # batch 64, CIFAR-10 sized
-    python benchmarks/layers.py --repeats 9 --json benchmarks/results/layers_cpu.json --md benchmarks/results/layers_cpu.md
+    python benchmarks/layers.py --repeats 9 --threads 2 --json benchmarks/results/layers_cpu_2threads.json --md benchmarks/results/layers_cpu_2threads.md
 
 Model (same for all): conv 3->32 s1, conv 32->64 s2, conv 64->64 s1, conv 64->128 s2,
 conv 128->128 s2 (all 3x3, padding "same" at stride 1 and 1 at stride 2, circular padding by
