@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -148,10 +147,6 @@ def _mark_retracted(model: nn.Module) -> None:
                     m._retracted_state = (plist.original.data_ptr(), plist.original._version)
 
 
-def timed_round_robin(cases: dict, repeats: int, warmup: int) -> dict:
-    return layers_benchmark.timed_round_robin(cases, repeats, warmup)
-
-
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     ln.set_input_checks(False)
@@ -177,7 +172,7 @@ def run(args) -> dict:
                     cases[("weights: " + key, "fp32")] = fn
             print(f"{net}, batch {batch}: {len(cases)} cases, {args.warmup} warm-up + {args.repeats} repeats",
                   flush=True)
-            seconds = timed_round_robin(cases, args.repeats, args.warmup)
+            seconds = layers_benchmark.timed_round_robin(cases, args.repeats, args.warmup)
             for (name, amp), s in seconds.items():
                 ref = seconds[("plain", amp)]
                 if name.startswith("weights: "):

@@ -141,9 +141,10 @@ class CoreOrthogonalizer(nn.Module):
 
 def retract_(module: nn.Module) -> nn.Module:
     """Retract every stored factor of ``module``'s orthogonal layers onto the orthogonal matrices now,
-    whatever it has been through (also writes that bypassed the version counter, and the raw
-    parameters of ``parametrization="polar"`` layers, whose polar factor does not change but whose
-    conditioning is restored). Returns ``module``. The layers call it on themselves at construction,
+    whatever it has been through (also writes that bypassed the version counter). The raw
+    parameters of ``parametrization="polar"`` layers are retracted too: their weight becomes the
+    polar factor of the raw matrix (close to what ``orthogonalize`` made of it, not equal) and stays
+    so, now from a perfectly conditioned raw matrix. Returns ``module``. The layers call it on themselves at construction,
     so a new layer's factors are orthogonal (orthogonium initializes some of them Gaussian)."""
     orthogonalizers = [m for m in module.modules() if isinstance(m, CoreOrthogonalizer)]
     for m in orthogonalizers:
