@@ -9,7 +9,8 @@ prediction sets that keep coverage under L2 attacks (``lipnet.certify.conformal`
 from .attacks import pgd_l2, robust_accuracy
 from .conformal import ConformalClassifier, ConformalReport
 from .lipschitz import lipschitz_lower_bound, network_lipschitz_bound
-from .radius import CertificationReport, certified_accuracy, certified_radius
+from .radius import CertificationReport, certified_accuracy, certified_radius, float_evaluation_slack
 
-__all__ = ["CertificationReport", "ConformalClassifier", "ConformalReport", "certified_accuracy", "certified_radius", "lipschitz_lower_bound",
+__all__ = ["CertificationReport", "ConformalClassifier", "ConformalReport", "certified_accuracy", "certified_radius",
+           "float_evaluation_slack", "lipschitz_lower_bound",
            "network_lipschitz_bound", "pgd_l2", "robust_accuracy"]

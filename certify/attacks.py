@@ -39,8 +39,8 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torc
     [0, 1]); ``None`` attacks the whole ball (what a certificate covers). Step size defaults to
     2.5 eps / steps (Madry et al.). Returns, per sample, the iterate with the largest margin loss
     seen (so a misclassifying point, once found, is kept; with a callable loss, the largest
-    objective). An empirical attack: its success rate is
-    an upper bound on robust accuracy, never a certificate. The model runs in eval mode.
+    objective). An empirical attack: the accuracy under it is an upper bound on robust
+    accuracy (its success rate a lower bound on the attackable fraction), never a certificate. The model runs in eval mode.
     """
     if steps < 1:
         raise ValueError(f"pgd_l2: steps must be >= 1, got {steps}")

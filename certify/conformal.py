@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from ._utils import check_finite, eval_mode, split_batch
 from .attacks import pgd_l2
 from .lipschitz import network_lipschitz_bound
-# certified_radius' float-evaluation slack: r grows by 64 ulp (fp32) of max |z| when r > 0
-from .radius import _FLOAT_SLACK_ULPS
+# certified_radius' float-evaluation slack, one rule for both: r grows by 64 ulp (fp32) of max |z| when r > 0
+from .radius import float_evaluation_slack
 
 SCORES = ("lac", "aps")
 MODES = ("inference", "calibration")
@@ -174,11 +174,6 @@ def score_lipschitz(score: str = "lac", temperature: float = 1.0) -> float:
     return _SQRT2 / (4.0 * temperature)
 
 
-def _float_slack(logits: torch.Tensor) -> torch.Tensor:
-    eps = torch.finfo(logits.dtype).eps if logits.dtype != torch.float64 else torch.finfo(torch.float32).eps
-    return _FLOAT_SLACK_ULPS * eps * logits.detach().double().abs().amax(dim=1)
-
-
 def score_bounds(logits: torch.Tensor, radius: torch.Tensor | float, score: str = "lac",
                  temperature: float = 1.0, u: torch.Tensor | float = 1.0,
                  bound: str = "local") -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +197,7 @@ def score_bounds(logits: torch.Tensor, radius: torch.Tensor | float, score: str 
     if not (r > 0).any():  # exactly the scores, so that eps = 0 is vanilla CP bit for bit
         s = class_scores(logits, score, temperature, u)
         return s, s
-    r = torch.where(r > 0, r + _float_slack(logits), r)
+    r = torch.where(r > 0, r + float_evaluation_slack(logits), r)
     if bound == "lipschitz":
         s = class_scores(logits, score, temperature, u)
         width = (r * score_lipschitz(score, temperature))[:, None]

@@ -31,13 +31,25 @@ def check_eps(eps_list: Sequence[float]) -> list[float]:
     return eps
 
 
-def certified_radius(logits: torch.Tensor, lipschitz: float) -> torch.Tensor:
+def float_evaluation_slack(logits: torch.Tensor, precision: torch.dtype | None = None) -> torch.Tensor:
+    """Per sample, ``_FLOAT_SLACK_ULPS`` ulp of max |z|: the allowance for the float error of logits
+    computed in ``precision`` -- the dtype the *model* ran in, not the one the logits are handed
+    over in (``model(x).double()`` is still fp32 arithmetic). Default: fp32, or the logits' own
+    dtype where that is coarser (bf16 / fp16 logits). Pass ``torch.float64`` for a float64 model."""
+    if precision is None:
+        precision = logits.dtype if torch.finfo(logits.dtype).eps > torch.finfo(torch.float32).eps else torch.float32
+    return _FLOAT_SLACK_ULPS * torch.finfo(precision).eps * logits.detach().double().abs().amax(dim=1)
+
+
+def certified_radius(logits: torch.Tensor, lipschitz: float, *, precision: torch.dtype | None = None) -> torch.Tensor:
     """Per-sample L2 radius inside which the top-1 class provably cannot change.
 
     Guarantee: for a network f with L2 Lipschitz bound ``lipschitz`` (sound, e.g.
     :func:`network_lipschitz_bound`), each difference z_i - z_j is sqrt(2) L-Lipschitz, so the
     top-1 class of f(x + delta) equals that of f(x) for every ||delta||_2 < margin / (sqrt(2) L),
-    margin = z_top1 - z_top2. The margin is reduced by 64 ulp of max|z| for float evaluation error.
+    margin = z_top1 - z_top2. The margin is reduced by 64 ulp of max|z| for float evaluation error,
+    ulp of the precision the model ran in (:func:`float_evaluation_slack`: fp32 unless ``precision``
+    says otherwise, whatever dtype ``logits`` arrive in).
     Radii are in the units of the model's input (raw pixels for lipnet's models). Ties -> 0.
     """
     if logits.dim() != 2 or logits.shape[1] < 2:
@@ -48,7 +60,7 @@ def certified_radius(logits: torch.Tensor, lipschitz: float) -> torch.Tensor:
         raise ValueError("certified_radius: logits contain NaN or inf")
     z = logits.detach().double()
     top2 = z.topk(2, dim=1).values
-    slack = _FLOAT_SLACK_ULPS * torch.finfo(logits.dtype).eps * z.abs().amax(dim=1)
+    slack = float_evaluation_slack(logits, precision)
     margin = (top2[:, 0] - top2[:, 1] - slack).clamp_min(0.0)
     return margin / (math.sqrt(2.0) * lipschitz)
 

@@ -174,3 +174,19 @@ def test_eval_mode_gives_every_layer_its_own_mode_back():
     with training_mode(model, True):
         assert all(m.training for m in model.modules())
     assert [m.training for m in model] == [True, False, True]
+
+
+def test_certified_radius_slack_follows_the_models_precision_not_the_logits_dtype():
+    """Logits computed in fp32 and handed over as float64 keep fp32's error allowance (2^29 x
+    float64's); a float64 model says so; bf16 logits get bf16's; conformal uses the same rule."""
+    from lipnet.certify import float_evaluation_slack
+
+    torch.manual_seed(0)
+    z = torch.randn(6, 10) * 5
+    certified_radius = certify.certified_radius
+    r32 = certified_radius(z, 1.0)
+    assert torch.equal(certified_radius(z.double(), 1.0), r32)
+    assert torch.equal(float_evaluation_slack(z.double()), float_evaluation_slack(z))
+    assert (float_evaluation_slack(z.double(), torch.float64) < float_evaluation_slack(z) * 1e-8).all()
+    assert (certified_radius(z.double(), 1.0, precision=torch.float64) >= r32).all()
+    assert (float_evaluation_slack(z.bfloat16()) > float_evaluation_slack(z) * 1e4).all()

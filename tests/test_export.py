@@ -112,3 +112,11 @@ def test_export_does_not_touch_the_model_and_refuses_unknown_parametrizations():
     parametrize.register_parametrization(odd, "weight", nn.Identity())
     with pytest.raises(TypeError, match="no exporter"):
         ln.export(nn.Sequential(odd))
+
+
+def test_export_gives_every_submodule_its_own_mode_back():
+    model = nn.Sequential(ln.OrthoLinear(4, 4), nn.Dropout(0.5), ln.MaxMin(), ln.OrthoLinear(4, 2)).train()
+    model[1].eval()  # deliberately kept in eval inside a train-mode model
+    exported = ln.export(model)
+    assert model.training and model[0].training and not model[1].training and model[3].training
+    assert not exported.training and not any(m.training for m in exported.modules())

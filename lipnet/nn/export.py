@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..modes import training_mode
 from .conv import AOLConv2d, OrthoConv2d
 from .linear import AOLLinear, OrthoLinear
 from .residual import ConvexResidual
@@ -118,12 +119,10 @@ def export(model: nn.Module) -> nn.Module:
     """Plain-torch copy of ``model`` in eval mode with the current constrained weights baked in.
 
     Guarantee: same outputs as ``model.eval()`` up to float rounding (the weights are the very
-    tensors the model computes), and the same ``lipschitz_bound``. The input model is not modified.
+    tensors the model computes), and the same ``lipschitz_bound``. The input model keeps every
+    submodule's mode; its only change is the retraction of orthogonal factors changed since their
+    last use, which its own next forward pass would make too.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with training_mode(model, False):
         out = _export(model)
-    finally:
-        model.train(was_training)
     return out.eval()
