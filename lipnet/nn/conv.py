@@ -156,8 +156,7 @@ class OrthoConv2d(nn.Module):
     def weight(self) -> torch.Tensor:
         """The constrained kernel in use (``F.conv2d`` / ``F.conv_transpose2d`` layout), built in
         full precision also inside ``torch.autocast``: the bound and the forward pass see one kernel."""
-        with full_precision(self.conv.bias.device.type if self.conv.bias is not None else
-                            next(self.conv.parameters()).device.type):
+        with full_precision(next(self.conv.parameters()).device.type):
             return self.conv.weight
 
     @property
