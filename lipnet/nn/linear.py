@@ -20,8 +20,8 @@ class OrthoLinear(nn.Linear):
     (``method="convergent"``: within 1e-3 for raw matrices whose AOL-scaled singular values are
     >= 1e-3). See :class:`lipnet.nn.parametrizations.CoreOrthogonalizer`. ``lipschitz_bound``
     certifies the actual weight. Under ``torch.autocast`` the weight is still computed in fp32
-    (the core ignores autocast); the matmul runs in autocast's precision. ``state_dict`` holds ``parametrizations.weight.original``
-    and the bias.
+    (the core ignores autocast); the matmul runs in autocast's precision. ``state_dict`` holds
+    ``parametrizations.weight.original`` and the bias.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
