@@ -304,15 +304,21 @@ def main(argv=None):
     result = run(args)
     text = tables(result)
     print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(f"# benchmarks/layers.py\n\n```\n{' '.join(['python', 'benchmarks/layers.py'] + sys.argv[1:])}\n```\n\n"
-                           + text.replace("\nnote: ", "\n- note: ") + "\n")
-        print(f"wrote {args.md}")
+    write_outputs(result, text.replace("\nnote: ", "\n- note: "), args.json, args.md)
+
+
+def write_outputs(result: dict, markdown: str, json_path: Path | None, md_path: Path | None) -> None:
+    """``result`` as JSON and ``markdown`` under the command that produced it (the running script's
+    own command line), each only if its path is given."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {json_path}")
+    if md_path:
+        script = f"benchmarks/{Path(sys.argv[0]).name}"
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(f"# {script}\n\n```\n{' '.join(['python', script] + sys.argv[1:])}\n```\n\n{markdown}\n")
+        print(f"wrote {md_path}")
 
 
 if __name__ == "__main__":

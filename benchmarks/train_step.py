@@ -223,12 +223,7 @@ def main(argv=None):
     result = run(args)
     text = tables(result)
     print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(f"# benchmarks/train_step.py\n\n```\n{result['command']}\n```\n\n{text}\n")
+    layers_benchmark.write_outputs(result, text, args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -116,16 +116,13 @@ class CoreOrthogonalizer(nn.Module):
         stored = _stored_parameter(w)
         if stored is not None and (self._force_retraction or (
                 self.parametrization == "retraction" and (stored.data_ptr(), stored._version) != self._retracted_state)):
-            self.retract_(w)
+            self._retract(w, stored)
         if self.parametrization == "polar":
             return orthogonalize(w, method=self.method, steps=self.steps, backward=self.backward)
         return _TangentGradient.apply(w) if torch.is_grad_enabled() and w.requires_grad else w
 
-    def retract_(self, w: torch.Tensor) -> None:
-        """Retract the stored factor ``w`` (the parameter or its full view) in place, now."""
-        stored = _stored_parameter(w)
-        if stored is None:
-            raise ValueError("retract_: the tensor is not a stored factor (a parameter or a full view of one)")
+    def _retract(self, w: torch.Tensor, stored: nn.Parameter) -> None:
+        """Retract ``w`` (``stored``, or its full view) in place and record the state retracted."""
         retracted = retract(w.detach(), self.method)
         if retracted.data_ptr() != stored.data_ptr():  # else: already orthogonal, returned as it is
             with torch.no_grad():

@@ -29,7 +29,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .polar import _iterate, _iterate_gram, orthogonalize
+from .polar import POLAR_BACKWARD_METHODS, _iterate, _iterate_gram, orthogonalize
 from .schedules import CONVERGENT_SCHEDULE, NEWTON_SCHULZ_QUINTIC, apply_scalar_map
 from .validation import check_matrices
 
@@ -99,23 +99,18 @@ def _gram_residual(A: torch.Tensor, squarings: int = 5) -> float:
     return float(bound.amax())
 
 
-def _quintic_steps(X: torch.Tensor, A: torch.Tensor, steps: int) -> torch.Tensor:
-    """``steps`` quintic Newton-Schulz steps of a (B, k, N) stack whose Gram matrices are A."""
-    a, b, c = NEWTON_SCHULZ_QUINTIC
-    if X.shape[-1] < _GRAM_MIN_ASPECT * X.shape[-2]:
-        for i in range(steps):
-            A = A if i == 0 else X @ X.mT
-            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+def _iterate_short_side(X: torch.Tensor, A: torch.Tensor, schedule: tuple) -> torch.Tensor:
+    """The core's polynomial steps on a (B, k, N) stack whose Gram matrices are A: on the k x k
+    Gram side for wide matrices (``polar._iterate_gram``), directly otherwise (``polar._iterate``)."""
+    if not schedule:
         return X
-    product = None
-    for i in range(steps):
-        P = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        P.diagonal(dim1=-2, dim2=-1).add_(a)
-        product = P if product is None else P @ product
-        if i < steps - 1:
-            A = P @ A @ P
-            A = (A + A.mT) / 2
-    return X if product is None else product @ X
+    if X.shape[-1] >= _GRAM_MIN_ASPECT * X.shape[-2]:
+        return _iterate_gram(X, A, schedule)
+    return _iterate(X, A, schedule, 0, X.dtype)
+
+
+def _quintic_steps(X: torch.Tensor, A: torch.Tensor, steps: int) -> torch.Tensor:
+    return _iterate_short_side(X, A, (NEWTON_SCHULZ_QUINTIC,) * steps)
 
 
 def _converge_from_far(X: torch.Tensor, A: torch.Tensor, residual: float) -> torch.Tensor:
@@ -123,10 +118,7 @@ def _converge_from_far(X: torch.Tensor, A: torch.Tensor, residual: float) -> tor
     schedule assumes; lambda_max(A) <= 1 + ||A - I||_2) and run ``CONVERGENT_SCHEDULE``, on the Gram
     side for wide matrices (no pass over the long side per step)."""
     scale = (1 + residual) ** -0.5
-    X, A = X * scale, A * scale**2
-    if X.shape[-1] >= _GRAM_MIN_ASPECT * X.shape[-2]:
-        return _iterate_gram(X, A, CONVERGENT_SCHEDULE)
-    return _iterate(X, A, CONVERGENT_SCHEDULE, 0, X.dtype)
+    return _iterate_short_side(X * scale, A * scale**2, CONVERGENT_SCHEDULE)
 
 
 def _retract_short_side(X: torch.Tensor, method: str) -> torch.Tensor:
@@ -170,8 +162,8 @@ def retract(W: torch.Tensor, method: str = "convergent") -> torch.Tensor:
     same tensor).
     """
     check_matrices(W)
-    if method not in ("convergent", "bjorck", "svd"):
-        raise ValueError(f"retract: method must be 'convergent', 'bjorck' or 'svd', got {method!r}")
+    if method not in POLAR_BACKWARD_METHODS:
+        raise ValueError(f"retract: method must be one of {POLAR_BACKWARD_METHODS}, got {method!r}")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     transpose = W.shape[-2] > W.shape[-1]
     X = W.mT if transpose else W
