@@ -7,8 +7,15 @@
 
 PGD runs on the first --pgd-points test points (default 1000); certified accuracy on all of them.
 
+    # CIFAR-10: the 2-core recipe trained by `lipnet train --dataset cifar10 --out runs/cifar10-cpu`
+    python benchmarks/certified.py --from-checkpoint runs/cifar10-cpu \
+        --json benchmarks/results/certified_cifar10.json --curve benchmarks/results/certified_cifar10_curve.png
+
 Output JSON: {"dataset", "clean", "certified": {eps: acc}, "pgd": {eps: acc}, "lipschitz_bound",
-"lipschitz_lower", "train_seconds", "seconds_per_epoch", "config", "history", "machine"}.
+"lipschitz_lower", "train_seconds", "seconds_per_epoch", "epochs", "parameters", "cpu", "threads",
+"config", "history", "machine"}. ``train_seconds`` sums the epochs' training time as the run logged it
+(a resumed run's epochs included, evaluation excluded). ``--curve``: the learning curve (clean and
+certified test accuracy per epoch) as a PNG.
 The CIFAR-10 copy in ../shared/datasets is a lossy JPEG re-encoding: its numbers are close to,
 not identical with, published CIFAR-10 numbers.
 """
@@ -48,6 +55,7 @@ def main() -> None:
     p.add_argument("--from-checkpoint", default=None,
                    help="skip training: evaluate a checkpoint saved by --out / `lipnet train` (its history gives the training time)")
     p.add_argument("--json", default=None)
+    p.add_argument("--curve", default=None, help="PNG of the per-epoch clean / certified accuracy")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
     set_input_checks(False)
@@ -78,7 +86,9 @@ def main() -> None:
     result = {"dataset": args.dataset, "n_test": report.n, "clean": report.clean, "certified": report.certified,
               "pgd": report.pgd, "pgd_steps": args.pgd_steps, "pgd_n": report.pgd_n, "lipschitz_bound": report.lipschitz_bound,
               "lipschitz_lower": lower, "train_seconds": train_seconds,
-              "seconds_per_epoch": train_seconds / config.epochs, "config": config.__dict__, "history": history,
+              "seconds_per_epoch": train_seconds / max(len(history), 1), "epochs": len(history),
+              "parameters": sum(p.numel() for p in model.parameters()), "cpu": cpu_model(),
+              "threads": torch.get_num_threads(), "config": config.__dict__, "history": history,
               "machine": {"device": args.device, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                           "platform": platform.platform(), "torch": torch.__version__}}
@@ -86,6 +96,42 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    if args.curve:
+        plot_learning_curve(history, Path(args.curve), f"{args.dataset}: test accuracy per epoch")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's 'Model name'), or platform.processor() where /proc/cpuinfo is absent."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:
+    """Clean and certified accuracy (each radius) against the epoch, from a run's history."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(epochs, [h["clean"] for h in history], "k-", label="clean")
+    for eps in history[-1]["certified"]:
+        ax.plot(epochs, [h["certified"][eps] for h in history], label=f"certified @ {float(eps):.3g}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

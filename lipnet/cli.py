@@ -17,12 +17,12 @@ import torch
 from . import data as lipdata
 from . import distributed as lipdist
 from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
-from .models import MODELS, build_model
+from .models import MODELS, build_model, load_pretrained, pretrained_names
 from .nn import set_input_checks
 from .nn._checks import input_checks_enabled
 from .nn.parametrizations import PARAMETRIZATIONS
-from .training import (AMP_DTYPES, CHECKPOINT, PRESETS, Checkpoint, TrainConfig, amp_dtype, fit, format_table,
-                       load_checkpoint, read_checkpoint)
+from .training import (AMP_DTYPES, CHECKPOINT, NAMED_PRESETS, PRESETS, Checkpoint, TrainConfig, amp_dtype, fit,
+                       format_table, load_checkpoint, preset_names, read_checkpoint)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split (smoke runs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="directory written by `lipnet train --out`")
+    source.add_argument("--pretrained", choices=pretrained_names(),
+                        help="a certified model shipped with lipnet (lipnet.models.pretrained); its bound is "
+                             "recomputed from its weights")
+
+
+def _load_model(args):
+    """(model in eval mode, its TrainConfig, the folder plots go to by default) of --checkpoint / --pretrained."""
+    if args.pretrained is not None:
+        model, config = load_pretrained(args.pretrained, map_location=args.device)
+        return model, config, Path(".")
+    model, config, _ = load_checkpoint(args.checkpoint, map_location=args.device)
+    return model, config, Path(args.checkpoint)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,9 +62,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the run whose checkpoint is in DIR with its configuration and trains its "
                         "remaining epochs, writing to DIR (or --out); options that would change the result must be "
                         "left out or match the run's")
-    t.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
+    t.add_argument("--preset", choices=preset_names(), default=None,
+                   help="a named preset of --dataset (default: the dataset's own, e.g. cifar10 = the 2-CPU-core "
+                        "recipe; cifar10-gpu = the full-size network for a GPU)")
+    t.add_argument("--amp", choices=[*sorted(AMP_DTYPES), "fp32"], default=None,
                    help="mixed-precision training steps under torch.autocast (bf16: CPU or CUDA; fp16: CUDA only, "
-                        "with loss scaling); evaluation stays fp32. Default: fp32")
+                        "with loss scaling; fp32: none); evaluation stays fp32. Default: the preset's (cifar10: "
+                        "bf16, the others fp32)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--model", choices=sorted(MODELS), default=None,
@@ -79,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                         "under torchrun this is taken from its environment")
     _add_common(t)
     c = sub.add_parser("certify", help="certified / PGD accuracy of a checkpoint, with a plot")
-    c.add_argument("--checkpoint", required=True, help="directory written by `lipnet train --out`")
+    _add_model_source(c)
     c.add_argument("--eps", type=float, nargs="+", default=None, help="L2 radii in raw-pixel units")
     c.add_argument("--pgd-steps", type=int, default=20, help="PGD steps per radius (0: no attack)")
     c.add_argument("--pgd-points", type=int, default=1000,
@@ -88,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", default=None, help="PNG path (default: CHECKPOINT/certified.png)")
     _add_common(c)
     k = sub.add_parser("conformal", help="robust conformal prediction sets: coverage and set size per eps")
-    k.add_argument("--checkpoint", required=True, help="directory written by `lipnet train --out`")
+    _add_model_source(k)
     k.add_argument("--alpha", type=float, default=0.1, help="miscoverage level (sets cover with prob. >= 1 - alpha)")
     k.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5], help="L2 attack budgets (raw pixels)")
     k.add_argument("--score", choices=["lac", "aps"], default="lac")
@@ -159,6 +180,11 @@ _RESULT_OPTIONS = (("--dataset", "dataset"), ("--epochs", "epochs"), ("--batch-s
                    ("--amp", "amp"))
 
 
+def _amp_option(args) -> str | None:
+    """--amp as a TrainConfig.amp override: None when not given or "fp32" (which _train_config applies)."""
+    return None if args.amp == "fp32" else args.amp
+
+
 def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
     """The configuration of the run to resume; ValueError if the command line asks for another one
     (an option given with a different value) or the checkpoint cannot be resumed."""
@@ -168,8 +194,13 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
                          "accountant's state is not checkpointed)")
     if not ckpt.resumable:
         raise ValueError(f"--resume: {ckpt.path} holds weights only, no training state (written by an older lipnet?)")
-    conflicts = [f"{flag} {getattr(args, attr)} (the run's: {getattr(config, attr)})" for flag, attr in _RESULT_OPTIONS
-                 if getattr(args, attr) is not None and getattr(args, attr) != getattr(config, attr)]
+    given = {attr: getattr(args, attr) for _, attr in _RESULT_OPTIONS}
+    if args.amp == "fp32":
+        given["amp"] = "fp32" if config.amp is not None else None
+    conflicts = [f"{flag} {given[attr]} (the run's: {getattr(config, attr)})" for flag, attr in _RESULT_OPTIONS
+                 if given[attr] is not None and given[attr] != getattr(config, attr)]
+    if args.preset is not None:
+        conflicts.append(f"--preset {args.preset} (a resumed run keeps the configuration its checkpoint stores)")
     for flag, key in (("--width", "width"), ("--parametrization", "parametrization")):
         given = getattr(args, key)
         if given is not None and given != config.model_config.get(key):
@@ -195,7 +226,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.dp and args.resume is not None:
         raise ValueError("--resume is not supported with --dp yet (the privacy accountant's state is not checkpointed)")
-    if args.dp and args.amp is not None:
+    if args.dp and args.amp not in (None, "fp32"):
         raise ValueError("--amp is not supported with --dp (private training's gradient bounds are computed for fp32)")
     world_size = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
     if args.resume is not None:
@@ -225,9 +256,11 @@ def cmd_train(args) -> int:
 
 def _train_config(args) -> TrainConfig:
     """The dataset's preset (the private one with --dp) with the command line's overrides."""
-    config = TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, epochs=args.epochs,
-                                     batch_size=args.batch_size, lr=args.lr, offset=args.offset, seed=args.seed,
-                                     limit=args.limit, amp=args.amp)
+    config = TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, preset=args.preset,
+                                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, offset=args.offset,
+                                     seed=args.seed, limit=args.limit, amp=_amp_option(args))
+    if args.amp == "fp32":
+        config.amp = None
     if args.width is not None:
         if "width" not in inspect.signature(MODELS[config.model]).parameters:
             raise ValueError(f"--width does not apply to {config.model}")
@@ -318,7 +351,7 @@ def _plot(radii: torch.Tensor, pgd: dict[float, float], path: Path, title: str) 
 
 
 def cmd_certify(args) -> int:
-    model, config, _ = load_checkpoint(args.checkpoint, map_location=args.device)
+    model, config, folder = _load_model(args)
     eps = args.eps if args.eps is not None else list(config.eval_eps)
     test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
     loader = lipdata.BatchLoader(test, 500, shuffle=False)
@@ -330,7 +363,8 @@ def cmd_certify(args) -> int:
     print(f"Lipschitz constant: sound upper bound {report.lipschitz_bound:.6f}, empirical lower bound {lower:.6f}")
     pgd_head = f"PGD-{args.pgd_steps} (first {report.pgd_n})"
     print(format_table(rows, ["eps", f"certified ({report.n})", pgd_head]))
-    plot = Path(args.plot) if args.plot else Path(args.checkpoint) / "certified.png"
+    plot = Path(args.plot) if args.plot else folder / (f"certified-{args.pretrained}.png" if args.pretrained
+                                                       else "certified.png")
     _plot(report.radii, report.pgd, plot, f"{config.dataset}: certified accuracy vs eps")
     print(f"plot: {plot}")
     if args.json:
@@ -370,7 +404,7 @@ def _conformal_plot(rows: list[dict], path: Path, title: str) -> None:
 def cmd_conformal(args) -> int:
     if args.pgd_steps < 0 or args.pgd_points < 0:
         raise ValueError("--pgd-steps and --pgd-points must be >= 0")
-    model, config, _ = load_checkpoint(args.checkpoint, map_location=args.device)
+    model, config, folder = _load_model(args)
     temperature = config.temperature if args.temperature is None else args.temperature
     test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
     cal_set, test_set = lipdata.random_split(test, args.calibration_fraction, seed=args.seed)
@@ -412,7 +446,8 @@ def cmd_conformal(args) -> int:
                                f"robust cov ({pgd})"]))
     print(f"robust sets: coverage >= {1 - args.alpha:.0%} under every L2 attack of size eps (sound); "
           "vanilla guaranteed: lower bound on vanilla CP's coverage under any such attack")
-    plot = Path(args.plot) if args.plot else Path(args.checkpoint) / "conformal.png"
+    plot = Path(args.plot) if args.plot else folder / (f"conformal-{args.pretrained}.png" if args.pretrained
+                                                       else "conformal.png")
     _conformal_plot(rows, plot, f"{config.dataset}: conformal sets, alpha={args.alpha}")
     print(f"plot: {plot}")
     if args.json:
@@ -430,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "train" and args.resume is None:
+        if args.preset is not None and args.dataset is None:  # a named preset knows its dataset
+            args.dataset = NAMED_PRESETS[args.preset][0] if args.preset in NAMED_PRESETS else args.preset
         missing = [flag for flag, value in (("--dataset", args.dataset), ("--out", args.out)) if value is None]
         if missing:
             parser.error(f"train: {' and '.join(missing)} required (or --resume DIR to continue a run)")

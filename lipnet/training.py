@@ -44,14 +44,34 @@ class Preset:
     offset: float       # LipschitzCrossEntropy offset: asks for margin `offset`, radius offset/sqrt(2) at L=1
     temperature: float
     augment: bool
+    amp: str | None = None  # mixed precision of the training steps (see amp_dtype)
 
 
 PRESETS: dict[str, Preset] = {
     "mnist": Preset("mnist-convnet", {"mean": (0.1307,)}, (0.5, 1.0, 1.58), 10, 256, 2e-3, 2.5, 0.25, False),
     "fashion-mnist": Preset("mnist-convnet", {"mean": (0.2860,)}, (0.1, 0.5, 1.0), 10, 256, 2e-3, 1.0, 0.25, False),
-    "cifar10": Preset("cifar-liresnet", {"mean": (0.4914, 0.4822, 0.4465)}, (36 / 255, 72 / 255, 108 / 255),
-                      100, 256, 1e-3, 0.3, 0.125, True),
+    "cifar10": Preset("cifar-liresnet", {"mean": (0.4914, 0.4822, 0.4465), "width": 32, "blocks": (1, 1, 1),
+                                         "hidden": 256},
+                      (36 / 255, 72 / 255, 108 / 255), 30, 256, 2e-3, 0.3, 0.125, True, amp="bf16"),
 }
+# The cifar10 preset is sized for 2 CPU cores (about 3.5 minutes per epoch with bf16 autocast on a
+# 2-core Xeon with AMX): width 32, one residual block per stage and a 256-wide dense head (a 512-wide
+# one's 8192x512 orthogonal factor costs a quarter of each step). Measured in the README's CIFAR-10 section.
+
+# Presets chosen by name (`lipnet train --preset NAME`), beyond each dataset's default: (dataset, preset).
+NAMED_PRESETS: dict[str, tuple[str, Preset]] = {
+    # the LiResNet-style network at its full size (width 64, two blocks per stage, 512-wide head),
+    # fp32, 100 epochs: sized for a GPU (several times the cifar10 preset's time per epoch)
+    "cifar10-gpu": ("cifar10", Preset("cifar-liresnet", {"mean": (0.4914, 0.4822, 0.4465)},
+                                      (36 / 255, 72 / 255, 108 / 255), 100, 256, 1e-3, 0.3, 0.125, True)),
+}
+
+
+def preset_names(dataset: str | None = None) -> list[str]:
+    """Every preset name ``TrainConfig.from_preset(preset=...)`` accepts (those of ``dataset`` only,
+    if given): the dataset names (their default presets) and ``NAMED_PRESETS``."""
+    names = [d for d in PRESETS if dataset in (None, d)]
+    return sorted(names + [n for n, (d, _) in NAMED_PRESETS.items() if dataset in (None, d)])
 
 
 @dataclass
@@ -161,12 +181,22 @@ class TrainConfig:
     amp: str | None = None
 
     @classmethod
-    def from_preset(cls, dataset: str, private: bool = False, model: str | None = None, **overrides) -> TrainConfig:
-        """The dataset's preset; ``private``: its private preset for ``model`` (default: the first listed
-        in ``PRIVATE_PRESETS[dataset]``); keyword overrides (None = keep the preset's)."""
+    def from_preset(cls, dataset: str, private: bool = False, model: str | None = None, *,
+                    preset: str | None = None, **overrides) -> TrainConfig:
+        """The dataset's preset (``preset``: a named one of that dataset, see :func:`preset_names`);
+        ``private``: its private preset for ``model`` (default: the first listed in
+        ``PRIVATE_PRESETS[dataset]``); keyword overrides (None = keep the preset's)."""
         if dataset not in PRESETS:
             raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(PRESETS)}")
-        p = asdict(PRESETS[dataset])
+        if preset is None or preset == dataset:
+            p = asdict(PRESETS[dataset])
+        elif preset in NAMED_PRESETS and NAMED_PRESETS[preset][0] == dataset:
+            if private:
+                raise ValueError(f"preset {preset!r} is not a private preset; private training uses "
+                                 f"PRIVATE_PRESETS[{dataset!r}] (choose among them with model=)")
+            p = asdict(NAMED_PRESETS[preset][1])
+        else:
+            raise ValueError(f"unknown preset {preset!r} for {dataset}; known: {preset_names(dataset)}")
         if private:
             models = PRIVATE_PRESETS[dataset]
             model = model or next(iter(models))
@@ -174,7 +204,7 @@ class TrainConfig:
                 raise ValueError(f"no private preset for model {model!r} on {dataset}; known: {sorted(models)}")
             q = models[model]
             p.update(model=model, model_config=dict(q.model_config), batch_size=q.batch_size, lr=q.lr,
-                     epochs=q.epochs, offset=q.offset, temperature=q.temperature, augment=False,
+                     epochs=q.epochs, offset=q.offset, temperature=q.temperature, augment=False, amp=None,
                      # private models have small margins: report certificates at smaller radii
                      eval_eps=tuple(e / 5 for e in p["eval_eps"]),
                      dp={"input_bound": q.input_bound, "noise": q.noise, "optimizer": q.optimizer,
@@ -678,16 +708,17 @@ def _safe_load(file: Path, map_location: str | torch.device) -> Any:
                                   f"({type(err).__name__})") from err
 
 
-def _config_from_dict(cfg: dict, file: Path) -> TrainConfig:
+def _config_from_dict(cfg: dict, file: Path, version: int) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise CheckpointError(f"{file}: unknown config fields {unknown} (written by a newer lipnet?)")
     cfg = dict(cfg)
     model_config = cfg.get("model_config") or {}
-    if _takes_parametrization(cfg.get("model")) and "parametrization" not in model_config:
+    if version < 2 and _takes_parametrization(cfg.get("model")) and "parametrization" not in model_config:
         # written before layers stored their orthogonal factors: its raw parameters are "polar" ones,
-        # and its convolutions had a bias before every centering
+        # and its convolutions had a bias before every centering (version-2 files without the key
+        # hold cifar/imagenet-liresnet factors of the default "retraction" layers)
         cfg["model_config"] = {**model_config, "parametrization": "polar", "conv_bias": True}
     cfg["eval_eps"] = tuple(cfg.get("eval_eps", ()))  # version-1 files and JSON round trips may hold a list
     try:
@@ -720,7 +751,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                                      and {"optimizer", "scheduler", "rng"} <= set(training)):
         raise CheckpointError(f"{file}: incomplete training state (keys {sorted(training)})")
     epoch = raw.get("epoch", len(history))
-    return Checkpoint(file, _config_from_dict(raw["config"], file), raw["state_dict"], history, int(epoch), training)
+    config = _config_from_dict(raw["config"], file, int(raw.get("version", 1)))
+    return Checkpoint(file, config, raw["state_dict"], history, int(epoch), training)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, list[dict]]:
@@ -746,6 +778,6 @@ def format_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AMP_DTYPES", "CHECKPOINT", "PRESETS", "PRIVATE_PRESETS", "Checkpoint", "CheckpointError", "Preset",
+__all__ = ["AMP_DTYPES", "CHECKPOINT", "NAMED_PRESETS", "PRESETS", "PRIVATE_PRESETS", "Checkpoint", "CheckpointError", "Preset",
            "PrivatePreset", "TrainConfig", "amp_dtype", "augment_batch", "fit", "fit_private", "format_table",
-           "load_checkpoint", "private_trainable", "read_checkpoint", "save_checkpoint", "train_epoch"]
+           "load_checkpoint", "preset_names", "private_trainable", "read_checkpoint", "save_checkpoint", "train_epoch"]

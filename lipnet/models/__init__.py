@@ -140,16 +140,19 @@ def scatter_net(num_classes: int = 10, in_channels: int = 1, image_size: int = 2
     return nn.Sequential(*layers)
 
 
-def cifar_liresnet(num_classes: int = 10, width: int = 64, blocks: Sequence[int] = (2, 2, 2), **kw) -> nn.Sequential:
+def cifar_liresnet(num_classes: int = 10, width: int = 64, blocks: Sequence[int] = (2, 2, 2),
+                   parametrization: str = DEFAULT_PARAMETRIZATION, **kw) -> nn.Sequential:
     """CIFAR-10 config of :func:`liresnet` (32x32 -> 8x8, widths 64/128/256)."""
-    return liresnet(num_classes=num_classes, in_channels=3, image_size=32, width=width, blocks=blocks, **kw)
+    return liresnet(num_classes=num_classes, in_channels=3, image_size=32, width=width, blocks=blocks,
+                    parametrization=parametrization, **kw)
 
 
-def imagenet_liresnet(num_classes: int = 1000, width: int = 64, blocks: Sequence[int] = (1, 1, 1, 1), **kw) -> nn.Sequential:
+def imagenet_liresnet(num_classes: int = 1000, width: int = 64, blocks: Sequence[int] = (1, 1, 1, 1),
+                      parametrization: str = DEFAULT_PARAMETRIZATION, **kw) -> nn.Sequential:
     """ImageNet-sized config of :func:`liresnet`: 224x224 inputs, stride-4 stem, 4 stages (56 -> 7)."""
     kw.setdefault("mean", (0.485, 0.456, 0.406))
     return liresnet(num_classes=num_classes, in_channels=3, image_size=224, width=width, blocks=blocks,
-                    stem_stride=4, **kw)
+                    stem_stride=4, parametrization=parametrization, **kw)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -167,4 +170,7 @@ def build_model(name: str, **config) -> nn.Module:
     return MODELS[name](**config)
 
 
-__all__ = ["CENTERINGS", "MODELS", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet", "mnist_convnet", "scatter_net"]
+from .pretrained import PRETRAINED, load_pretrained, pretrained, pretrained_names  # noqa: E402
+
+__all__ = ["CENTERINGS", "MODELS", "PRETRAINED", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet",
+           "load_pretrained", "mnist_convnet", "pretrained", "pretrained_names", "scatter_net"]

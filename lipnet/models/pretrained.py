@@ -1,0 +1,79 @@
+"""Certified models shipped inside the package: ``pretrained(name)``.
+
+Each file under ``lipnet/models/weights/`` is an ordinary lipnet checkpoint (``lipnet train``'s
+format: the config that rebuilds the model and its ``state_dict``, without training state),
+loaded with ``torch.load(weights_only=True)`` like any other. Floating tensors may be stored in
+fp16; they are loaded into the fp32 model, whose orthogonal layers retract their (rounded) factors
+back onto the orthogonal manifold before first use. Nothing certified is read from the file: the
+Lipschitz bound, and every radius derived from it, is recomputed from the loaded weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class PretrainedModel:
+    """What the package ships under ``name``: the file, its dataset and how it was made (the
+    README's table gives the full numbers and the command that measured them)."""
+
+    name: str
+    dataset: str
+    file: str
+    description: str
+    # clean accuracy on the first 500 test images, measured when the weights were shipped; the
+    # tests reproduce it from the weights to within a point
+    clean_first_500: float
+
+
+PRETRAINED: dict[str, PretrainedModel] = {m.name: m for m in (
+)}
+
+
+def pretrained_names() -> list[str]:
+    """The names :func:`pretrained` accepts."""
+    return sorted(PRETRAINED)
+
+
+def pretrained_path(name: str) -> Path:
+    """The checkpoint file of the shipped model ``name``; ValueError listing the known names."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; known: {pretrained_names()}")
+    path = WEIGHTS_DIR / PRETRAINED[name].file
+    if not path.is_file():
+        raise FileNotFoundError(f"the weights of pretrained model {name!r} are missing from the installed package "
+                                f"(expected {path}); reinstall lipnet")
+    return path
+
+
+def load_pretrained(name: str, map_location: str | torch.device = "cpu"):
+    """``(model in eval mode, its TrainConfig)`` for the shipped model ``name``.
+
+    Loaded safely (``torch.load(weights_only=True)``, as :func:`lipnet.training.load_checkpoint`).
+    Loading writes the stored factors into the fp32 parameters, and the layers retract what was
+    written before its first use, so ``lipnet.certify.network_lipschitz_bound`` computes the bound
+    of the weights actually used (a bound is never read from the file)."""
+    from ..training import load_checkpoint
+
+    model, config, _ = load_checkpoint(pretrained_path(name), map_location=map_location)
+    return model.eval(), config
+
+
+def pretrained(name: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The shipped certified model ``name`` (see :func:`pretrained_names`) in eval mode.
+
+    Its inputs are raw pixels in [0, 1] (the normalization is the model's first layer), so
+    ``lipnet.certify.certified_radius(model(x), network_lipschitz_bound(model))`` is a radius in
+    pixel space. ValueError for an unknown name (listing the known ones)."""
+    return load_pretrained(name, map_location)[0]
+
+
+__all__ = ["PRETRAINED", "PretrainedModel", "WEIGHTS_DIR", "load_pretrained", "pretrained", "pretrained_names",
+           "pretrained_path"]

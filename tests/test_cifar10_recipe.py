@@ -1,0 +1,70 @@
+"""The CIFAR-10 presets: the 2-core CPU recipe (the default) trains and certifies end to end; the
+GPU-scale network stays available by name; --amp fp32 overrides the recipe's bf16."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lipnet.cli import main
+from lipnet.models import build_model
+from lipnet.training import NAMED_PRESETS, TrainConfig, load_checkpoint, preset_names
+
+
+def test_the_cifar10_preset_trains_two_steps_and_certifies(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "cifar10", "--limit", "64", "--epochs", "1", "--batch-size", "32",
+               "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0
+    model, config, history = load_checkpoint(out)
+    assert config.amp == "bf16" and config.augment  # the recipe: bf16 steps, crop + flip
+    assert config.model_config["width"] == 32 and config.model_config["hidden"] == 256
+    assert config.model_config["parametrization"] == "retraction"
+    assert len(history) == 1 and "with bf16 autocast" in capsys.readouterr().out
+    result = tmp_path / "cert.json"
+    rc = main(["certify", "--checkpoint", str(out), "--limit", "64", "--pgd-steps", "2", "--pgd-points", "16",
+               "--json", str(result), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0
+    res = json.loads(result.read_text())
+    assert res["n"] == 64 and set(res["certified"]) == {str(e) for e in config.eval_eps}
+    assert res["lipschitz_lower"] <= res["lipschitz_bound"] <= 1 + 1e-4
+    for eps, acc in res["certified"].items():
+        assert acc <= res["clean"]
+
+
+def test_amp_fp32_overrides_the_recipes_bf16(tmp_path, data_root):
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "cifar10", "--limit", "32", "--epochs", "1", "--batch-size", "32",
+               "--amp", "fp32", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0
+    _, config, _ = load_checkpoint(out)
+    assert config.amp is None
+    # resuming it with --amp fp32 asks for what it is; --amp bf16 would change it
+    assert main(["train", "--resume", str(out), "--amp", "fp32", "--data-root", str(data_root), "--no-progress"]) == 0
+    assert main(["train", "--resume", str(out), "--amp", "bf16", "--data-root", str(data_root), "--no-progress"]) == 2
+
+
+def test_the_gpu_scale_network_is_a_named_preset():
+    assert "cifar10-gpu" in preset_names("cifar10") and "cifar10-gpu" not in preset_names("mnist")
+    gpu = TrainConfig.from_preset("cifar10", preset="cifar10-gpu")
+    cpu = TrainConfig.from_preset("cifar10")
+    assert gpu.epochs == 100 and gpu.amp is None and "width" not in gpu.model_config  # width 64, blocks (2, 2, 2)
+    assert gpu.model_config["parametrization"] == cpu.model_config["parametrization"] == "retraction"
+    count = lambda c: sum(p.numel() for p in build_model(c.model, **c.model_config).parameters())  # noqa: E731
+    assert count(gpu) > 3 * count(cpu)
+    with pytest.raises(ValueError, match="known: \\['mnist'\\]"):
+        TrainConfig.from_preset("mnist", preset="cifar10-gpu")
+    with pytest.raises(ValueError, match="not a private preset"):
+        TrainConfig.from_preset("cifar10", private=True, preset="cifar10-gpu")
+    assert NAMED_PRESETS["cifar10-gpu"][0] == "cifar10"
+
+
+def test_preset_option_names_its_dataset(tmp_path, data_root):
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "cifar10-gpu", "--limit", "16", "--epochs", "1", "--batch-size", "16",
+               "--width", "8", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0
+    _, config, _ = load_checkpoint(out)
+    assert config.dataset == "cifar10" and config.epochs == 1 and config.lr == 1e-3 and config.amp is None
+    assert config.model_config == {"parametrization": "retraction", "mean": (0.4914, 0.4822, 0.4465), "width": 8}
