@@ -642,8 +642,15 @@ def _refuse_unsafe(tmp: Path) -> None:
                         "refuse (they need arbitrary unpickling); nothing was written")
 
 
+def _cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def save_checkpoint(out: str | Path, model: nn.Module, config: TrainConfig, history: Sequence[dict] = (), *,
-                    epoch: int | None = None, training: dict | None = None) -> Path:
+                    epoch: int | None = None, training: dict | None = None,
+                    weights_dtype: torch.dtype | None = None) -> Path:
     """Write ``out/checkpoint.pt`` (the model's state_dict, the config to rebuild it, the history)
     and ``out/config.json`` (config and history, for people); returns the checkpoint's path.
 
@@ -653,13 +660,17 @@ def save_checkpoint(out: str | Path, model: nn.Module, config: TrainConfig, hist
     so :func:`load_checkpoint` reads it with ``torch.load(weights_only=True)``; a config, history or
     ``training`` holding anything else is a TypeError and nothing is written. ``epoch``: epochs
     completed (default ``len(history)``); ``training``: the state :func:`fit` resumes from (fit
-    builds it; None: a weights-only checkpoint)."""
+    builds it; None: a weights-only checkpoint). ``weights_dtype`` (e.g. ``torch.float16``, for
+    shipping): the state_dict's floating tensors are stored in it; loading copies them back into the
+    model's own dtype (its orthogonal layers then retract the rounded factors before first use)."""
+    if weights_dtype is not None and training is not None:
+        raise ValueError("weights_dtype is for weights-only checkpoints: a resumable one keeps the exact weights")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _plain(asdict(config), "config")
     rows = _plain(list(history), "history")
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": cfg,
-               "state_dict": model.state_dict(), "history": rows,
+               "state_dict": _cast_floating(model.state_dict(), weights_dtype), "history": rows,
                "epoch": len(rows) if epoch is None else int(epoch),
                "training": None if training is None else _plain(training, "training")}
     _atomic_write(out / CHECKPOINT, lambda f: torch.save(payload, f), verify=_refuse_unsafe)

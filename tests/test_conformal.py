@@ -285,7 +285,9 @@ def test_vanilla_coverage_lower_bound_is_never_violated(small_model):
         # the bound is on the population coverage: allow the test sample's binomial noise
         tolerance = 3 * math.sqrt(b * (1 - b) / len(yt))
         assert covered.double().mean() >= b - tolerance, (e, float(covered.double().mean()), b)
-    assert isinstance(clf.vanilla_coverage_lower_bound(0.1), float)
+    # a scalar eps gives that grid point's value, as a float
+    scalar = clf.vanilla_coverage_lower_bound(0.1)
+    assert isinstance(scalar, float) and scalar == float(bounds[eps_grid.index(0.1)])
 
 
 # -------------------------------------------------------------------------------- bad input
