@@ -10,7 +10,9 @@ steps) be faster while staying orthogonal? Interleaved timing, median of ``--rep
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +20,9 @@ from torch.profiler import profile
 
 import lipnet.nn as ln
 from lipnet.nn.parametrizations import CoreOrthogonalizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import machine_info, median, time_interleaved  # noqa: E402
 
 # (parametrization, method, steps, backward); "retraction" is the layers' default: its weights are the
 # stored factors (the retraction after an optimizer step is not part of this forward + backward)
@@ -53,18 +58,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {name: build(*cfg) for name, cfg in VARIANTS.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, layers in models.items():
-            start = time.perf_counter()
-            weights_forward_backward(layers)
-            times[name].append(time.perf_counter() - start)
-    print(f"{torch.get_num_threads()} threads, median of {args.repeats}, weights forward+backward:")
-    base = sorted(times["polar convergent"])[args.repeats // 2]
+    cases = {name: partial(weights_forward_backward, layers) for name, layers in models.items()}
+    seconds = {name: median(t) for name, t in
+               time_interleaved(cases, args.repeats, warmup=0, rotate=False).items()}
+    print(f"{machine_info()['threads']} threads, median of {args.repeats}, weights forward+backward:")
+    base = seconds["polar convergent"]
     for name, layers in models.items():
-        median = sorted(times[name])[args.repeats // 2]
         bounds = ", ".join(f"{ln.lipschitz_bound(layer):.6f}" for layer in layers)
-        print(f"  {name:31s} {median * 1e3:7.1f} ms  ({median / base:.2f}x)  bounds: {bounds}")
+        print(f"  {name:31s} {seconds[name] * 1e3:7.1f} ms  ({seconds[name] / base:.2f}x)  bounds: {bounds}")
     with profile() as prof:
         for _ in range(3):
             weights_forward_backward(models["polar convergent"])

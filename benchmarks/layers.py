@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +42,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 import lipnet.nn as lnn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import describe, machine_info, median, time_interleaved, write_outputs  # noqa: E402
 
 # (in, out, stride) of the five 3x3 convolutions; 32x32 -> 32 -> 16 -> 16 -> 8 -> 4
 CONVS = [(3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 2)]
@@ -182,26 +183,6 @@ def _in_eval(model: nn.Module, fn):
     return run
 
 
-def timed_round_robin(cases: dict, repeats: int, warmup: int) -> dict:
-    """Median seconds per case; every repeat runs each case once, in a rotating order."""
-    times = {name: [] for name in cases}
-    names = list(cases)
-    for _ in range(warmup):
-        for name in names:
-            cases[name]()
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no case always runs first
-        for name in order:
-            start = time.perf_counter()
-            cases[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def describe() -> str:
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,7 +212,7 @@ def run(args) -> dict:
     cases = make_cases(models, x, y, args.lr, args.profile)
     print(f"timing {len(cases)} cases round-robin: {args.warmup} warm-up + {args.repeats} repeats ...", flush=True)
     t0 = time.perf_counter()
-    seconds = timed_round_robin(cases, args.repeats, args.warmup)
+    seconds = {case: median(t) for case, t in time_interleaved(cases, args.repeats, args.warmup).items()}
     print(f"done in {time.perf_counter() - t0:.0f} s\n")
 
     rows = []
@@ -249,10 +230,11 @@ def run(args) -> dict:
             profile.append(dict(model=n, train_step=step, weights_nograd=wn, weights_fwd_bwd=wg,
                                 rest=step - wg, weights_share=wg / step))
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
-    return {"device": describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    info = machine_info()
+    return {"device": describe(info), "torch": info["torch"], "threads": info["threads"],
             "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
             "padding_mode": args.padding_mode, "deel_torchlip": dv, "notes": notes, "parameters": params,
-            "rows": rows, "profile": profile}
+            "rows": rows, "profile": profile, "machine_info": info}
 
 
 def tables(result: dict) -> str:
@@ -305,20 +287,6 @@ def main(argv=None):
     text = tables(result)
     print(text)
     write_outputs(result, text.replace("\nnote: ", "\n- note: "), args.json, args.md)
-
-
-def write_outputs(result: dict, markdown: str, json_path: Path | None, md_path: Path | None) -> None:
-    """``result`` as JSON and ``markdown`` under the command that produced it (the running script's
-    own command line), each only if its path is given."""
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {json_path}")
-    if md_path:
-        script = f"benchmarks/{Path(sys.argv[0]).name}"
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(f"# {script}\n\n```\n{' '.join(['python', script] + sys.argv[1:])}\n```\n\n{markdown}\n")
-        print(f"wrote {md_path}")
 
 
 if __name__ == "__main__":

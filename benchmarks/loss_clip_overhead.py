@@ -11,10 +11,8 @@ their values); no data needed.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import lipnet.nn as ln  # noqa: E402
 from lipnet.privacy import FeatureDataset, make_private  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import machine_info, median, time_interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -46,16 +47,11 @@ def main() -> None:
         trainers[name] = make_private(head, torch.optim.SGD(head.parameters(), lr=1.0), data, 3.0, 1e-5, 5, loss=loss,
                                       input_bound=8.0, sample_rate=args.batch / n, progress=False)
     xb, yb = x[:args.batch], data.labels[:args.batch]
-    times: dict[str, list[float]] = {k: [] for k in trainers}
-    for step in range(args.steps + 3):
-        order = list(trainers.items())
-        for name, trainer in (order if step % 2 else order[::-1]):  # alternate who goes first
-            start = time.perf_counter()
-            trainer.step(xb, yb)
-            if step >= 3:  # warm-up
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"{platform.processor() or platform.machine()}, {args.threads} thread(s), batch {args.batch}, "
+    steps = {name: partial(trainer.step, xb, yb) for name, trainer in trainers.items()}
+    # two cases rotated each repeat: they alternate which goes first
+    times = time_interleaved(steps, args.steps, warmup=3)
+    med = {k: median(v) * 1e3 for k, v in times.items()}
+    print(f"{machine_info()['cpu']}, {args.threads} thread(s), batch {args.batch}, "
           f"{args.features} features, {args.steps} interleaved steps, medians:")
     for name, ms in med.items():
         print(f"  {name:28s} {ms:8.1f} ms/step")

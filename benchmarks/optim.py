@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from lipnet.optim import SchattenMuon, TurboMuon, schatten_update, split_params  # noqa: E402
 from lipnet.ortho import orthogonalize  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import machine_info, median, sync, time_interleaved  # noqa: E402
 
 
 class FlatConv2d(nn.Conv2d):
@@ -167,13 +169,9 @@ def root_rows(shapes: list[tuple[int, int]], repeats: int, seed: int = 0) -> lis
         for name, f in ways.items():
             err = max(((f(M, p).double() - r).norm(dim=(-2, -1)) / r.norm(dim=(-2, -1))).max().item()
                       for M, r in zip(stacks, refs))
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for M in stacks:
-                    f(M, p)
-                times.append(time.perf_counter() - start)
-            rows.append({"p": p, "method": name, "ms": 1e3 * statistics.median(times),
+            # the error pass above is this way's warm-up
+            times = time_interleaved({name: lambda f=f: [f(M, p) for M in stacks]}, repeats, warmup=0)[name]
+            rows.append({"p": p, "method": name, "ms": 1e3 * median(times),
                          "max_rel_error": None if "p = inf" in name else err})
     return rows
 
@@ -197,13 +195,6 @@ def plot_p(path: str, runs: dict, names: list[str], matrices: list, p_hist: list
     ax_l.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -244,16 +235,22 @@ def main() -> None:
         yb = y_train[t * args.batch_size:(t + 1) * args.batch_size]
         order = names[t % len(names):] + names[:t % len(names)]
         for name in order:
+            # timed inside the training loop on purpose: the optimizer steps alone, split into the
+            # matrix optimizer and the aux AdamW, on the real gradients of this run
             r = runs[name]
+            device = next(r["model"].parameters()).device
             loss = F.cross_entropy(r["model"](xb), yb)
             for o in r["opts"]:
                 o.zero_grad(set_to_none=True)
             loss.backward()
+            sync(device)
             start = time.perf_counter()
             r["opts"][0].step()
+            sync(device)
             mid = time.perf_counter()
             for o in r["opts"][1:]:
                 o.step()
+            sync(device)
             r["matrix"].append(mid - start)
             r["step"].append(time.perf_counter() - start)
             r["loss"].append(loss.item())
@@ -266,14 +263,7 @@ def main() -> None:
     hidden, _ = split_params(runs[names[0]]["model"])
     timers = ortho_timers([(len(w), w[0].numel()) for w in hidden])
     timers = {k: v for k, v in timers.items() if k in names or "ortho only" in k}
-    ortho = {k: [] for k in timers}
-    for f in timers.values():
-        f()
-    for i in range(args.ortho_repeats):
-        for name in list(timers)[i % len(timers):] + list(timers)[:i % len(timers)]:
-            start = time.perf_counter()
-            timers[name]()
-            ortho[name].append(time.perf_counter() - start)
+    ortho = time_interleaved(timers, args.ortho_repeats, warmup=1)
     ortho["turbomuon+normuon"] = ortho["turbomuon"]
     matrices = [list(w.shape) for w in hidden]
     roots = root_rows([tuple(s) for s in matrices], args.ortho_repeats) if args.roots else None
@@ -287,16 +277,16 @@ def main() -> None:
         warm = r["step"][2:]  # the first steps allocate state
         rows.append({
             "optimizer": name,
-            "step_ms": 1e3 * statistics.median(warm),
-            "matrix_step_ms": 1e3 * statistics.median(r["matrix"][2:]) if name != "adamw" else None,
-            "ortho_ms": 1e3 * statistics.median(ortho[name]) if name in ortho else None,
+            "step_ms": 1e3 * median(warm),
+            "matrix_step_ms": 1e3 * median(r["matrix"][2:]) if name != "adamw" else None,
+            "ortho_ms": 1e3 * median(ortho[name]) if name in ortho else None,
             "train_loss_last10": statistics.fmean(r["loss"][-10:]),
             "eval_loss": F.cross_entropy(logits, y_eval).item(),
             "eval_acc": (logits.argmax(1) == y_eval).float().mean().item(),
         })
     for ref_name in ("ns5-fp32 (ortho only)", "turbo-direct-fp32 (ortho only)"):
         rows.append({"optimizer": ref_name, "step_ms": None, "matrix_step_ms": None,
-                     "ortho_ms": 1e3 * statistics.median(ortho[ref_name]), "train_loss_last10": None,
+                     "ortho_ms": 1e3 * median(ortho[ref_name]), "train_loss_last10": None,
                      "eval_loss": None, "eval_acc": None})
     ref = next((row for row in rows if row["optimizer"] == "torch-muon"), None)
     for row in rows:
@@ -304,10 +294,11 @@ def main() -> None:
             ok = ref is not None and row[key] is not None and ref[key] is not None
             row[f"{key.split('_ms')[0]}_speedup_vs_torch_muon"] = ref[key] / row[key] if ok else None
 
-    meta = {"torch": torch.__version__, "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size,
-            "lr": args.lr, "aux_lr": args.aux_lr, "machine": _cpu_name(),
+    info = machine_info()
+    meta = {"torch": info["torch"], "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size,
+            "lr": args.lr, "aux_lr": args.aux_lr, "machine": info["cpu"],
             "matrices": [list(w.shape) for w in hidden],
-            "note": "CPU shared with other jobs (noisy); runs interleaved round-robin, medians"}
+            "note": "CPU shared with other jobs (noisy); runs interleaved round-robin, medians", "machine_info": info}
     header = ["optimizer", "step ms", "matrix step ms", "ortho ms", "matrix step speed-up vs torch Muon",
               "ortho speed-up", "train loss (last 10)", "eval loss", "eval acc"]
     fmt = lambda v, f: "-" if v is None else format(v, f)

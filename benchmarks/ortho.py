@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from lipnet.ortho import orthogonalize  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import describe, machine_info, median, time_interleaved  # noqa: E402
 
 OURS = ["svd", "ns5", "turbo", "convergent", "bjorck"]
 
@@ -61,24 +61,13 @@ def orthogonium_peer(W: torch.Tensor, bjorck_iters: int = 12) -> torch.Tensor:
 
 
 def timed_side_by_side(cases: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
-    """Median seconds and output per case; the cases are interleaved round-robin in every repeat
-    so that the machine's load drifts hit all of them alike (ratios are what we report)."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    outputs, times = {}, {name: [] for name in cases}
+    """Median seconds (no grad, CUDA synchronized) and output per case; the cases are interleaved
+    round-robin in every repeat so that the machine's load drifts hit all of them alike (ratios are
+    what we report)."""
     with torch.no_grad():
-        for name, fn in cases.items():  # warm-up, and the output whose quality we measure
-            outputs[name] = fn()
-        sync()
-        for _ in range(repeats):
-            for name, fn in cases.items():
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, outputs
+        outputs = {name: fn() for name, fn in cases.items()}  # warm-up, and the output whose quality we measure
+        times = time_interleaved(cases, repeats, warmup=0, device=device, rotate=False)
+    return {name: median(t) for name, t in times.items()}, outputs
 
 
 def max_sigma_err(Q: torch.Tensor) -> float:
@@ -127,8 +116,9 @@ def run(args) -> dict:
                                          max_sigma_err=sigma_err, polar_err=polar_err))
                 print_rows(new_rows)
                 rows += new_rows
-    return {"device": describe(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "rows": rows}
+    info = machine_info(device)
+    return {"device": describe(info), "torch": info["torch"], "threads": info["threads"], "rows": rows,
+            "machine_info": info}
 
 
 def matching_bjorck_iters(W: torch.Tensor, target: float, max_iters: int = 200) -> int | None:
@@ -142,12 +132,6 @@ def matching_bjorck_iters(W: torch.Tensor, target: float, max_iters: int = 200) 
             if max_sigma_err(Q) <= target:
                 return iters
     return None
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 ROW_HEADER = ("| method | input | shape | dtype | median s | speed-up vs ns5 | max abs(sigma-1) | polar err |\n"

@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,19 +44,9 @@ import lipnet.nn as ln  # noqa: E402
 from lipnet.models import cifar_liresnet  # noqa: E402
 from lipnet.nn.parametrizations import CoreOrthogonalizer  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # layers.py and the harness beside this script
 import layers as layers_benchmark  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
+from _harness import machine_info, median, time_interleaved, write_outputs  # noqa: E402
 
 
 def build(net: str, parametrization: str) -> nn.Module:
@@ -172,7 +159,7 @@ def run(args) -> dict:
                     cases[("weights: " + key, "fp32")] = fn
             print(f"{net}, batch {batch}: {len(cases)} cases, {args.warmup} warm-up + {args.repeats} repeats",
                   flush=True)
-            seconds = layers_benchmark.timed_round_robin(cases, args.repeats, args.warmup)
+            seconds = {case: median(t) for case, t in time_interleaved(cases, args.repeats, args.warmup).items()}
             for (name, amp), s in seconds.items():
                 ref = seconds[("plain", amp)]
                 if name.startswith("weights: "):
@@ -180,9 +167,10 @@ def run(args) -> dict:
                                         share_of_step=s / seconds[("retraction", "fp32")]))
                 else:
                     rows.append(dict(net=net, batch=batch, model=name, precision=amp, seconds=s, ratio_to_plain=s / ref))
-    return {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    info = machine_info()
+    return {"cpu": info["cpu"], "threads": args.threads, "torch": info["torch"], "date": info["date"][:10],
             "repeats": args.repeats, "warmup": args.warmup, "lr": args.lr, "rows": rows, "profile": profile,
-            "command": " ".join(["python", "benchmarks/train_step.py"] + sys.argv[1:])}
+            "command": " ".join(["python", "benchmarks/train_step.py"] + sys.argv[1:]), "machine_info": info}
 
 
 def tables(result: dict) -> str:
@@ -223,7 +211,7 @@ def main(argv=None):
     result = run(args)
     text = tables(result)
     print(text)
-    layers_benchmark.write_outputs(result, text, args.json, args.md)
+    write_outputs(result, text, args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from lipnet.data import BatchLoader, load_dataset
 from lipnet.models import scatter_net
 from lipnet.nn import LipschitzCrossEntropy
 from lipnet.privacy import make_private, precompute_frozen_prefix
-from lipnet.training import private_trainable
+from lipnet.privacy import private_trainable
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", default=None, help="default: $LIPNET_DATA")

@@ -17,7 +17,7 @@ from lipnet.certify import ConformalClassifier
 from lipnet.data import BatchLoader, load_dataset, random_split
 from lipnet.models import build_model
 from lipnet.nn import LipschitzCrossEntropy
-from lipnet.training import load_checkpoint
+from lipnet.checkpoints import load_checkpoint
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-root", default=None, help="default: $LIPNET_DATA")

@@ -21,8 +21,9 @@ from .models import MODELS, build_model, load_pretrained, pretrained_names
 from .nn import set_input_checks
 from .nn._checks import input_checks_enabled
 from .nn.parametrizations import PARAMETRIZATIONS
-from .training import (AMP_DTYPES, CHECKPOINT, NAMED_PRESETS, PRESETS, Checkpoint, TrainConfig, amp_dtype, fit,
-                       format_table, load_checkpoint, preset_names, read_checkpoint)
+from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
+from .presets import NAMED_PRESETS, PRESETS, TrainConfig, preset_names
+from .training import AMP_DTYPES, amp_dtype, fit
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -326,6 +327,15 @@ def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -
     print(f"privacy: ({history[-1]['epsilon']:.3f}, {args.delta:g})-DP after {history[-1]['steps']} steps "
           f"(accountant {args.accountant}); saved {Path(args.out) / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
     return 0
+
+
+def format_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
+    """Plain-text table (right-aligned numbers)."""
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _plot(radii: torch.Tensor, pgd: dict[float, float], path: Path, title: str) -> None:

@@ -57,6 +57,28 @@ _RDP_ORDER_WARNING = "Optimal order is the largest alpha"
 NOISE_MODES = ("global", "per_layer", "min_energy")
 
 
+def noise_stds(bounds: Sequence[float], sizes: Sequence[int], noise_multiplier: float, mode: str) -> list[float]:
+    """The Gaussian noise std of each effective tensor, given its sensitivity bound C_k (one sample's
+    gradient norm bound) and its number of entries d_k, such that the whitened sensitivity
+    sqrt(sum_k C_k^2 / std_k^2) is exactly 1 / ``noise_multiplier`` -- the mechanism the accountant
+    composes -- whatever the ``mode``:
+
+    * ``"global"``: std sigma C on every tensor, C = sqrt(sum_k C_k^2);
+    * ``"per_layer"``: std sigma sqrt(K) C_k on tensor k of K;
+    * ``"min_energy"``: the stds minimizing the total noise energy sum_k d_k std_k^2 under that
+      constraint (Lagrange): std_k^2 = sigma^2 S C_k / sqrt(d_k), S = sum_j C_j sqrt(d_j).
+    """
+    if mode not in NOISE_MODES:
+        raise ValueError(f"noise mode must be one of {NOISE_MODES}, got {mode!r}")
+    sigma = noise_multiplier
+    if mode == "global":
+        return [sigma * math.sqrt(sum(c * c for c in bounds))] * len(bounds)
+    if mode == "per_layer":
+        return [sigma * math.sqrt(len(bounds)) * c for c in bounds]
+    total = sum(c * math.sqrt(d) for c, d in zip(bounds, sizes))
+    return [sigma * math.sqrt(total * c / math.sqrt(d)) for c, d in zip(bounds, sizes)]
+
+
 def check_privacy_params(target_epsilon: float | None, target_delta: float, n: int) -> None:
     """epsilon > 0 and finite; 0 < delta < 1/n (delta >= 1/n admits releasing one random example in
     the clear, so it is refused, not warned about)."""
@@ -190,18 +212,9 @@ class PrivateTrainer:
             return float(self.accountant.get_epsilon(delta=delta or self.delta))
 
     def _noise_stds(self, report: SensitivityReport) -> list[float]:
-        sigma = self.noise_multiplier / math.sqrt(self.world_size)
-        if self.noise_mode == "global":
-            return [sigma * report.total] * len(report.bounds)
-        if self.noise_mode == "per_layer":
-            k = len(report.bounds)
-            return [sigma * math.sqrt(k) * b.bound for b in report.bounds]
-        # min_energy: the stds minimizing the total noise energy sum_k d_k s_k^2 subject to the same
-        # whitened sensitivity sum_k C_k^2 / s_k^2 = 1 / sigma^2 (Lagrange): s_k^2 = sigma^2 S C_k / sqrt(d_k),
-        # S = sum_j C_j sqrt(d_j).
-        dims = [b.tensor().numel() for b in report.bounds]
-        total = sum(b.bound * math.sqrt(d) for b, d in zip(report.bounds, dims))
-        return [sigma * math.sqrt(total * b.bound / math.sqrt(d)) for b, d in zip(report.bounds, dims)]
+        # each rank adds its share: the sum over ranks has the step's std
+        return noise_stds([b.bound for b in report.bounds], [b.tensor().numel() for b in report.bounds],
+                          self.noise_multiplier / math.sqrt(self.world_size), self.noise_mode)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One private step on a Poisson batch (possibly empty); returns the batch's summed loss."""

@@ -13,8 +13,8 @@ import torch
 
 from lipnet.cli import main
 from lipnet.models import build_model
-from lipnet.training import (CHECKPOINT, CheckpointError, TrainConfig, load_checkpoint, read_checkpoint,
-                             save_checkpoint)
+from lipnet.checkpoints import CHECKPOINT, CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from lipnet.presets import TrainConfig
 
 
 def _config(**overrides) -> TrainConfig:

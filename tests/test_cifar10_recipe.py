@@ -9,7 +9,8 @@ import pytest
 
 from lipnet.cli import main
 from lipnet.models import build_model
-from lipnet.training import NAMED_PRESETS, TrainConfig, load_checkpoint, preset_names
+from lipnet.checkpoints import load_checkpoint
+from lipnet.presets import NAMED_PRESETS, TrainConfig, preset_names
 
 
 def test_the_cifar10_preset_trains_two_steps_and_certifies(tmp_path, data_root, capsys):

@@ -18,7 +18,9 @@ from lipnet import data as lipdata
 from lipnet.cli import main
 from lipnet.models import build_model
 from lipnet.nn import Scattering2d
-from lipnet.training import CHECKPOINT, TrainConfig, fit, load_checkpoint, read_checkpoint, save_checkpoint
+from lipnet.checkpoints import CHECKPOINT, load_checkpoint, read_checkpoint, save_checkpoint
+from lipnet.presets import TrainConfig
+from lipnet.training import fit
 
 
 def test_train_then_certify(tmp_path, data_root, capsys):

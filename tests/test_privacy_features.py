@@ -10,7 +10,7 @@ import lipnet.nn as ln
 from lipnet.data import DATASETS, ImageDataset
 from lipnet.models import mnist_convnet, scatter_net
 from lipnet.privacy import PrivateTrainer, gradient_norm_bounds, precompute_frozen_prefix, split_frozen_prefix
-from lipnet.training import private_trainable
+from lipnet.privacy import private_trainable
 
 
 def _digits(n: int = 300, seed: int = 0, size: int = 16) -> ImageDataset:
@@ -89,7 +89,8 @@ def test_fit_private_evaluates_on_cached_test_features_with_the_whole_models_bou
     # those of the whole model on raw test images (radii need the prefix's Lipschitz bound too).
     from lipnet.certify import certified_accuracy
     from lipnet.data import BatchLoader
-    from lipnet.training import TrainConfig, fit_private
+    from lipnet.presets import TrainConfig
+    from lipnet.training import fit_private
 
     train, test = _digits(400, seed=0), _digits(120, seed=1)
     config = TrainConfig.from_preset("mnist", private=True, model="scatter-net", epochs=4, batch_size=100, lr=0.5)

@@ -56,11 +56,11 @@ def pretrained_path(name: str) -> Path:
 def load_pretrained(name: str, map_location: str | torch.device = "cpu"):
     """``(model in eval mode, its TrainConfig)`` for the shipped model ``name``.
 
-    Loaded safely (``torch.load(weights_only=True)``, as :func:`lipnet.training.load_checkpoint`).
+    Loaded safely (``torch.load(weights_only=True)``, as :func:`lipnet.checkpoints.load_checkpoint`).
     Loading writes the stored factors into the fp32 parameters, and the layers retract what was
     written before its first use, so ``lipnet.certify.network_lipschitz_bound`` computes the bound
     of the weights actually used (a bound is never read from the file)."""
-    from ..training import load_checkpoint
+    from ..checkpoints import load_checkpoint
 
     model, config, _ = load_checkpoint(pretrained_path(name), map_location=map_location)
     return model.eval(), config

@@ -1,0 +1,126 @@
+"""Training presets: per-dataset defaults, named presets, and the ``TrainConfig`` a run stores.
+
+``TrainConfig.from_preset(dataset)`` is what ``lipnet train --dataset D`` trains; ``preset=`` picks a
+named one (``NAMED_PRESETS``); ``private=True`` the private-training recipe of
+:mod:`lipnet.privacy.recipe`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+
+from .models import MODELS
+from .nn.parametrizations import DEFAULT_PARAMETRIZATION
+
+
+@dataclass
+class Preset:
+    """Per-dataset defaults: the model, its config, the certification radii to report, training."""
+
+    model: str
+    model_config: dict
+    eval_eps: tuple[float, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    offset: float       # LipschitzCrossEntropy offset: asks for margin `offset`, radius offset/sqrt(2) at L=1
+    temperature: float
+    augment: bool
+    amp: str | None = None  # mixed precision of the training steps (see amp_dtype)
+
+
+PRESETS: dict[str, Preset] = {
+    "mnist": Preset("mnist-convnet", {"mean": (0.1307,)}, (0.5, 1.0, 1.58), 10, 256, 2e-3, 2.5, 0.25, False),
+    "fashion-mnist": Preset("mnist-convnet", {"mean": (0.2860,)}, (0.1, 0.5, 1.0), 10, 256, 2e-3, 1.0, 0.25, False),
+    "cifar10": Preset("cifar-liresnet", {"mean": (0.4914, 0.4822, 0.4465), "width": 32, "blocks": (1, 1, 1),
+                                         "hidden": 256},
+                      (36 / 255, 72 / 255, 108 / 255), 30, 256, 2e-3, 0.3, 0.125, True, amp="bf16"),
+}
+# The cifar10 preset is sized for 2 CPU cores (about 3.5 minutes per epoch with bf16 autocast on a
+# 2-core Xeon with AMX): width 32, one residual block per stage and a 256-wide dense head (a 512-wide
+# one's 8192x512 orthogonal factor costs a quarter of each step). Measured in docs/certification.md.
+
+# Presets chosen by name (`lipnet train --preset NAME`), beyond each dataset's default: (dataset, preset).
+NAMED_PRESETS: dict[str, tuple[str, Preset]] = {
+    # the LiResNet-style network at its full size (width 64, two blocks per stage, 512-wide head),
+    # fp32, 100 epochs: sized for a GPU (several times the cifar10 preset's time per epoch)
+    "cifar10-gpu": ("cifar10", Preset("cifar-liresnet", {"mean": (0.4914, 0.4822, 0.4465)},
+                                      (36 / 255, 72 / 255, 108 / 255), 100, 256, 1e-3, 0.3, 0.125, True)),
+}
+
+
+def preset_names(dataset: str | None = None) -> list[str]:
+    """Every preset name ``TrainConfig.from_preset(preset=...)`` accepts (those of ``dataset`` only,
+    if given): the dataset names (their default presets) and ``NAMED_PRESETS``."""
+    names = [d for d in PRESETS if dataset in (None, d)]
+    return sorted(names + [n for n, (d, _) in NAMED_PRESETS.items() if dataset in (None, d)])
+
+
+def takes_parametrization(model: str | None) -> bool:
+    """Whether the named model builder has orthogonal layers with a ``parametrization`` choice."""
+    return model in MODELS and "parametrization" in inspect.signature(MODELS[model]).parameters
+
+
+@dataclass
+class TrainConfig:
+    """Everything needed to re-run a training job (stored in the checkpoint)."""
+
+    dataset: str
+    epochs: int
+    batch_size: int
+    lr: float
+    offset: float
+    temperature: float
+    augment: bool
+    model: str
+    model_config: dict = field(default_factory=dict)
+    eval_eps: tuple[float, ...] = ()
+    seed: int = 0
+    limit: int | None = None
+    # private training: {"epsilon", "delta", "input_bound", "accountant", "noise"}; None = not private
+    dp: dict | None = None
+    # mixed precision of the training steps: "bf16", "fp16" (CUDA only) or None (fp32); evaluation is always fp32
+    amp: str | None = None
+
+    @classmethod
+    def from_preset(cls, dataset: str, private: bool = False, model: str | None = None, *,
+                    preset: str | None = None, **overrides) -> TrainConfig:
+        """The dataset's preset (``preset``: a named one of that dataset, see :func:`preset_names`);
+        ``private``: its private preset for ``model`` (default: the first listed in
+        ``PRIVATE_PRESETS[dataset]``); keyword overrides (None = keep the preset's)."""
+        if dataset not in PRESETS:
+            raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(PRESETS)}")
+        if preset is None or preset == dataset:
+            p = asdict(PRESETS[dataset])
+        elif preset in NAMED_PRESETS and NAMED_PRESETS[preset][0] == dataset:
+            if private:
+                raise ValueError(f"preset {preset!r} is not a private preset; private training uses "
+                                 f"PRIVATE_PRESETS[{dataset!r}] (choose among them with model=)")
+            p = asdict(NAMED_PRESETS[preset][1])
+        else:
+            raise ValueError(f"unknown preset {preset!r} for {dataset}; known: {preset_names(dataset)}")
+        if private:
+            from .privacy.recipe import PRIVATE_PRESETS  # lazily: lipnet.privacy imports opacus
+
+            models = PRIVATE_PRESETS[dataset]
+            model = model or next(iter(models))
+            if model not in models:
+                raise ValueError(f"no private preset for model {model!r} on {dataset}; known: {sorted(models)}")
+            q = models[model]
+            p.update(model=model, model_config=dict(q.model_config), batch_size=q.batch_size, lr=q.lr,
+                     epochs=q.epochs, offset=q.offset, temperature=q.temperature, augment=False, amp=None,
+                     # private models have small margins: report certificates at smaller radii
+                     eval_eps=tuple(e / 5 for e in p["eval_eps"]),
+                     dp={"input_bound": q.input_bound, "noise": q.noise, "optimizer": q.optimizer,
+                         "momentum": q.momentum, "trainable": q.trainable, "freeze_bias": q.freeze_bias,
+                         "loss_clip": q.loss_clip})
+        elif model is not None and model != p["model"]:
+            p.update(model=model, model_config={"mean": p["model_config"]["mean"]})
+        p.update({k: v for k, v in overrides.items() if v is not None})
+        if takes_parametrization(p["model"]):  # recorded, so a checkpoint always says how its factors are stored
+            p["model_config"] = {"parametrization": DEFAULT_PARAMETRIZATION, **p["model_config"]}
+        return cls(dataset=dataset, **p)
+
+
+__all__ = ["NAMED_PRESETS", "PRESETS", "Preset", "TrainConfig", "preset_names", "takes_parametrization"]
