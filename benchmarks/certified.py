@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +34,9 @@ from lipnet.certify import certified_accuracy, lipschitz_lower_bound
 from lipnet.models import build_model
 from lipnet.nn import set_input_checks
 from lipnet.training import PRESETS, TrainConfig, fit, load_checkpoint, save_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import machine_info  # noqa: E402
 
 
 def main() -> None:
@@ -83,32 +85,20 @@ def main() -> None:
     report = certified_accuracy(model, test_loader, eps, pgd_steps=args.pgd_steps, pgd_points=args.pgd_points,
                                 device=args.device)
     lower = lipschitz_lower_bound(model, next(iter(test_loader))[0][:256].to(args.device))
+    info = machine_info(args.device)
     result = {"dataset": args.dataset, "n_test": report.n, "clean": report.clean, "certified": report.certified,
               "pgd": report.pgd, "pgd_steps": args.pgd_steps, "pgd_n": report.pgd_n, "lipschitz_bound": report.lipschitz_bound,
               "lipschitz_lower": lower, "train_seconds": train_seconds,
               "seconds_per_epoch": train_seconds / max(len(history), 1), "epochs": len(history),
-              "parameters": sum(p.numel() for p in model.parameters()), "cpu": cpu_model(),
-              "threads": torch.get_num_threads(), "config": config.__dict__, "history": history,
-              "machine": {"device": args.device, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-                          "platform": platform.platform(), "torch": torch.__version__}}
+              "parameters": sum(p.numel() for p in model.parameters()), "cpu": info["cpu"],
+              "threads": info["threads"], "config": config.__dict__, "history": history,
+              "machine": {**info, "torch_threads": info["threads"]}}
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config", "machine")}, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     if args.curve:
         plot_learning_curve(history, Path(args.curve), f"{args.dataset}: test accuracy per epoch")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (lscpu's 'Model name'), or platform.processor() where /proc/cpuinfo is absent."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:

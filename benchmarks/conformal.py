@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +35,9 @@ from lipnet.certify import ConformalClassifier
 from lipnet.certify.conformal import class_scores, conformal_quantile, probability_bounds
 from lipnet.nn import set_input_checks
 from lipnet.training import load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import machine_info  # noqa: E402
 
 
 def logits_of(model, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
@@ -104,9 +107,10 @@ def main() -> None:
     forward_s = time.perf_counter() - t
     base = ConformalClassifier(model, "lac", args.alpha, temperature=T)
     lip = base.lipschitz
+    info = machine_info()
     base.calibrate_logits(z_cal, y_cal).fit_coverage_bound_logits(z_test, y_test, delta=0.05)
     print(f"{config.dataset}: {args.n_cal} calibration / {args.n_test} test points, alpha={args.alpha}, T={T:g}, "
-          f"Lipschitz bound {lip:.6f}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"Lipschitz bound {lip:.6f}, {info['threads']} threads, {info['cpu']}")
     rows = []
     for eps in args.eps:
         # Our methods cost one forward pass per point: timed again for each eps, right beside RSCP's
@@ -157,8 +161,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "dataset": config.dataset, "alpha": args.alpha, "temperature": T, "lipschitz_bound": lip,
             "n_cal": args.n_cal, "n_test": args.n_test, "n_mc": args.n_mc, "pgd_steps": args.pgd_steps,
-            "pgd_points": args.pgd_points, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "rows": rows}, indent=2))
+            "pgd_points": args.pgd_points, "threads": info["threads"], "machine": info["arch"],
+            "rows": rows, "machine_info": info}, indent=2))
 
 
 if __name__ == "__main__":

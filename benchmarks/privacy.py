@@ -43,8 +43,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +59,9 @@ import lipnet.nn as ln  # noqa: E402
 from lipnet.data import DATASETS, BatchLoader, ImageDataset, load_dataset  # noqa: E402
 from lipnet.models import mnist_convnet, scatter_net  # noqa: E402
 from lipnet.training import private_loss, private_trainable  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import machine_info, median, sync  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -363,7 +364,7 @@ def perf_worker(args) -> dict:
     batches = [(x.to(device), y.to(device)) for x, y in batches]
     cuda = str(device).startswith("cuda")
     if cuda:
-        torch.cuda.synchronize()
+        sync(device)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -375,15 +376,14 @@ def perf_worker(args) -> dict:
             reset = False
     for x, y in batches[:args.warmup]:  # inside the memory window (they are training steps), outside the clock
         side.step(x, y)
-    if cuda:
-        torch.cuda.synchronize()
+    # one clock around all timed steps (not per step): the throughput of back-to-back steps
+    sync(device)
     samples = 0
     start = time.perf_counter()
     for x, y in batches[args.warmup:]:
         side.step(x, y)
         samples += len(y)
-    if cuda:
-        torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
     return dict(side=args.side, batch=args.batch, steps=args.steps, samples=samples, seconds=seconds,
@@ -421,7 +421,7 @@ def run_perf(args) -> list[dict]:
         med = {}
         for side in ("ours", "opacus"):
             rs = [r for r in raw if r["side"] == side and r["batch"] == batch]
-            med[side] = {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "peak_mb", "train_mb")}
+            med[side] = {k: median(r[k] for r in rs) for k in ("samples_per_s", "peak_mb", "train_mb")}
         rows.append(dict(kind="perf", dataset=args.dataset, batch=batch, threads=args.threads, device=args.device,
                          trained="linear head on fixed scattering features, both sides" if args.arch == "scatter"
                          else "all layers, both sides" if args.perf_train == "all" else
@@ -448,6 +448,7 @@ def train_eval(side_name: str, cfg: dict, train, evalset, eps: float, epochs: in
         losses.append(side.epoch())
         if not math.isfinite(losses[-1]):
             break
+    sync(device)
     seconds = time.perf_counter() - start
     acc = accuracy(side, evalset, device)
     row = dict(kind="accuracy", side=side_name, target_epsilon=eps, epsilon=side.epsilon(), delta=DELTA,
@@ -599,9 +600,10 @@ def main() -> None:
         OURS["batch"] = OPACUS["batch"] = OURS_SCATTER["batch"] = OPACUS_SCATTER["batch"] = 256
 
     import opacus
-    meta = dict(dataset=args.dataset, machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores", torch=torch.__version__, opacus=opacus.__version__, threads=args.threads,
-                device=args.device, command="python benchmarks/privacy.py " + " ".join(sys.argv[1:]))
+    info = machine_info(args.device)
+    meta = dict(dataset=args.dataset, machine=f"{info['host']} {info['cpu']}, {info['cpus']} cores", torch=info["torch"],
+                opacus=opacus.__version__, threads=args.threads, device=args.device,
+                command="python benchmarks/privacy.py " + " ".join(sys.argv[1:]), machine_info=info)
     rows: list[dict] = []
 
     def save():

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,9 @@ from lipnet.data import load_dataset  # noqa: E402
 from lipnet.models import mnist_convnet, scatter_net  # noqa: E402
 from lipnet.privacy import PrivateTrainer, gradient_norm_bounds, per_sample_gradient_norms  # noqa: E402
 from lipnet.training import private_trainable  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
+from _harness import machine_info, median, time_interleaved  # noqa: E402
 
 
 def tightness(data_root: str | None) -> dict:
@@ -104,15 +105,9 @@ def cost(data_root: str | None, repeats: int = 10) -> dict:
                         getattr(m, name)
             trainer.sensitivity()
 
-    timings = {"normal_step": [], "private_step": [], "bounds": []}
-    for _ in range(2):  # warm-up
-        normal(), trainer.step(x, y), bounds()
-    for _ in range(repeats):  # interleaved: machine noise hits all three alike
-        for name, fn in (("normal_step", normal), ("private_step", lambda: trainer.step(x, y)), ("bounds", bounds)):
-            start = time.perf_counter()
-            fn()
-            timings[name].append(time.perf_counter() - start)
-    med = {k: 1000 * sorted(v)[len(v) // 2] for k, v in timings.items()}
+    cases = {"normal_step": normal, "private_step": lambda: trainer.step(x, y), "bounds": bounds}
+    timings = time_interleaved(cases, repeats, warmup=2, rotate=False)
+    med = {k: 1000 * median(v) for k, v in timings.items()}
     return {"batch": 256, "normal_step_ms": med["normal_step"], "private_step_ms": med["private_step"],
             "bounds_ms": med["bounds"], "private_over_normal": med["private_step"] / med["normal_step"]}
 
@@ -124,9 +119,10 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out = {"machine": f"{platform.node()} {platform.machine()}, torch {torch.__version__}, threads {args.threads}",
+    info = machine_info()
+    out = {"machine": f"{info['host']} {info['arch']}, torch {info['torch']}, threads {args.threads}",
            "tightness": tightness(args.data_root), "scatter_tightness": scatter_tightness(args.data_root),
-           "conv_reuse_case": conv_reuse_case(), "cost": cost(args.data_root)}
+           "conv_reuse_case": conv_reuse_case(), "cost": cost(args.data_root), "machine_info": info}
     t, c, k = out["tightness"], out["cost"], out["conv_reuse_case"]
     print(f"tightness on {t['samples']} MNIST test digits: max per-sample / bound = {t['total_max_ratio']:.3f} "
           f"(mean {t['total_mean_ratio']:.3f}); per tensor {min(t['per_tensor_max_ratio'].values()):.3f}"

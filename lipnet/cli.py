@@ -18,8 +18,7 @@ from . import data as lipdata
 from . import distributed as lipdist
 from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
 from .models import MODELS, build_model, load_pretrained, pretrained_names
-from .nn import set_input_checks
-from .nn._checks import input_checks_enabled
+from .nn import input_checks_enabled, set_input_checks
 from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
 from .presets import NAMED_PRESETS, PRESETS, TrainConfig, preset_names

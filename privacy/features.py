@@ -23,7 +23,7 @@ from lipnet.modes import training_mode
 from lipnet.nn import L2BallProjection
 
 from .sampling import FeatureDataset
-from .sensitivity import _Analysis
+from .sensitivity import output_norm_bound
 
 
 def split_frozen_prefix(model: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
@@ -74,7 +74,7 @@ def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bou
     if world()[1] > 1:  # every rank must compute the same features (as PrivateTrainer syncs the whole model)
         for t in [*prefix.parameters(), *prefix.buffers()]:
             dist.broadcast(t.data, src=0)
-    bound, _ = _Analysis().visit(prefix, "", float(input_bound), shape, 0.0)
+    bound = output_norm_bound(prefix, input_bound, shape)
     project = L2BallProjection(input_bound)
     dtype = next(head.parameters()).dtype
     # Train mode, as PrivateTrainer.train_epoch runs the whole model; each layer's own mode is restored after

@@ -204,6 +204,14 @@ class _Analysis:
         return _visit(m, self, name, b, shape, g)
 
 
+def output_norm_bound(module: nn.Module, input_bound: float, shape: tuple[int, ...]) -> float:
+    """A bound on ||module(x)|| over every input of per-sample ``shape`` with ||x|| <= ``input_bound``:
+    Lip(layer) b + ||layer(0)|| layer by layer, as :func:`gradient_norm_bounds` propagates it (the
+    same rules, so a layer the privacy analysis refuses raises ``TypeError`` here too)."""
+    bound, _ = _Analysis().visit(module, "", float(input_bound), tuple(shape), 0.0)
+    return float(bound)
+
+
 @singledispatch
 def _visit(m: nn.Module, a: _Analysis, name: str, b: float, shape, g: float):
     if _trainable(m):
@@ -328,4 +336,5 @@ def gradient_norm_bounds(model: nn.Module, input_bound: float, loss: nn.Module,
     return SensitivityReport(analysis.bounds, float(input_bound), g, out_b)
 
 
-__all__ = ["BOUND_MARGIN", "SensitivityReport", "TensorBound", "conv_reuse", "gradient_norm_bounds", "loss_lipschitz"]
+__all__ = ["BOUND_MARGIN", "SensitivityReport", "TensorBound", "conv_reuse", "gradient_norm_bounds", "loss_lipschitz",
+           "output_norm_bound"]

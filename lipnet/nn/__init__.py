@@ -10,7 +10,7 @@ orthogonal factor back onto the orthogonal matrices now (the layers also do it o
 every change).
 """
 
-from ._checks import set_input_checks
+from ._checks import input_checks_enabled, set_input_checks
 from .activations import Abs, MaxMin
 from .bounds import lipschitz_bound
 from .centering import BatchCentering, LayerCentering
@@ -31,5 +31,5 @@ __all__ = [
     "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "MultiMarginHinge", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
-    "retract_", "set_input_checks",
+    "input_checks_enabled", "retract_", "set_input_checks",
 ]

@@ -23,6 +23,7 @@ def _functorch_active() -> bool:
 
 
 def input_checks_enabled() -> bool:
+    """Whether the per-layer input checks are on (see :func:`set_input_checks`)."""
     return _enabled
 
 
