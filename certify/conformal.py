@@ -37,6 +37,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from lipnet.validate import finite_nonnegative, finite_positive, open_unit
+
 from ._utils import check_finite, eval_mode, split_batch
 from .attacks import pgd_l2
 from .lipschitz import network_lipschitz_bound
@@ -52,24 +54,15 @@ _SQRT2 = math.sqrt(2.0)
 # ----------------------------------------------------------------------------------- validation
 
 def check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
-    if not (0.0 < alpha < 1.0):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    return alpha
+    return open_unit(alpha, "alpha")
 
 
 def _check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return eps
+    return finite_nonnegative(eps, "eps")
 
 
 def _check_temperature(temperature: float) -> float:
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return temperature
+    return finite_positive(temperature, "temperature")
 
 
 def _check_score(score: str) -> str:
@@ -256,8 +249,7 @@ def simultaneous_miss_upper_bound(radii: torch.Tensor | np.ndarray, eps: float |
     eps <= E_(k+1), so R(eps) <= G(E_(k+1)) <= U_(k+1); a union bound over the n order statistics
     costs the delta / n. This is lip-rcp's Clopper-Pearson inversion with its union correction.
     """
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    open_unit(delta, "delta")
     e = np.sort(np.asarray(torch.as_tensor(radii, dtype=torch.float64).cpu(), dtype=np.float64))
     n = e.size
     if n == 0:
@@ -318,9 +310,7 @@ class ConformalClassifier:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if lipschitz is None:
             lipschitz = network_lipschitz_bound(model)
-        if not (math.isfinite(lipschitz) and lipschitz > 0):
-            raise ValueError(f"lipschitz must be finite and > 0, got {lipschitz}")
-        self.lipschitz = float(lipschitz)
+        self.lipschitz = finite_positive(lipschitz, "lipschitz")
         self.generator = torch.Generator().manual_seed(seed)
         self._calibration: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._quantiles: dict[float, float] = {}
@@ -455,8 +445,7 @@ class ConformalClassifier:
         """Prepare :meth:`vanilla_coverage_lower_bound` from hold-out (x, y) data that is
         independent of the calibration set (per point: the radius up to which the vanilla set
         provably keeps its label, :func:`coverage_radii`)."""
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        open_unit(delta, "delta")
         if self._calibration is None:
             raise RuntimeError("call calibrate(loader) first")
         return self.fit_coverage_bound_logits(*self._collect(holdout, "hold-out"), delta=delta)

@@ -11,6 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from lipnet.validate import finite_positive
+
 from ._utils import check_finite, eval_mode, split_batch
 from .attacks import pgd_l2
 from .lipschitz import network_lipschitz_bound
@@ -54,8 +56,7 @@ def certified_radius(logits: torch.Tensor, lipschitz: float, *, precision: torch
     """
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"certified_radius: logits must be (batch, classes >= 2), got {tuple(logits.shape)}")
-    if not (math.isfinite(lipschitz) and lipschitz > 0):
-        raise ValueError(f"certified_radius: lipschitz must be finite and > 0, got {lipschitz}")
+    finite_positive(lipschitz, "certified_radius: lipschitz")
     if not torch.isfinite(logits).all():
         raise ValueError("certified_radius: logits contain NaN or inf")
     z = logits.detach().double()

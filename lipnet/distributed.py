@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .validate import positive_int
+
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -94,8 +96,7 @@ def launch(fn: Callable, nproc: int, args: Sequence = (), *, port: int | None = 
     so ``fn`` calls :func:`init_distributed` exactly as under ``torchrun --nproc-per-node nproc``.
     ``fn`` and ``args`` must be picklable (a module-level function). Blocks until all exit; an
     exception in any process is re-raised here (``torch.multiprocessing.ProcessRaisedException``)."""
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be a positive int, got {nproc!r}")
+    positive_int(nproc, "nproc")
     port = _free_port() if port is None else port
     torch.multiprocessing.spawn(_launched, args=(fn, nproc, port, tuple(args)), nprocs=nproc, join=True)
 

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from lipnet.data import ImageDataset
 from lipnet.distributed import world
 from lipnet.nn import L2BallProjection
+from lipnet.validate import finite_positive
 
 from .sampling import poisson_loader
 from .sensitivity import SensitivityReport, gradient_norm_bounds, loss_lipschitz
@@ -187,9 +188,8 @@ class PrivateTrainer:
                 noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                                         sample_rate=self.sample_rate,
                                                         steps=epochs * len(self.loader), accountant=accountant)
-        if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-            raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}")
-        self.noise_multiplier, self.target_epsilon = float(noise_multiplier), target_epsilon
+        self.noise_multiplier = finite_positive(noise_multiplier, "noise_multiplier")
+        self.target_epsilon = target_epsilon
         self.accountant = create_accountant(accountant)
         # independent noise per rank (its std is divided by sqrt(world_size) in _noise_stds)
         self.noise_generator = torch.Generator(device=device).manual_seed(seed + 1 + 7919 * self.rank)

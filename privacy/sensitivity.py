@@ -54,6 +54,7 @@ from torch import nn
 
 from lipnet.nn import (BatchCentering, ConvexResidual, L2BallProjection, LayerCentering, OrthoConv2d, SLLBlock,
                        lipschitz_bound)
+from lipnet.validate import finite_positive
 
 # Relative slack on every bound: the bounds are computed in float64 from the weights, the per-sample
 # gradients they cover are float32 sums (relative rounding ~1e-6); 1e-4 covers it with room.
@@ -111,10 +112,7 @@ def loss_lipschitz(loss: nn.Module) -> float:
         raise TypeError(f"loss {type(loss).__name__} states no Lipschitz constant w.r.t. the logits; use "
                         "lipnet.nn.LipschitzCrossEntropy, MultiMarginHinge or nn.CrossEntropyLoss, or give the "
                         "loss a `lipschitz` attribute (a proven bound)")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"loss Lipschitz constant must be finite and > 0, got {value}")
-    return value
+    return finite_positive(value, "loss Lipschitz constant")
 
 
 def _trainable(m: nn.Module) -> list[nn.Parameter]:
@@ -322,8 +320,7 @@ def gradient_norm_bounds(model: nn.Module, input_bound: float, loss: nn.Module,
     recomputes it every step. Every trainable parameter of ``model`` is covered by exactly one
     listed tensor, or a ``TypeError`` names the one that is not.
     """
-    if not (isinstance(input_bound, (int, float)) and math.isfinite(input_bound) and input_bound > 0):
-        raise ValueError(f"input_bound must be finite and > 0, got {input_bound!r}")
+    finite_positive(input_bound, "input_bound")
     shape = tuple(int(s) for s in input_shape)
     if not shape or min(shape) < 1:
         raise ValueError(f"input_shape must be one sample's shape, e.g. (1, 28, 28), got {input_shape!r}")

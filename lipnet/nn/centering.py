@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..validate import unit_interval
+
 
 class BatchCentering(nn.Module):
     """x - mean + bias per channel (dim 1), mean over batch and spatial dims.
@@ -17,8 +19,7 @@ class BatchCentering(nn.Module):
 
     def __init__(self, num_features: int, momentum: float = 0.1, bias: bool = True) -> None:
         super().__init__()
-        if not 0 < momentum <= 1:
-            raise ValueError(f"BatchCentering: momentum must be in (0, 1], got {momentum}")
+        unit_interval(momentum, "BatchCentering: momentum", closed_low=False, closed_high=True)
         self.num_features, self.momentum = num_features, momentum
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features)) if bias else None

@@ -12,6 +12,7 @@ from orthogonium.reparametrizers import L2Normalize
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..validate import positive_int
 from ._checks import check_input
 from ._precision import full_precision
 from .conv_norm import check_circular_input
@@ -26,15 +27,12 @@ def _int(name: str, value, allow_pair: bool = True) -> int:
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"{name} must be square (an int or an equal pair), got {value!r}")
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return positive_int(value, name)
 
 
 def _check_channels(in_channels: int, out_channels: int, groups: int) -> None:
     for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        positive_int(v, name)
     if in_channels % groups or out_channels % groups:
         raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
 

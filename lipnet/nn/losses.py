@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validate import finite_nonnegative, finite_positive, one_of
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
@@ -40,11 +45,9 @@ class LipschitzCrossEntropy(nn.Module):
 
     def __init__(self, temperature: float = 0.25, offset: float = 2.12132, reduction: str = "mean") -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"LipschitzCrossEntropy: temperature must be > 0, got {temperature}")
-        if offset < 0:
-            raise ValueError(f"LipschitzCrossEntropy: offset must be >= 0, got {offset}")
-        self.temperature, self.offset, self.reduction = float(temperature), float(offset), reduction
+        self.temperature = finite_positive(temperature, "LipschitzCrossEntropy: temperature")
+        self.offset = finite_nonnegative(offset, "LipschitzCrossEntropy: offset")
+        self.reduction = one_of(reduction, REDUCTIONS, "LipschitzCrossEntropy: reduction")
 
     @property
     def lipschitz(self) -> float:
@@ -67,9 +70,8 @@ class MultiMarginHinge(nn.Module):
 
     def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
         super().__init__()
-        if margin < 0:
-            raise ValueError(f"MultiMarginHinge: margin must be >= 0, got {margin}")
-        self.margin, self.reduction = float(margin), reduction
+        self.margin = finite_nonnegative(margin, "MultiMarginHinge: margin")
+        self.reduction = one_of(reduction, REDUCTIONS, "MultiMarginHinge: reduction")
 
     @property
     def lipschitz(self) -> float:
@@ -101,11 +103,11 @@ class ClippedLossGradient(nn.Module):
 
     def __init__(self, loss: nn.Module, clip: float, reduction: str | None = None) -> None:
         super().__init__()
-        if not (math.isfinite(clip) and clip > 0):
-            raise ValueError(f"ClippedLossGradient: clip must be finite and > 0, got {clip}")
+        finite_positive(clip, "ClippedLossGradient: clip")
         if not hasattr(loss, "reduction"):
             raise TypeError(f"ClippedLossGradient: {type(loss).__name__} has no `reduction` (needs per-sample values)")
-        self.reduction = loss.reduction if reduction is None else reduction
+        self.reduction = one_of(loss.reduction if reduction is None else reduction, REDUCTIONS,
+                                "ClippedLossGradient: reduction")
         self.loss, self.clip = copy.copy(loss), float(clip)   # a per-sample copy; the caller's loss is left as is
         self.loss.reduction = "none"
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validate import positive_int
 from .conv_norm import conv_operator_norm_bound
 
 
@@ -82,8 +83,7 @@ class FirstChannels(nn.Module):
 
     def __init__(self, n: int, dim: int = 1) -> None:
         super().__init__()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"FirstChannels: n must be a positive int, got {n!r}")
+        positive_int(n, "FirstChannels: n")
         self.n, self.dim = n, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

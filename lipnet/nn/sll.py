@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validate import positive_int
 from ._checks import check_input
 from ._precision import full_precision
 from .conv_norm import conv_gram_kernel
@@ -35,8 +36,7 @@ class SLLBlock(nn.Module):
         if kernel_size is not None and (not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0):
             raise ValueError(f"SLLBlock: kernel_size must be an odd positive int or None, got {kernel_size!r}")
         for name, v in (("features", features), ("inner_features", inner_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SLLBlock: {name} must be a positive int, got {v!r}")
+            positive_int(v, f"SLLBlock: {name}")
         self.features, self.inner_features, self.kernel_size = features, inner_features, kernel_size
         shape = (inner_features, features) if kernel_size is None else (inner_features, features, kernel_size, kernel_size)
         self.weight = nn.Parameter(torch.empty(shape))

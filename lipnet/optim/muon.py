@@ -28,6 +28,7 @@ from torch import nn
 
 from ..distributed import all_gather_stack, world
 from ..ortho import orthogonalize
+from ..validate import finite_nonnegative, positive_int, unit_interval
 
 ADJUST_LR = ("spectral", "rms")
 NORMUON_EPS = 1e-10
@@ -113,14 +114,10 @@ class TurboMuon(torch.optim.Optimizer):
                  distributed: bool | None = None) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if not 0 <= beta2 < 1:
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps <= 0:
-            raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}")
+        unit_interval(momentum, "momentum")
+        unit_interval(beta2, "beta2")
+        finite_nonnegative(weight_decay, "weight_decay")
+        positive_int(ns_steps, "ns_steps")
         if adjust_lr not in ADJUST_LR:
             raise ValueError(f"unknown adjust_lr {adjust_lr!r}; expected one of {ADJUST_LR}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,

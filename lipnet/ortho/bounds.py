@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validate import nonnegative_int, positive_int
 from .validation import check_matrices
 
 SAFETY_MARGIN = 1e-6
@@ -72,8 +73,7 @@ def spectral_norm_bound(W: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
             level and per bound (k = min(m, n)).
     """
     check_matrices(W, allow_zero=True)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    nonnegative_int(n_iter, "n_iter")
     X = W.detach().to(torch.float64)
     if X.shape[-2] > X.shape[-1]:
         X = X.mT
@@ -105,8 +105,7 @@ def power_iteration(
     comparison point that shows how tight ``spectral_norm_bound`` is. Never use it in a certificate.
     """
     check_matrices(W, allow_zero=True)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter <= 0:
-        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+    positive_int(n_iter, "n_iter")
     X = W.detach().to(torch.float64)
     X = X.reshape(-1, *X.shape[-2:])
     v = torch.randn(X.shape[0], X.shape[-1], 1, dtype=torch.float64, generator=generator)

@@ -34,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from ..validate import positive_int
 from .schedules import (
     BJORCK_STEP,
     CONVERGENT_SCHEDULE,
@@ -225,8 +226,7 @@ def orthogonalize(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        positive_int(steps, "steps")
         if method == "svd":
             raise ValueError("steps does not apply to method='svd'")
     if backward not in ("iteration", "polar"):
