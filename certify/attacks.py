@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipnet.validate import positive_int
+
 from ._utils import eval_mode
 
 
@@ -42,8 +44,7 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torc
     objective). An empirical attack: the accuracy under it is an upper bound on robust
     accuracy (its success rate a lower bound on the attackable fraction), never a certificate. The model runs in eval mode.
     """
-    if steps < 1:
-        raise ValueError(f"pgd_l2: steps must be >= 1, got {steps}")
+    positive_int(steps, "pgd_l2: steps")
     if not callable(loss) and loss not in ("margin", "ce"):
         raise ValueError(f"pgd_l2: loss must be 'margin' or 'ce', got {loss!r}")
     eps_t = _per_sample(eps, x)

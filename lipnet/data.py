@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .validate import open_unit, positive_int
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DIGITS = tuple(str(i) for i in range(10))
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -96,8 +98,7 @@ class ImageDataset(torch.utils.data.Dataset):
 def random_split(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """Split into two disjoint random parts, the first holding round(fraction * n) examples
     (e.g. conformal calibration / test). Deterministic for a given ``seed``."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    open_unit(fraction, "fraction")
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     k = round(fraction * len(dataset))
     if k == 0 or k == len(dataset):
@@ -223,8 +224,8 @@ def load_dataset(name: str, split: str = "train", data_root: str | os.PathLike |
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be > 0, got {limit}")
+    if limit is not None:
+        positive_int(limit, "limit")
     root = resolve_data_root(data_root)
     if name == "cifar10":
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -241,8 +242,7 @@ def batches(dataset: ImageDataset, batch_size: int, *, shuffle: bool = False,
             generator: torch.Generator | None = None, drop_last: bool = False,
             device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Float32 image batches in [0, 1] and labels, by slicing the whole tensors (one epoch)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    positive_int(batch_size, "batch_size")
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else None
     stop = n - n % batch_size if drop_last else n
@@ -258,8 +258,7 @@ class BatchLoader:
     def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool = False,
                  generator: torch.Generator | None = None, drop_last: bool = False,
                  device: str | torch.device = "cpu") -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        positive_int(batch_size, "batch_size")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.generator, self.drop_last, self.device = generator, drop_last, device
 

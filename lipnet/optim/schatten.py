@@ -47,6 +47,7 @@ from torch import nn
 
 from ..ortho import orthogonalize
 from ..ortho.validation import check_matrices
+from ..validate import finite_nonnegative, unit_interval
 from .muon import ADJUST_LR, apply_updates, lr_scale, momentum_directions, same_shape_stacks
 
 ROOTS = ("eigh", "newton")
@@ -101,8 +102,7 @@ def schatten_update(M: torch.Tensor, p: float | torch.Tensor, *, root: str = "ei
     """
     if root not in ROOTS:
         raise ValueError(f"unknown root {root!r}; expected one of {ROOTS}")
-    if not 0 <= floor < 1:
-        raise ValueError(f"floor must be in [0, 1), got {floor!r}")
+    unit_interval(floor, "floor")
     if validate:
         check_matrices(M, "M", allow_zero=True)
     elif M.ndim < 2:
@@ -242,10 +242,10 @@ class SchattenMuon(torch.optim.Optimizer):
             if isinstance(p, str):
                 raise ValueError(f"p must be 'adaptive' or a number in [1, inf], got {p!r}")
             p = _check_p(p)
-        if not 0 <= momentum < 1 or not 0 <= beta2 < 1 or not 0 <= stat_beta < 1:
-            raise ValueError(f"momentum, beta2, stat_beta must be in [0, 1), got {momentum}, {beta2}, {stat_beta}")
-        if weight_decay < 0 or eps < 0:
-            raise ValueError(f"weight_decay and eps must be >= 0, got {weight_decay!r}, {eps!r}")
+        for name, v in (("momentum", momentum), ("beta2", beta2), ("stat_beta", stat_beta)):
+            unit_interval(v, name)
+        finite_nonnegative(weight_decay, "weight_decay")
+        finite_nonnegative(eps, "eps")
         if adjust_lr not in ADJUST_LR:
             raise ValueError(f"unknown adjust_lr {adjust_lr!r}; expected one of {ADJUST_LR}")
         if not (1 <= pmin < pmax < math.inf):
@@ -256,8 +256,7 @@ class SchattenMuon(torch.optim.Optimizer):
                 raise ValueError(f"{name} must be a positive int (p_points >= 2), got {v!r}")
         if act_every % p_every:
             raise ValueError(f"act_every ({act_every}) must be a multiple of p_every ({p_every})")
-        if not 0 <= floor < 1:
-            raise ValueError(f"floor must be in [0, 1), got {floor!r}")
+        unit_interval(floor, "floor")
         if precondition not in PRECONDITIONERS:
             raise ValueError(f"unknown precondition {precondition!r}; expected one of {PRECONDITIONERS}")
         if precondition is not None and p == "adaptive":
