@@ -33,7 +33,9 @@ from lipnet import data as lipdata
 from lipnet.certify import certified_accuracy, lipschitz_lower_bound
 from lipnet.models import build_model
 from lipnet.nn import set_input_checks
-from lipnet.training import PRESETS, TrainConfig, fit, load_checkpoint, save_checkpoint
+from lipnet.checkpoints import load_checkpoint, save_checkpoint
+from lipnet.presets import PRESETS, TrainConfig
+from lipnet.training import fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
 from _harness import machine_info  # noqa: E402

@@ -34,7 +34,7 @@ from lipnet import data as lipdata
 from lipnet.certify import ConformalClassifier
 from lipnet.certify.conformal import class_scores, conformal_quantile, probability_bounds
 from lipnet.nn import set_input_checks
-from lipnet.training import load_checkpoint
+from lipnet.checkpoints import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
 from _harness import machine_info  # noqa: E402

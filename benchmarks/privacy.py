@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 import lipnet.nn as ln  # noqa: E402
 from lipnet.data import DATASETS, BatchLoader, ImageDataset, load_dataset  # noqa: E402
 from lipnet.models import mnist_convnet, scatter_net  # noqa: E402
-from lipnet.training import private_loss, private_trainable  # noqa: E402
+from lipnet.privacy import private_loss, private_trainable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
 from _harness import machine_info, median, sync  # noqa: E402

@@ -30,7 +30,7 @@ import lipnet.nn as ln  # noqa: E402
 from lipnet.data import load_dataset  # noqa: E402
 from lipnet.models import mnist_convnet, scatter_net  # noqa: E402
 from lipnet.privacy import PrivateTrainer, gradient_norm_bounds, per_sample_gradient_norms  # noqa: E402
-from lipnet.training import private_trainable  # noqa: E402
+from lipnet.privacy import private_trainable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script
 from _harness import machine_info, median, time_interleaved  # noqa: E402

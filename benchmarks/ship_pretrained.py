@@ -24,7 +24,7 @@ from lipnet import data as lipdata
 from lipnet.certify import certified_accuracy
 from lipnet.models.pretrained import WEIGHTS_DIR
 from lipnet.nn import set_input_checks
-from lipnet.training import CHECKPOINT, load_checkpoint, read_checkpoint, save_checkpoint
+from lipnet.checkpoints import CHECKPOINT, load_checkpoint, read_checkpoint, save_checkpoint
 
 
 def certify(model, loader, eps) -> dict:
