@@ -19,6 +19,7 @@ from .conv_norm import conv_operator_norm_bound
 from .export import export, register_exporter
 from .linear import AOLLinear, OrthoLinear
 from .normalization import InputNormalization, L2BallProjection
+from .hkr import HingeMarginLoss, HKRLoss, KRLoss, NegKRLoss, TauCrossEntropyLoss
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
 from .parametrizations import core_ortho_params, retract_
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
@@ -29,7 +30,7 @@ from .sll import SLLBlock
 __all__ = [
     "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConvexResidual", "FirstChannels", "Flatten",
     "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
-    "MultiMarginHinge", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
+    "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
     "input_checks_enabled", "retract_", "set_input_checks",
 ]

@@ -27,11 +27,20 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     return values
 
 
-def _check(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
+def class_indices(logits: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    """``target`` as int64 class indices (batch,): given as indices of any integer dtype, or one-hot
+    / score rows (batch, classes) whose argmax is the class. ValueError naming ``name`` for shapes
+    that do not match ``logits`` (batch, classes)."""
     if logits.dim() != 2:
         raise ValueError(f"{name}: logits must be (batch, classes), got {tuple(logits.shape)}")
+    if target.dim() == 2 and target.shape == logits.shape:
+        return target.argmax(dim=1)
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
-        raise ValueError(f"{name}: target must be (batch,) labels matching logits, got {tuple(target.shape)}")
+        raise ValueError(f"{name}: target must be (batch,) class indices or (batch, classes) one-hot rows matching "
+                         f"logits {tuple(logits.shape)}, got {tuple(target.shape)}")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"{name}: class indices must be integers, got dtype {target.dtype}")
+    return target.long()
 
 
 class LipschitzCrossEntropy(nn.Module):
@@ -54,7 +63,7 @@ class LipschitzCrossEntropy(nn.Module):
         return math.sqrt(2.0)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _check(logits, target, "LipschitzCrossEntropy")
+        target = class_indices(logits, target, "LipschitzCrossEntropy")
         # scatter, not F.one_hot: no data-dependent check, so torch.func.vmap can take per-sample gradients
         shifted = logits - self.offset * torch.zeros_like(logits).scatter(1, target[:, None], 1.0)
         return F.cross_entropy(shifted / self.temperature, target, reduction=self.reduction) * self.temperature
@@ -78,7 +87,7 @@ class MultiMarginHinge(nn.Module):
         return math.sqrt(2.0)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _check(logits, target, "MultiMarginHinge")
+        target = class_indices(logits, target, "MultiMarginHinge")
         true = logits.gather(1, target[:, None])[:, 0]
         others = logits.scatter(1, target[:, None], float("-inf")).amax(dim=1)
         return _reduce(F.relu(self.margin - (true - others)), self.reduction)
@@ -116,7 +125,9 @@ class ClippedLossGradient(nn.Module):
         return self.clip
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _check(logits, target, "ClippedLossGradient")
+        if logits.dim() != 2 or target.shape[0] != logits.shape[0]:
+            raise ValueError(f"ClippedLossGradient: logits must be (batch, classes) and target match its batch, got "
+                             f"{tuple(logits.shape)} and {tuple(target.shape)}")
 
         def one(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.loss(z[None], t[None]).sum()
