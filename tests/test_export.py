@@ -15,8 +15,9 @@ import lipnet.nn as ln
 def small_model() -> nn.Sequential:
     return nn.Sequential(
         ln.OrthoConv2d(3, 8, 3), ln.MaxMin(), ln.OrthoConv2d(8, 16, 3, stride=2, padding=1), ln.BatchCentering(16),
-        ln.MaxMin(), ln.AOLConv2d(16, 16, 3), ln.Abs(), ln.L2NormPool2d(2), ln.OrthoConv2d(16, 32, 2, stride=2, padding=0),
-        ln.ScaledAvgPool2d(2), ln.Flatten(), ln.OrthoLinear(32, 24), ln.ConvexResidual(ln.SLLBlock(24, 12), 0.5, learnable=True),
+        ln.GroupSort(2), ln.AOLConv2d(16, 16, 3), ln.Abs(), ln.L2NormPool2d(2), ln.OrthoConv2d(16, 32, 2, stride=2, padding=0),
+        ln.HouseHolder(32), ln.ScaledAvgPool2d(2), ln.Flatten(), ln.OrthoLinear(32, 24),
+        ln.ConvexResidual(ln.SLLBlock(24, 12), 0.5, learnable=True), ln.FullSort(),
         ln.AOLLinear(24, 16), ln.LayerCentering(16), ln.FirstChannels(10),
     )
 
@@ -66,7 +67,7 @@ def test_whole_model_export_state_dict_round_trip_and_accuracy():
     ref = model(x)
     # state_dict holds raw parameters only (no derived weights) and round-trips into a fresh model
     sd = model.state_dict()
-    constrained = [k for k in sd if k.split(".")[0] in ("0", "2", "5", "8", "11", "13") and "weight" in k]
+    constrained = [k for k in sd if k.split(".")[0] in ("0", "2", "5", "8", "12", "15") and "weight" in k]
     assert constrained and all(k.endswith(".original") for k in constrained), constrained
     fresh = small_model()
     fresh.load_state_dict(sd)

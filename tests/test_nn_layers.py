@@ -167,15 +167,57 @@ def test_sll_block(features, inner, k, seed):
     (ln.ScaledAvgPool2d(3, stride=2), (1, 2, 7, 7)), (ln.GlobalL2NormPool2d(), (2, 3, 4, 4)),
     (ln.FirstChannels(2), (2, 5)), (ln.Flatten(), (2, 3, 2, 2)), (ln.LayerCentering(3), (2, 3, 4, 4)),
     (ln.BatchCentering(3), (2, 3, 4, 4)), (ln.InputNormalization([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]), (2, 3, 4, 4)),
+    (ln.GroupSort(2), (2, 6, 3, 3)), (ln.GroupSort(3), (2, 6)), (ln.FullSort(), (2, 5)),
+    (nn.MaxPool2d(2), (1, 2, 6, 6)), (nn.MaxPool2d(3, stride=1), (1, 1, 6, 6)),
+    (nn.MaxPool2d(3, stride=2, padding=1), (1, 1, 7, 7)), (nn.Softmax(dim=1), (2, 5)),
 ])
 def test_parameter_free_layers(module, shape):
     low, bound = assert_bound_holds(module, shape)
     # bounds that are attained: a bound of 1e9 must not pass (the attack has to reach it)
     exact = (ln.MaxMin, ln.Abs, ln.Flatten, ln.BatchCentering, ln.InputNormalization, ln.FirstChannels,
-             ln.LayerCentering, ln.GlobalL2NormPool2d)
-    pooled = isinstance(module, (ln.ScaledAvgPool2d, ln.L2NormPool2d)) and module.stride == module.kernel_size
+             ln.LayerCentering, ln.GlobalL2NormPool2d, ln.GroupSort, ln.FullSort)
+    pooled = (isinstance(module, (ln.ScaledAvgPool2d, ln.L2NormPool2d, nn.MaxPool2d))
+              and module.stride == module.kernel_size)
     if isinstance(module, exact) or pooled:
         assert low >= 0.99 * bound, f"{module}: bound {bound} loose vs {low}"
+
+
+def test_sorting_activations_and_householder_preserve_norms_and_refuse_bad_shapes():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    for act in (ln.GroupSort(2), ln.GroupSort(3), ln.GroupSort(6), ln.FullSort()):
+        y = act(x)
+        assert torch.allclose(y.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
+    assert torch.equal(ln.GroupSort(6)(x), ln.FullSort()(x))
+    pair = torch.tensor([[3.0, 1.0, -2.0, 5.0]])
+    assert torch.equal(ln.GroupSort(2)(pair), torch.tensor([[1.0, 3.0, -2.0, 5.0]]))  # adjacent pairs
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        ln.GroupSort(4)(x)
+    h = ln.HouseHolder(6).double()
+    a, b = x[:, :3], x[:, 3:]
+    assert torch.allclose(h(x), torch.cat([torch.minimum(a, b), torch.maximum(a, b)], 1))  # theta = pi/2
+    with torch.no_grad():
+        h.theta.uniform_(-4, 4)
+    assert torch.allclose(h(x).flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
+    low, bound = assert_bound_holds(h, (2, 6, 3, 3))
+    assert bound == 1.0 and low >= 0.99
+    with pytest.raises(ValueError, match="even"):
+        ln.HouseHolder(5)
+    with pytest.raises(ValueError, match="expected 6 channels"):
+        h(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_max_pool_bound_counts_the_windows_a_pixel_is_in():
+    assert ln.lipschitz_bound(nn.MaxPool2d(2)) == 1.0
+    assert ln.lipschitz_bound(nn.MaxPool2d(3, stride=1)) == pytest.approx(3.0)
+    assert ln.lipschitz_bound(nn.MaxPool2d(3, stride=2)) == pytest.approx(2.0)
+    assert ln.lipschitz_bound(nn.MaxPool2d((3, 2), stride=(1, 2))) == pytest.approx(math.sqrt(3))
+    # a constant image with one raised pixel: every window holding it moves by the same amount
+    pool = nn.MaxPool2d(3, stride=1)
+    x = torch.zeros(1, 1, 7, 7, dtype=torch.float64)
+    y = x.clone()
+    y[0, 0, 3, 3] = 1.0
+    assert (pool(y) - pool(x)).norm() == pytest.approx(ln.lipschitz_bound(pool))
 
 
 def test_input_normalization_bound_and_errors():

@@ -1,9 +1,9 @@
 """1-Lipschitz layers on the ``lipnet.ortho`` core, their sound Lipschitz bounds, and exact export.
 
 Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside), ``AOLLinear``,
-``AOLConv2d``, ``SLLBlock``; activations ``MaxMin``, ``Abs``; pooling ``L2NormPool2d``,
+``AOLConv2d``, ``SLLBlock``; activations ``MaxMin``, ``Abs``, ``GroupSort``, ``FullSort``, ``HouseHolder``; pooling ``L2NormPool2d``,
 ``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``L2BallProjection``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
-``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``,
+``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``, ``KRLoss``, ``HingeMarginLoss``, ``HKRLoss``, ``TauCrossEntropyLoss``,
 ``ClippedLossGradient`` (per-sample logit-gradient clipping, for private training).
 Bounds: ``lipschitz_bound(module)``; export: ``export(model)``; ``retract_(module)``: every stored
 orthogonal factor back onto the orthogonal matrices now (the layers also do it on their own after
@@ -11,7 +11,7 @@ every change).
 """
 
 from ._checks import input_checks_enabled, set_input_checks
-from .activations import Abs, MaxMin
+from .activations import Abs, FullSort, GroupSort, HouseHolder, MaxMin
 from .bounds import lipschitz_bound
 from .centering import BatchCentering, LayerCentering
 from .conv import AOLConv2d, OrthoConv2d
@@ -29,6 +29,7 @@ from .sll import SLLBlock
 
 __all__ = [
     "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConvexResidual", "FirstChannels", "Flatten",
+    "FullSort", "GroupSort", "HouseHolder",
     "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from ..validate import positive_int
 
 
 class _MaxMinFn(torch.autograd.Function):
@@ -71,3 +75,75 @@ class Abs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs()
+
+
+class GroupSort(nn.Module):
+    """Sorts (ascending) each group of ``group_size`` consecutive entries along ``dim``
+    (deel-torchlip's ``GroupSort``; ``group_size=2`` sorts adjacent pairs, where :class:`MaxMin`
+    pairs the first half with the second).
+
+    A piecewise permutation: 1-Lipschitz and norm-preserving (||f(x)|| = ||x||); the size along
+    ``dim`` must be a multiple of ``group_size``.
+    """
+
+    def __init__(self, group_size: int = 2, dim: int = 1) -> None:
+        super().__init__()
+        self.group_size, self.dim = positive_int(group_size, "GroupSort: group_size"), dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.dim % x.dim()
+        n = x.shape[dim]
+        if n % self.group_size:
+            raise ValueError(f"GroupSort: size {n} along dim {self.dim} is not a multiple of group_size="
+                             f"{self.group_size} (shape {list(x.shape)})")
+        grouped = x.unflatten(dim, (n // self.group_size, self.group_size))
+        return grouped.sort(dim=dim + 1).values.flatten(dim, dim + 1)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, dim={self.dim}"
+
+
+class FullSort(nn.Module):
+    """Sorts (ascending) all entries along ``dim`` (deel-torchlip's ``FullSort``): GroupSort with one
+    group; 1-Lipschitz and norm-preserving."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sort(dim=self.dim).values
+
+
+class HouseHolder(nn.Module):
+    """Learned reflection of each channel pair (z_i, z_{i + C/2}) along ``dim``: the pair is kept on
+    one side of the line at angle theta_i / 2 and reflected across it on the other (Singla et al.,
+    2022; deel-torchlip's and orthogonium's ``HouseHolder``).
+
+    Each piece is the identity or an orthogonal reflection and the two agree on the line, so the map
+    is continuous, piecewise orthogonal: 1-Lipschitz and norm-preserving for every theta. theta = pi/2
+    (the initialization) gives (min, max) of each pair.
+    """
+
+    def __init__(self, channels: int, dim: int = 1) -> None:
+        super().__init__()
+        channels = positive_int(channels, "HouseHolder: channels")
+        if channels % 2:
+            raise ValueError(f"HouseHolder: channels must be even, got {channels}")
+        self.channels, self.dim = channels, dim
+        self.theta = nn.Parameter(torch.full((channels // 2,), math.pi / 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.dim % x.dim()
+        if x.shape[dim] != self.channels:
+            raise ValueError(f"HouseHolder: expected {self.channels} channels along dim {self.dim}, "
+                             f"got shape {list(x.shape)}")
+        a, b = x.split(self.channels // 2, dim=dim)
+        shape = [-1] + [1] * (x.dim() - dim - 1)  # theta along dim, broadcast over the dims after it
+        theta = self.theta.reshape(shape).to(x.dtype)
+        c, s = torch.cos(theta), torch.sin(theta)
+        keep = a * torch.sin(theta / 2) - b * torch.cos(theta / 2) <= 0  # signed side of the line
+        return torch.cat([torch.where(keep, a, a * c + b * s), torch.where(keep, b, a * s - b * c)], dim=dim)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, dim={self.dim}"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..ortho import SAFETY_MARGIN, spectral_norm_bound
-from .activations import Abs, MaxMin
+from .activations import Abs, FullSort, GroupSort, HouseHolder, MaxMin
 from .centering import BatchCentering, LayerCentering
 from .conv import OrthoConv2d
 from .conv_norm import conv_operator_norm_bound
@@ -116,9 +116,32 @@ def _one(m: nn.Module) -> float:
     return 1.0
 
 
-for _cls in (MaxMin, Abs, L2BallProjection, L2NormPool2d, GlobalL2NormPool2d, FirstChannels, BatchCentering, LayerCentering,
-             nn.Flatten, nn.Unflatten, nn.Identity, nn.ReLU):
+for _cls in (MaxMin, Abs, GroupSort, FullSort, HouseHolder, L2BallProjection, L2NormPool2d, GlobalL2NormPool2d, FirstChannels, BatchCentering, LayerCentering,
+             nn.Flatten, nn.Unflatten, nn.Identity, nn.ReLU, nn.Softmax):
+    # nn.Softmax: its Jacobian diag(p) - p p^T has eigenvalues <= max p_i <= 1
     lipschitz_bound.register(_cls)(_one)
+
+
+@lipschitz_bound.register(nn.MaxPool2d)
+def _max_pool(m: nn.MaxPool2d) -> float:
+    """sqrt(the largest number of windows a pixel belongs to): each output is 1-Lipschitz in its
+    window (in the max norm, hence in L2), and ||f(x) - f(y)||^2 <= sum over windows of
+    ||x_w - y_w||^2 <= (windows per pixel) ||x - y||^2. Non-overlapping windows: exactly 1."""
+    k = _pair(m.kernel_size)
+    s = _pair(m.stride if m.stride is not None else m.kernel_size)
+    d = _pair(m.dilation)
+    if any(v < 1 for v in (*k, *s, *d)):
+        raise TypeError(f"MaxPool2d with kernel {k}, stride {s}, dilation {d} has no bound rule")
+    # along one axis a pixel lies in at most ceil(k / s) windows when d = 1; dilation spreads a window's
+    # k taps d apart, so a pixel is tap j of at most one window per j for which the window start fits
+    # the stride: at most k windows, and ceil(k / s) when d = 1
+    per_axis = [math.ceil(ki / si) if di == 1 else min(ki, math.ceil(((ki - 1) * di + 1) / si))
+                for ki, si, di in zip(k, s, d)]
+    return math.sqrt(per_axis[0] * per_axis[1])
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 @lipschitz_bound.register(nn.Dropout)
