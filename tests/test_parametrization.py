@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 import lipnet.nn as ln
 
@@ -133,3 +134,46 @@ def test_bad_parametrization_and_steps_are_refused():
     with pytest.raises(ValueError, match="steps applies to parametrization='polar'"):
         ln.OrthoConv2d(4, 4, 3, steps=3)
     assert ln.lipschitz_bound(ln.OrthoLinear(6, 4, parametrization="polar", steps=9).eval()) <= 1 + 1e-4
+
+
+def test_orthogonal_and_aol_constrain_plain_torch_layers():
+    """lipnet.nn.orthogonal / aol in torch.nn.utils.parametrizations' style: the plain layer keeps
+    its class and shapes, computes with a constrained weight, is bounded soundly and exports exactly."""
+    torch.manual_seed(0)
+    lin = ln.orthogonal(nn.Linear(12, 5))
+    w = lin.weight.detach()
+    torch.testing.assert_close(w @ w.T, torch.eye(5), atol=1e-5, rtol=0)
+    assert ln.lipschitz_bound(lin) <= 1 + 1e-5 and "parametrizations.weight.original" in lin.state_dict()
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05)
+    for _ in range(3):  # it stays orthogonal through training steps
+        opt.zero_grad()
+        lin(torch.randn(8, 12)).square().sum().backward()
+        opt.step()
+    w = lin.weight.detach()
+    torch.testing.assert_close(w @ w.T, torch.eye(5), atol=1e-5, rtol=0)
+    assert isinstance(lin, nn.Linear)
+
+    dense = ln.aol(nn.Linear(6, 9))
+    conv = ln.aol(nn.Conv2d(3, 4, 3, padding=1, stride=2))
+    with torch.no_grad():
+        dense.parametrizations.weight.original.normal_()
+        conv.parametrizations.weight.original.normal_()
+    assert ln.lipschitz_bound(dense) <= 1 + 1e-6 and ln.lipschitz_bound(conv) <= 1 + 1e-6
+    model = nn.Sequential(conv, nn.Flatten(), ln.orthogonal(nn.Linear(64, 6)), ln.MaxMin(), dense).eval()
+    x = torch.randn(2, 3, 8, 8)
+    plain = ln.export(model)
+    torch.testing.assert_close(plain(x), model(x))
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+
+
+def test_orthogonal_refuses_convolutions_and_other_modules():
+    with pytest.raises(ValueError, match="not an orthogonal convolution"):
+        ln.orthogonal(nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="nn.Linear"):
+        ln.orthogonal(nn.ReLU())
+    with pytest.raises(ValueError, match="optimizer schedule"):
+        ln.orthogonal(nn.Linear(4, 4), method="turbo")
+    with pytest.raises(ValueError, match="padding_mode"):
+        ln.aol(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="nn.Linear or nn.Conv2d"):
+        ln.aol(nn.Conv1d(2, 2, 3))

@@ -5,6 +5,7 @@ Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside),
 ``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``L2BallProjection``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
 ``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``, ``KRLoss``, ``HingeMarginLoss``, ``HKRLoss``, ``TauCrossEntropyLoss``,
 ``ClippedLossGradient`` (per-sample logit-gradient clipping, for private training).
+Parametrizations of a plain ``nn.Linear`` / ``nn.Conv2d``: ``orthogonal(module)``, ``aol(module)``.
 Bounds: ``lipschitz_bound(module)``; export: ``export(model)``; ``retract_(module)``: every stored
 orthogonal factor back onto the orthogonal matrices now (the layers also do it on their own after
 every change).
@@ -21,7 +22,7 @@ from .linear import AOLLinear, OrthoLinear
 from .normalization import InputNormalization, L2BallProjection
 from .hkr import HingeMarginLoss, HKRLoss, KRLoss, NegKRLoss, TauCrossEntropyLoss
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
-from .parametrizations import core_ortho_params, retract_
+from .parametrizations import aol, core_ortho_params, orthogonal, retract_
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
 from .scattering import Scattering2d
@@ -33,5 +34,5 @@ __all__ = [
     "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
-    "input_checks_enabled", "retract_", "set_input_checks",
+    "aol", "input_checks_enabled", "orthogonal", "retract_", "set_input_checks",
 ]

@@ -21,13 +21,12 @@ from .activations import Abs, FullSort, GroupSort, HouseHolder, MaxMin
 from .centering import BatchCentering, LayerCentering
 from .conv import OrthoConv2d
 from .conv_norm import conv_operator_norm_bound
-from .export import ExportedSLL
 from .normalization import InputNormalization, L2BallProjection
 from .pooling import FirstChannels, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
 from .scattering import ROUNDING_MARGIN as SCATTERING_ROUNDING_MARGIN
 from .scattering import Scattering2d, operator_norm_squared
-from .sll import SLLBlock
+from .sll import ExportedSLL, SLLBlock
 
 
 @singledispatch

@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d, AdaptiveOrthoConvTranspose2d
 from orthogonium.reparametrizers import L2Normalize
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..validate import positive_int
 from ._checks import check_input
 from ._precision import full_precision
 from .conv_norm import check_circular_input
-from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, AOLScaling, core_ortho_params, retract_
+from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, aol, core_ortho_params, retract_
 
 Padding = Union[str, int]
 
@@ -202,7 +201,7 @@ class AOLConv2d(nn.Conv2d):
         nn.init.dirac_(self.weight, groups)
         if bias:
             nn.init.zeros_(self.bias)
-        parametrize.register_parametrization(self, "weight", AOLScaling(groups))
+        aol(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "AOLConv2d", channels=self.in_channels, ndims=(3, 4))

@@ -14,7 +14,6 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -22,7 +21,7 @@ from ..modes import training_mode
 from .conv import AOLConv2d, OrthoConv2d
 from .linear import AOLLinear, OrthoLinear
 from .residual import ConvexResidual
-from .sll import SLLBlock
+from .sll import ExportedSLL, SLLBlock
 
 _EXPORTERS: dict[type, Callable[[nn.Module], nn.Module]] = {}
 
@@ -39,53 +38,28 @@ def _copy_param(p: torch.Tensor | None) -> nn.Parameter | None:
     return None if p is None else nn.Parameter(p.detach().clone())
 
 
-@register_exporter(OrthoLinear)
-@register_exporter(AOLLinear)
-def _linear(m: nn.Linear) -> nn.Linear:
-    out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                    device=m.weight.device, dtype=m.weight.dtype)
-    out.weight, out.bias = _copy_param(m.weight), _copy_param(m.bias)
-    return out
-
-
-@register_exporter(OrthoConv2d)
-def _ortho_conv(m: OrthoConv2d) -> nn.Module:
-    kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
-              bias=m.bias is not None, padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
-    if m.transposed:
-        out = nn.ConvTranspose2d(m.in_channels, m.out_channels, m.kernel_size, output_padding=m.output_padding, **kw)
+def _plain_layer(m: nn.Module) -> nn.Module:
+    """The plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d`` computing what ``m`` computes,
+    with ``m``'s current (constrained) weight and bias: OrthoLinear, AOLLinear, OrthoConv2d,
+    AOLConv2d and every ``nn.Linear`` / ``nn.Conv2d`` constrained by :func:`lipnet.nn.orthogonal` /
+    :func:`lipnet.nn.aol`."""
+    factory = dict(device=m.weight.device, dtype=m.weight.dtype)
+    if isinstance(m, nn.Linear):
+        out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, **factory)
     else:
-        out = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, **kw)
+        kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+                  padding_mode=m.padding_mode, **factory)
+        if getattr(m, "transposed", False):
+            out = nn.ConvTranspose2d(m.in_channels, m.out_channels, m.kernel_size, output_padding=m.output_padding,
+                                     **kw)
+        else:
+            out = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, **kw)
     out.weight, out.bias = _copy_param(m.weight), _copy_param(m.bias)
     return out
 
 
-@register_exporter(AOLConv2d)
-def _aol_conv(m: AOLConv2d) -> nn.Conv2d:
-    out = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                    dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-                    device=m.weight.device, dtype=m.weight.dtype)
-    out.weight, out.bias = _copy_param(m.weight), _copy_param(m.bias)
-    return out
-
-
-class ExportedSLL(nn.Module):
-    """SLL block with frozen weights: x - 2 W (t_inv * relu(W^T x + b)). Plain torch ops."""
-
-    def __init__(self, weight: torch.Tensor, t_inv: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("t_inv", t_inv if not conv else t_inv[:, None, None])
-        self.register_buffer("bias", bias)
-        self.conv = conv
-        self.pad = weight.shape[-1] // 2 if conv else 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv:
-            h = F.conv2d(x, self.weight, self.bias, padding=self.pad)
-            return x - 2 * F.conv_transpose2d(F.relu(h) * self.t_inv, self.weight, padding=self.pad)
-        h = F.linear(x, self.weight, self.bias)
-        return x - 2 * F.linear(F.relu(h) * self.t_inv, self.weight.t())
+for _cls in (OrthoLinear, AOLLinear, OrthoConv2d, AOLConv2d):
+    register_exporter(_cls)(_plain_layer)
 
 
 @register_exporter(SLLBlock)
@@ -103,6 +77,8 @@ def _export(module: nn.Module) -> nn.Module:
     for cls in type(module).__mro__:
         if cls in _EXPORTERS:
             return _EXPORTERS[cls](module)
+    if parametrize.is_parametrized(module) and isinstance(module, (nn.Linear, nn.Conv2d)):
+        return _plain_layer(module)  # constrained by lipnet.nn.orthogonal / aol
     if parametrize.is_parametrized(module):
         raise TypeError(f"export: {type(module).__name__} is parametrized and has no exporter; "
                         "register one with lipnet.nn.export.register_exporter")

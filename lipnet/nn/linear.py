@@ -1,13 +1,12 @@
-"""Dense 1-Lipschitz layers: orthogonal (core's polar factor) and AOL-rescaled."""
+"""Dense 1-Lipschitz layers: ``nn.Linear`` constrained by :func:`~lipnet.nn.orthogonal` or :func:`~lipnet.nn.aol`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ._checks import check_input
-from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, AOLScaling, CoreOrthogonalizer, retract_
+from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, aol, orthogonal
 
 
 class OrthoLinear(nn.Linear):
@@ -31,9 +30,7 @@ class OrthoLinear(nn.Linear):
         nn.init.orthogonal_(self.weight)
         if bias:
             nn.init.zeros_(self.bias)
-        parametrize.register_parametrization(
-            self, "weight", CoreOrthogonalizer(self.weight.shape, method, steps, parametrization))
-        retract_(self)
+        orthogonal(self, method=method, steps=steps, parametrization=parametrization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, type(self).__name__, channels=self.in_features, ndims=(1, 2))
@@ -49,7 +46,7 @@ class AOLLinear(nn.Linear):
         nn.init.orthogonal_(self.weight)
         if bias:
             nn.init.zeros_(self.bias)
-        parametrize.register_parametrization(self, "weight", AOLScaling())
+        aol(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, type(self).__name__, channels=self.in_features, ndims=(1, 2))

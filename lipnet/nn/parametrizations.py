@@ -214,3 +214,44 @@ class AOLScaling(nn.Module):
             d = d.view(self.groups, 1, cig).expand(self.groups, co // self.groups, cig).reshape(co, cig)
             return raw * d[:, :, None, None]
 
+
+
+def orthogonal(module: nn.Linear, name: str = "weight", *, method: str = DEFAULT_LAYER_METHOD,
+               steps: int | None = None, parametrization: str = DEFAULT_PARAMETRIZATION) -> nn.Linear:
+    """Constrain ``module.<name>`` (an ``nn.Linear``'s (out, in) weight) to a (semi-)orthogonal matrix
+    kept by the core, as ``torch.nn.utils.parametrizations.orthogonal`` does; returns ``module``.
+
+    The current weight becomes the starting point (its polar factor); afterwards ||W||_2 = 1 up to
+    the core's convergence (see :class:`CoreOrthogonalizer` for the two parametrizations), and
+    ``lipschitz_bound(module)`` certifies the weight in use. Convolutions are refused: an orthogonal
+    reshaped kernel is not an orthogonal convolution (use :class:`lipnet.nn.OrthoConv2d`).
+    """
+    if isinstance(module, nn.modules.conv._ConvNd):
+        raise ValueError(f"orthogonal: {type(module).__name__} refused -- an orthogonal reshaped kernel is not an "
+                         "orthogonal convolution (overlapping windows reuse it); use lipnet.nn.OrthoConv2d")
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"orthogonal: expected an nn.Linear, got {type(module).__name__}")
+    check_method(method, steps, parametrization)
+    weight = getattr(module, name)
+    if weight.dim() != 2:
+        raise ValueError(f"orthogonal: {name} must be a matrix, got shape {tuple(weight.shape)}")
+    parametrize.register_parametrization(module, name, CoreOrthogonalizer(weight.shape, method, steps, parametrization))
+    return retract_(module)
+
+
+def aol(module: nn.Linear | nn.Conv2d, name: str = "weight") -> nn.Linear | nn.Conv2d:
+    """Constrain ``module.<name>`` by AOL rescaling (:class:`AOLScaling`): ||W||_2 <= 1 for an
+    ``nn.Linear``, and the convolution operator's norm <= 1 for an ``nn.Conv2d`` with zero or
+    circular padding (any stride, dilation, groups); returns ``module``. ``lipschitz_bound``
+    re-checks the weight in use."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode not in ("circular", "zeros"):
+            raise ValueError(f"aol: padding_mode must be 'circular' or 'zeros' (other modes repeat pixels), got "
+                             f"{module.padding_mode!r}")
+        scaling = AOLScaling(module.groups)
+    elif isinstance(module, nn.Linear):
+        scaling = AOLScaling()
+    else:
+        raise ValueError(f"aol: expected an nn.Linear or nn.Conv2d, got {type(module).__name__}")
+    parametrize.register_parametrization(module, name, scaling)
+    return module

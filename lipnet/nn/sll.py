@@ -66,3 +66,22 @@ class SLLBlock(nn.Module):
         pad = self.kernel_size // 2
         h = F.conv2d(x, self.weight, self.bias, padding=pad)
         return x - 2 * F.conv_transpose2d(F.relu(h) * t_inv[:, None, None], self.weight, padding=pad)
+
+
+class ExportedSLL(nn.Module):
+    """SLL block with frozen weights: x - 2 W (t_inv * relu(W^T x + b)). Plain torch ops."""
+
+    def __init__(self, weight: torch.Tensor, t_inv: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("t_inv", t_inv if not conv else t_inv[:, None, None])
+        self.register_buffer("bias", bias)
+        self.conv = conv
+        self.pad = weight.shape[-1] // 2 if conv else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv:
+            h = F.conv2d(x, self.weight, self.bias, padding=self.pad)
+            return x - 2 * F.conv_transpose2d(F.relu(h) * self.t_inv, self.weight, padding=self.pad)
+        h = F.linear(x, self.weight, self.bias)
+        return x - 2 * F.linear(F.relu(h) * self.t_inv, self.weight.t())
