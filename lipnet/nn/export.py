@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from ..modes import training_mode
 from .conv import AOLConv2d, OrthoConv2d
 from .linear import AOLLinear, OrthoLinear
+from .parametrizations import AOLScaling, CoreOrthogonalizer
 from .residual import ConvexResidual
 from .sll import ExportedSLL, SLLBlock
 
@@ -73,11 +74,18 @@ def _convex(m: ConvexResidual) -> ConvexResidual:
     return ConvexResidual(_export(m.f), alpha=float(m.alpha()), learnable=False).to(m.alpha_raw.device)
 
 
+def _lipnet_constrained(module: nn.Module) -> bool:
+    """Whether ``module``'s only parametrization is lipnet's own, on its weight (orthogonal / aol)."""
+    if not parametrize.is_parametrized(module) or set(module.parametrizations) != {"weight"}:
+        return False
+    return all(isinstance(p, (CoreOrthogonalizer, AOLScaling)) for p in module.parametrizations.weight)
+
+
 def _export(module: nn.Module) -> nn.Module:
     for cls in type(module).__mro__:
         if cls in _EXPORTERS:
             return _EXPORTERS[cls](module)
-    if parametrize.is_parametrized(module) and isinstance(module, (nn.Linear, nn.Conv2d)):
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and _lipnet_constrained(module):
         return _plain_layer(module)  # constrained by lipnet.nn.orthogonal / aol
     if parametrize.is_parametrized(module):
         raise TypeError(f"export: {type(module).__name__} is parametrized and has no exporter; "
