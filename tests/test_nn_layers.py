@@ -397,3 +397,25 @@ def test_core_is_injected_into_orthogonium():
     kinds = {type(m) for m in conv.modules()}
     assert CoreOrthogonalizer in kinds and NoSpectralNormalization in kinds
     assert not any("Bjorck" in k.__name__ or "PowerIteration" in k.__name__ for k in kinds)
+
+
+@pytest.mark.parametrize("k,s,d", [(3, 2, 1), (2, 2, 1), (4, 2, 1), (5, 2, 1), (3, 3, 1)])
+def test_strided_same_padding_gives_n_over_stride_outputs(k, s, d):
+    torch.manual_seed(0)
+    conv = ln.OrthoConv2d(4, 8, k, stride=s, dilation=d, padding_mode="zeros")
+    for n in (6 * s, 4 * s):
+        assert conv(torch.randn(1, 4, n, n)).shape[-1] == n // s
+    if k % 2 and s == 2 and d == 1:  # odd kernel, stride 2: ceil(n / 2) for every n
+        assert conv(torch.randn(1, 4, 7, 7)).shape[-1] == 4
+    assert ln.lipschitz_bound(conv) <= 1 + 1e-3
+
+
+def test_output_padding_is_validated_at_construction():
+    with pytest.raises(ValueError, match="output_padding must be an int"):
+        ln.OrthoConv2d(8, 4, 2, stride=2, padding=0, transposed=True, output_padding=None)
+    with pytest.raises(ValueError, match="smaller than the stride"):
+        ln.OrthoConv2d(4, 4, 3, stride=1, transposed=True, output_padding=5)
+    with pytest.raises(ValueError, match="transposed convolutions only"):
+        ln.OrthoConv2d(4, 4, 3, output_padding=1)
+    up = ln.OrthoConv2d(8, 4, 2, stride=2, padding=0, transposed=True, output_padding=1)
+    assert up(torch.randn(1, 8, 4, 4)).shape[-1] == 9

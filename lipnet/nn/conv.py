@@ -65,10 +65,13 @@ class OrthoConv2d(nn.Module):
     Guarantees: with circular padding, stride 1 and in == out channels the convolution is orthogonal
     (norm-preserving) up to the core's convergence; in every supported configuration it is
     1-Lipschitz up to that convergence, and ``lipschitz_bound`` gives a sound bound of the actual
-    kernel. Limits (``ValueError``): square kernels only; kernel_size >= stride;
-    ``padding="same"`` only with stride 1 (pass ``padding=kernel_size // 2``); circular padding
-    needs input sizes divisible by the stride (checked at run time) and is not available for
-    transposed convolutions.
+    kernel. ``padding="same"`` (the default) with a stride s pads ceil((d(k-1) + 1 - s) / 2) on
+    each side, so an n-pixel side gives n / s outputs whenever s divides n, as with stride 1's
+    n -> n (and ceil(n / 2) for stride 2 with an odd kernel, e.g. kernel 3: padding 1). Limits
+    (``ValueError``, at construction): square kernels only; kernel_size >= stride; output_padding
+    only for transposed convolutions and below the stride or dilation; circular padding needs input
+    sizes divisible by the stride (checked at run time) and is not available for transposed
+    convolutions.
     """
 
     def __init__(
@@ -110,11 +113,18 @@ class OrthoConv2d(nn.Module):
             raise ValueError(f"{name}: padding_mode must be 'circular' or 'zeros', got {padding_mode!r}")
         if isinstance(padding, (tuple, list)):
             padding = _int("padding", padding) if padding[0] else 0
-        if padding == "same" and s > 1:
-            raise ValueError(f"{name}: padding='same' is not supported with stride {s} (torch refuses "
-                             f"it); pass padding={k // 2}")
+        if padding == "same" and s > 1 and not transposed:
+            # torch refuses 'same' with strides: pad so that n -> n / s when s divides n
+            padding = (d * (k - 1) + 2 - s) // 2
         if not (padding in ("same", "valid") or (isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0)):
             raise ValueError(f"{name}: padding must be 'same', 'valid' or an int >= 0, got {padding!r}")
+        if not (isinstance(output_padding, int) and not isinstance(output_padding, bool) and output_padding >= 0):
+            raise ValueError(f"{name}: output_padding must be an int >= 0, got {output_padding!r}")
+        if output_padding and not transposed:
+            raise ValueError(f"{name}: output_padding={output_padding} applies to transposed convolutions only")
+        if transposed and output_padding >= max(s, d):
+            raise ValueError(f"{name}: output_padding={output_padding} must be smaller than the stride ({s}) or "
+                             f"the dilation ({d}), as torch's transposed convolutions require")
         if transposed:
             if padding_mode == "circular":
                 raise ValueError(f"{name}: torch's transposed convolutions support zero padding only; "
