@@ -419,3 +419,17 @@ def test_output_padding_is_validated_at_construction():
         ln.OrthoConv2d(4, 4, 3, output_padding=1)
     up = ln.OrthoConv2d(8, 4, 2, stride=2, padding=0, transposed=True, output_padding=1)
     assert up(torch.randn(1, 8, 4, 4)).shape[-1] == 9
+
+
+def test_batch_centering_in_training_mode_runs_under_torch_func():
+    """jacrev of the training map (the batch-mean projection): the Jacobian of x -> x - mean_batch(x)
+    is I - (1/B) 1 1^T per channel and position; the running mean is left alone under the transform."""
+    bc = ln.BatchCentering(2).double().train()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    before = bc.running_mean.clone()
+    jac = torch.func.jacrev(bc)(x)  # (3, 2, 3, 2)
+    expected = torch.einsum("ij,kl->ikjl", torch.eye(3, dtype=torch.float64) - 1 / 3, torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(jac, expected)
+    assert torch.equal(bc.running_mean, before)
+    bc(x)  # an ordinary call still updates it
+    assert not torch.equal(bc.running_mean, before)

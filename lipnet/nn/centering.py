@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..validate import unit_interval
+from ._checks import _functorch_active
 
 
 class BatchCentering(nn.Module):
@@ -14,7 +15,8 @@ class BatchCentering(nn.Module):
     Training: subtracts the batch mean (an orthogonal projection of the whole batch, 1-Lipschitz
     as a map of the batch) and updates ``running_mean``. Eval: subtracts ``running_mean`` -- a
     translation, 1-Lipschitz per sample; certificates are computed in eval mode. Note the training
-    map couples the samples of a batch (matters for per-sample privacy accounting).
+    map couples the samples of a batch (matters for per-sample privacy accounting). Under
+    ``torch.func`` transforms the training map is computed without updating ``running_mean``.
     """
 
     def __init__(self, num_features: int, momentum: float = 0.1, bias: bool = True) -> None:
@@ -35,8 +37,12 @@ class BatchCentering(nn.Module):
             # accumulated in at least fp32 (bf16/fp16 inputs under autocast), kept in the buffer's dtype
             mean = x.transpose(0, 1).reshape(self.num_features, -1).mean(
                 dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            # under torch.func transforms (jacrev, vmap) the batch mean is a transformed tensor that
+            # cannot be written into a plain buffer: the transform computes the function, and the
+            # running statistics are left as they are
+            if not _functorch_active():
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
         else:
             mean = self.running_mean
         out = x - mean.to(x.dtype).view(shape)
