@@ -161,6 +161,42 @@ def test_sll_block(features, inner, k, seed):
     assert_bound_holds(m, shape, seed)
 
 
+@settings(max_examples=15, deadline=None)
+@given(features=st.integers(1, 8), inner=st.integers(1, 8), k=st.sampled_from([None, 1, 3]), seed=st.integers(0, 1000),
+       scale=st.sampled_from([0.1, 1.0, 10.0]))
+def test_convex_potential_layer(features, inner, k, seed, scale):
+    torch.manual_seed(seed)
+    m = ln.ConvexPotentialLayer(features, inner, kernel_size=k)
+    with torch.no_grad():
+        m.weight.normal_().mul_(scale)
+        m.bias.normal_()
+    shape = (2, features) if k is None else (1, features, 6, 6)
+    low, bound = assert_bound_holds(m, shape, seed)
+    assert bound <= 1 + 1e-5
+
+
+def test_convex_potential_layer_with_an_overestimated_norm_would_still_hold_and_exports_exactly():
+    """The step 2/h^2 uses an upper bound h: a smaller step than 2/||W||^2 is still non-expansive;
+    a step above 2/||W||^2 is not -- the attack finds that (the theorem's condition matters)."""
+    torch.manual_seed(0)
+    m = ln.ConvexPotentialLayer(6, 6).double()
+    with torch.no_grad():
+        m.weight.copy_(torch.diag(torch.tensor([3.0, 1, 1, 1, 1, 1], dtype=torch.float64)))
+        m.bias.fill_(1.0)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    exact = float(torch.linalg.matrix_norm(m.weight.detach(), 2))
+    assert m.norm_bound() >= exact
+    # the same map with twice the allowed step: x - (4/||W||^2) W^T relu(W x + b) expands along e_0
+    big = lambda v: v - (4 / exact**2) * torch.relu(v @ m.weight.T + m.bias) @ m.weight  # noqa: E731
+    e0 = torch.zeros(1, 6, dtype=torch.float64)
+    e0[0, 0] = 1.0
+    assert (big(e0 * 2) - big(e0)).norm() > 1.5 * e0.norm()
+    assert (m(e0 * 2) - m(e0)).norm() <= e0.norm() * (1 + 1e-9)
+    for layer, shape in ((m, (4, 6)), (ln.ConvexPotentialLayer(3, 5, kernel_size=3).double(), (2, 3, 6, 6))):
+        x = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(ln.export(layer)(x), layer(x))
+
+
 @pytest.mark.parametrize("module,shape", [
     (ln.MaxMin(), (2, 6, 3, 3)), (ln.Abs(), (2, 5)), (ln.L2NormPool2d(2), (1, 3, 6, 6)),
     (ln.L2NormPool2d(3, stride=1), (1, 2, 6, 6)), (ln.ScaledAvgPool2d(2), (1, 3, 6, 6)),

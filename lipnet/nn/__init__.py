@@ -1,7 +1,7 @@
 """1-Lipschitz layers on the ``lipnet.ortho`` core, their sound Lipschitz bounds, and exact export.
 
 Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside), ``AOLLinear``,
-``AOLConv2d``, ``SLLBlock``; activations ``MaxMin``, ``Abs``, ``GroupSort``, ``FullSort``, ``HouseHolder``; pooling ``L2NormPool2d``,
+``AOLConv2d``, ``SLLBlock``, ``ConvexPotentialLayer`` (CPL); activations ``MaxMin``, ``Abs``, ``GroupSort``, ``FullSort``, ``HouseHolder``; pooling ``L2NormPool2d``,
 ``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``L2BallProjection``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
 ``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``, ``KRLoss``, ``HingeMarginLoss``, ``HKRLoss``, ``TauCrossEntropyLoss``,
 ``ClippedLossGradient`` (per-sample logit-gradient clipping, for private training).
@@ -17,6 +17,7 @@ from .bounds import lipschitz_bound
 from .centering import BatchCentering, LayerCentering
 from .conv import AOLConv2d, OrthoConv2d
 from .conv_norm import conv_operator_norm_bound
+from .cpl import ConvexPotentialLayer
 from .export import export, register_exporter
 from .linear import AOLLinear, OrthoLinear
 from .normalization import InputNormalization, L2BallProjection
@@ -29,7 +30,7 @@ from .scattering import Scattering2d
 from .sll import SLLBlock
 
 __all__ = [
-    "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConvexResidual", "FirstChannels", "Flatten",
+    "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConvexPotentialLayer", "ConvexResidual", "FirstChannels", "Flatten",
     "FullSort", "GroupSort", "HouseHolder",
     "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",

@@ -21,6 +21,7 @@ from .activations import Abs, FullSort, GroupSort, HouseHolder, MaxMin
 from .centering import BatchCentering, LayerCentering
 from .conv import OrthoConv2d
 from .conv_norm import conv_operator_norm_bound
+from .cpl import ConvexPotentialLayer
 from .normalization import InputNormalization, L2BallProjection
 from .pooling import FirstChannels, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
@@ -74,7 +75,8 @@ def _ortho_conv(m: OrthoConv2d) -> float:
 
 
 @lipschitz_bound.register(SLLBlock)
-@lipschitz_bound.register(ExportedSLL)  # the same block with T frozen: the same theorem
+@lipschitz_bound.register(ConvexPotentialLayer)  # a non-expansive gradient step (its theorem)
+@lipschitz_bound.register(ExportedSLL)  # both blocks with their step frozen: the same theorems
 def _sll(m: nn.Module) -> float:
     return 1.0 + SAFETY_MARGIN
 

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..modes import training_mode
 from .conv import AOLConv2d, OrthoConv2d
+from .cpl import ConvexPotentialLayer
 from .linear import AOLLinear, OrthoLinear
 from .parametrizations import AOLScaling, CoreOrthogonalizer
 from .residual import ConvexResidual
@@ -67,6 +68,15 @@ for _cls in (OrthoLinear, AOLLinear, OrthoConv2d, AOLConv2d):
 def _sll(m: SLLBlock) -> ExportedSLL:
     bias = None if m.bias is None else m.bias.detach().clone()
     return ExportedSLL(m.weight.detach().clone(), m.t_inverse().detach().clone(), bias, m.kernel_size is not None)
+
+
+@register_exporter(ConvexPotentialLayer)
+def _cpl(m: ConvexPotentialLayer) -> ExportedSLL:
+    # x - 2 W^T (t_inv * relu(W x + b)) with t_inv = 1 / h^2: the same frozen form as SLL
+    h = m.norm_bound()
+    t_inv = torch.full((m.inner_features,), 1.0 / (h * h) if h else 0.0, dtype=m.weight.dtype, device=m.weight.device)
+    bias = None if m.bias is None else m.bias.detach().clone()
+    return ExportedSLL(m.weight.detach().clone(), t_inv, bias, m.kernel_size is not None)
 
 
 @register_exporter(ConvexResidual)
