@@ -206,12 +206,14 @@ def test_convex_potential_layer_with_an_overestimated_norm_would_still_hold_and_
     (ln.GroupSort(2), (2, 6, 3, 3)), (ln.GroupSort(3), (2, 6)), (ln.FullSort(), (2, 5)),
     (nn.MaxPool2d(2), (1, 2, 6, 6)), (nn.MaxPool2d(3, stride=1), (1, 1, 6, 6)),
     (nn.MaxPool2d(3, stride=2, padding=1), (1, 1, 7, 7)), (nn.Softmax(dim=1), (2, 5)),
+    (ln.InvertibleDownSampling(2), (2, 3, 4, 6)), (ln.InvertibleUpSampling(2), (2, 8, 3, 3)),
 ])
 def test_parameter_free_layers(module, shape):
     low, bound = assert_bound_holds(module, shape)
     # bounds that are attained: a bound of 1e9 must not pass (the attack has to reach it)
     exact = (ln.MaxMin, ln.Abs, ln.Flatten, ln.BatchCentering, ln.InputNormalization, ln.FirstChannels,
-             ln.LayerCentering, ln.GlobalL2NormPool2d, ln.GroupSort, ln.FullSort)
+             ln.LayerCentering, ln.GlobalL2NormPool2d, ln.GroupSort, ln.FullSort, ln.InvertibleDownSampling,
+             ln.InvertibleUpSampling)
     pooled = (isinstance(module, (ln.ScaledAvgPool2d, ln.L2NormPool2d, nn.MaxPool2d))
               and module.stride == module.kernel_size)
     if isinstance(module, exact) or pooled:
@@ -469,3 +471,16 @@ def test_batch_centering_in_training_mode_runs_under_torch_func():
     assert torch.equal(bc.running_mean, before)
     bc(x)  # an ordinary call still updates it
     assert not torch.equal(bc.running_mean, before)
+
+
+def test_invertible_sampling_round_trips_and_refuses_bad_shapes():
+    x = torch.randn(2, 3, 4, 6)
+    down, up = ln.InvertibleDownSampling(2), ln.InvertibleUpSampling(2)
+    assert down(x).shape == (2, 12, 2, 3) and torch.equal(up(down(x)), x)
+    assert torch.allclose(down(x).norm(), x.norm())
+    with pytest.raises(ValueError, match="multiples of 2"):
+        down(torch.randn(1, 1, 5, 4))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        up(torch.randn(1, 6, 2, 2))
+    with pytest.raises(ValueError, match="factor"):
+        ln.InvertibleDownSampling(0)

@@ -24,7 +24,7 @@ from .normalization import InputNormalization, L2BallProjection
 from .hkr import HingeMarginLoss, HKRLoss, KRLoss, NegKRLoss, TauCrossEntropyLoss
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
 from .parametrizations import aol, core_ortho_params, orthogonal, retract_
-from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
+from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d, ScaledAvgPool2d
 from .residual import ConvexResidual
 from .scattering import Scattering2d
 from .sll import SLLBlock
@@ -32,7 +32,7 @@ from .sll import SLLBlock
 __all__ = [
     "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConvexPotentialLayer", "ConvexResidual", "FirstChannels", "Flatten",
     "FullSort", "GroupSort", "HouseHolder",
-    "GlobalL2NormPool2d", "InputNormalization", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
+    "GlobalL2NormPool2d", "InputNormalization", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
     "aol", "input_checks_enabled", "orthogonal", "retract_", "set_input_checks",

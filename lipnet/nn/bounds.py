@@ -23,7 +23,8 @@ from .conv import OrthoConv2d
 from .conv_norm import conv_operator_norm_bound
 from .cpl import ConvexPotentialLayer
 from .normalization import InputNormalization, L2BallProjection
-from .pooling import FirstChannels, GlobalL2NormPool2d, L2NormPool2d, ScaledAvgPool2d
+from .pooling import (FirstChannels, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d,
+                      ScaledAvgPool2d)
 from .residual import ConvexResidual
 from .scattering import ROUNDING_MARGIN as SCATTERING_ROUNDING_MARGIN
 from .scattering import Scattering2d, operator_norm_squared
@@ -117,7 +118,7 @@ def _one(m: nn.Module) -> float:
     return 1.0
 
 
-for _cls in (MaxMin, Abs, GroupSort, FullSort, HouseHolder, L2BallProjection, L2NormPool2d, GlobalL2NormPool2d, FirstChannels, BatchCentering, LayerCentering,
+for _cls in (MaxMin, Abs, GroupSort, FullSort, HouseHolder, InvertibleDownSampling, InvertibleUpSampling, L2BallProjection, L2NormPool2d, GlobalL2NormPool2d, FirstChannels, BatchCentering, LayerCentering,
              nn.Flatten, nn.Unflatten, nn.Identity, nn.ReLU, nn.Softmax):
     # nn.Softmax: its Jacobian diag(p) - p p^T has eigenvalues <= max p_i <= 1
     lipschitz_bound.register(_cls)(_one)

@@ -93,3 +93,34 @@ class FirstChannels(nn.Module):
 
 
 Flatten = nn.Flatten  # a reshape: norm-preserving; re-exported so models import everything from lipnet.nn
+
+
+class InvertibleDownSampling(nn.Module):
+    """(B, C, H, W) -> (B, C f^2, H/f, W/f), each f x f block of a channel moved into f^2 channels
+    (``F.pixel_unshuffle``; deel-torchlip's ``InvertibleDownSampling``). A permutation of the
+    entries: orthogonal, norm-preserving, bound 1; H and W must be multiples of f."""
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = positive_int(factor, "InvertibleDownSampling: factor")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(f"InvertibleDownSampling: expected (B, C, H, W) with H and W multiples of {self.factor}, "
+                             f"got {list(x.shape)}")
+        return F.pixel_unshuffle(x, self.factor)
+
+
+class InvertibleUpSampling(nn.Module):
+    """The inverse of :class:`InvertibleDownSampling` (``F.pixel_shuffle``): (B, C f^2, H, W) ->
+    (B, C, H f, W f). A permutation: orthogonal, bound 1; C must be a multiple of f^2."""
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = positive_int(factor, "InvertibleUpSampling: factor")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] % (self.factor * self.factor):
+            raise ValueError(f"InvertibleUpSampling: expected (B, C, H, W) with C a multiple of {self.factor ** 2}, "
+                             f"got {list(x.shape)}")
+        return F.pixel_shuffle(x, self.factor)
