@@ -6,7 +6,7 @@ Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside),
 ``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``, ``KRLoss``, ``HingeMarginLoss``, ``HKRLoss``, ``TauCrossEntropyLoss``,
 ``ClippedLossGradient`` (per-sample logit-gradient clipping, for private training).
 Parametrizations of a plain ``nn.Linear`` / ``nn.Conv2d``: ``orthogonal(module)``, ``aol(module)``.
-Bounds: ``lipschitz_bound(module)``; export: ``export(model)``; ``retract_(module)``: every stored
+Bounds: ``lipschitz_bound(module)``, per layer ``lipschitz_report(model, x)``; export: ``export(model)``; ``retract_(module)``: every stored
 orthogonal factor back onto the orthogonal matrices now (the layers also do it on their own after
 every change).
 """
@@ -25,6 +25,7 @@ from .hkr import HingeMarginLoss, HKRLoss, KRLoss, NegKRLoss, TauCrossEntropyLos
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
 from .parametrizations import aol, core_ortho_params, orthogonal, retract_
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d, ScaledAvgPool2d
+from .report import LayerBound, LipschitzReport, lipschitz_report
 from .residual import ConvexResidual
 from .scattering import Scattering2d
 from .sll import SLLBlock
@@ -34,6 +35,7 @@ __all__ = [
     "FullSort", "GroupSort", "HouseHolder",
     "GlobalL2NormPool2d", "InputNormalization", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
-    "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound", "register_exporter",
+    "LayerBound", "LipschitzReport", "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound",
+    "lipschitz_report", "register_exporter",
     "aol", "input_checks_enabled", "orthogonal", "retract_", "set_input_checks",
 ]
