@@ -507,3 +507,27 @@ def test_lipschitz_report_lists_every_layer_with_its_sound_and_empirical_bound()
     assert ln.lipschitz_report(model).rows[0].lower is None  # no data: bounds only
     with pytest.raises(TypeError, match="no Lipschitz bound rule"):
         ln.lipschitz_report(nn.Sequential(nn.Tanhshrink()))
+
+
+def test_concat_and_l2_norm_residuals_hold_their_bounds_and_the_unhalved_merge_is_caught():
+    torch.manual_seed(0)
+    concat = ln.ConcatResidual(nn.Sequential(ln.OrthoLinear(3, 3), ln.Abs()))
+    low, bound = assert_bound_holds(concat, (4, 6))
+    assert bound <= 1 + 1e-5 and low >= 0.99
+    merge = ln.L2NormResidual(ln.OrthoLinear(6, 6))
+    low, bound = assert_bound_holds(merge, (4, 6))
+    assert bound <= 1 + 1e-4 and low >= 0.95
+
+    class Unhalved(ln.L2NormResidual):  # sqrt(x^2 + f(x)^2): the sqrt(2)-Lipschitz merge
+        def forward(self, x):
+            out = self.f(x)
+            return torch.sqrt(x * x + out * out + self.eps)
+
+    wrong = Unhalved(nn.Identity())
+    empirical = attack(wrong, (4, 6))
+    assert empirical > 1.3 * ln.lipschitz_bound(wrong)  # the bound rule of the halved merge does not hold for it
+    for m, shape in ((concat, (2, 6)), (merge, (2, 6))):
+        x = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(ln.export(m)(x), m.eval()(x))
+    with pytest.raises(ValueError, match="even size"):
+        concat(torch.randn(2, 5, dtype=torch.float64))

@@ -3,7 +3,7 @@
 Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside), ``AOLLinear``,
 ``AOLConv2d``, ``SLLBlock``, ``ConvexPotentialLayer`` (CPL); activations ``MaxMin``, ``Abs``, ``GroupSort``, ``FullSort``, ``HouseHolder``; pooling ``L2NormPool2d``,
 ``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``L2BallProjection``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
-``LayerCentering``, ``ConvexResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``, ``KRLoss``, ``HingeMarginLoss``, ``HKRLoss``, ``TauCrossEntropyLoss``,
+``LayerCentering``, ``ConvexResidual``, ``ConcatResidual``, ``L2NormResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``, ``KRLoss``, ``HingeMarginLoss``, ``HKRLoss``, ``TauCrossEntropyLoss``,
 ``ClippedLossGradient`` (per-sample logit-gradient clipping, for private training).
 Parametrizations of a plain ``nn.Linear`` / ``nn.Conv2d``: ``orthogonal(module)``, ``aol(module)``.
 Bounds: ``lipschitz_bound(module)``, per layer ``lipschitz_report(model, x)``; export: ``export(model)``; ``retract_(module)``: every stored
@@ -26,14 +26,14 @@ from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
 from .parametrizations import aol, core_ortho_params, orthogonal, retract_
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d, ScaledAvgPool2d
 from .report import LayerBound, LipschitzReport, lipschitz_report
-from .residual import ConvexResidual
+from .residual import ConcatResidual, ConvexResidual, L2NormResidual
 from .scattering import Scattering2d
 from .sll import SLLBlock
 
 __all__ = [
-    "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConvexPotentialLayer", "ConvexResidual", "FirstChannels", "Flatten",
+    "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConcatResidual", "ConvexPotentialLayer", "ConvexResidual", "FirstChannels", "Flatten",
     "FullSort", "GroupSort", "HouseHolder",
-    "GlobalL2NormPool2d", "InputNormalization", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
+    "GlobalL2NormPool2d", "InputNormalization", "L2NormResidual", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "LayerBound", "LipschitzReport", "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound",
     "lipschitz_report", "register_exporter",

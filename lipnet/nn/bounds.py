@@ -25,7 +25,7 @@ from .cpl import ConvexPotentialLayer
 from .normalization import InputNormalization, L2BallProjection
 from .pooling import (FirstChannels, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d,
                       ScaledAvgPool2d)
-from .residual import ConvexResidual
+from .residual import ConcatResidual, ConvexResidual, L2NormResidual
 from .scattering import ROUNDING_MARGIN as SCATTERING_ROUNDING_MARGIN
 from .scattering import Scattering2d, operator_norm_squared
 from .sll import ExportedSLL, SLLBlock
@@ -112,6 +112,16 @@ def _sequential(m: nn.Sequential) -> float:
 def _convex_residual(m: ConvexResidual) -> float:
     alpha = float(m.alpha().detach())
     return (1 - alpha) + alpha * lipschitz_bound(m.f)
+
+
+@lipschitz_bound.register(ConcatResidual)
+def _concat_residual(m: ConcatResidual) -> float:  # (x1, f(x2)): orthogonal coordinates
+    return max(1.0, lipschitz_bound(m.f))
+
+
+@lipschitz_bound.register(L2NormResidual)
+def _l2_norm_residual(m: L2NormResidual) -> float:  # the merge is 1/sqrt(2)-Lipschitz in (x, f(x))
+    return math.sqrt((1.0 + lipschitz_bound(m.f) ** 2) / 2.0) * (1 + SAFETY_MARGIN)
 
 
 def _one(m: nn.Module) -> float:

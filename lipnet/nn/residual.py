@@ -32,3 +32,40 @@ class ConvexResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.alpha()
         return (1 - a) * x + a * self.f(x)
+
+
+class ConcatResidual(nn.Module):
+    """x = (x1, x2) split in halves along ``dim`` -> (x1, f(x2)) (orthogonium's ``ConcatResidual``).
+
+    Bound: the two halves are orthogonal coordinates, so Lip = max(1, Lip(f)): 1-Lipschitz whenever
+    f is (f must keep the second half's shape; the size along ``dim`` must be even)."""
+
+    def __init__(self, f: nn.Module, dim: int = 1) -> None:
+        super().__init__()
+        self.f, self.dim = f, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[self.dim]
+        if n % 2:
+            raise ValueError(f"ConcatResidual: needs an even size along dim {self.dim}, got shape {list(x.shape)}")
+        a, b = x.split(n // 2, dim=self.dim)
+        return torch.cat([a, self.f(b)], dim=self.dim)
+
+
+class L2NormResidual(nn.Module):
+    """x -> sqrt((x^2 + f(x)^2) / 2 + eps), elementwise (orthogonium's ``L2NormResidual``).
+
+    Bound: per entry, (a, b) -> sqrt((a^2 + b^2) / 2 + eps) has gradient norm <= 1/sqrt(2), so the
+    merge is 1/sqrt(2)-Lipschitz in (x, f(x)) jointly and Lip <= sqrt((1 + Lip(f)^2) / 2): 1 when f
+    is 1-Lipschitz. Without the halving (sqrt(x^2 + f(x)^2)) the same argument gives sqrt(2),
+    which an attack reaches (tests/test_nn_layers.py)."""
+
+    def __init__(self, f: nn.Module, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.f, self.eps = f, float(eps)
+        if not self.eps > 0:
+            raise ValueError(f"L2NormResidual: eps must be > 0 (keeps the square root differentiable), got {eps!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.f(x)
+        return torch.sqrt(0.5 * x * x + 0.5 * out * out + self.eps)
