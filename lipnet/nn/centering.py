@@ -40,7 +40,10 @@ class BatchCentering(nn.Module):
             # under torch.func transforms (jacrev, vmap) the batch mean is a transformed tensor that
             # cannot be written into a plain buffer: the transform computes the function, and the
             # running statistics are left as they are
-            if not _functorch_active():
+            update = True
+            if not torch.jit.is_scripting():  # TorchScript compiles no functorch query
+                update = not _functorch_active()
+            if update:
                 with torch.no_grad():
                     self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
         else:
