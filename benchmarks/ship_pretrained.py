@@ -6,8 +6,9 @@
 Certifies the run's fp32 weights and an fp16 copy on the whole test split (clean accuracy and
 certified accuracy at the run's radii, each copy's bound recomputed from its own weights) and ships
 the fp16 copy only if no number moves by more than --max-change (default 0.1 point), the fp32
-weights otherwise. Prints the clean accuracy of the shipped file on the first 500 test images, the
-value lipnet.models.pretrained.PRETRAINED records and the tests reproduce.
+weights otherwise. Prints the clean accuracy of the shipped file on the 500 test images
+``load_dataset(..., limit=500)`` returns (those ``lipnet certify --limit 500`` certifies), the value
+lipnet.models.pretrained.PRETRAINED records and the tests reproduce.
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ def main() -> None:
             save_checkpoint(tmp, model, config, history, epoch=read_checkpoint(args.checkpoint).epoch)
             shutil.copyfile(Path(tmp) / CHECKPOINT, target)
     shipped, _, _ = load_checkpoint(target)
-    first = lipdata.BatchLoader(test.subset(torch.arange(500)), 500)
-    clean_500 = certify(shipped, first, eps)["clean"]
+    subset = lipdata.BatchLoader(lipdata.load_dataset(config.dataset, "test", args.data_root, limit=500,
+                                                      progress=False), 500)
+    clean_500 = certify(shipped, subset, eps)["clean"]
     result = {"name": args.name, "file": str(target.relative_to(WEIGHTS_DIR.parent.parent.parent)),
               "bytes": target.stat().st_size, "dtype": "float16" if ship_half else "float32",
-              "fp32": full, "fp16": half, "largest_change": change, "clean_first_500": clean_500,
+              "fp32": full, "fp16": half, "largest_change": change, "clean_limit_500": clean_500,
               "parameters": sum(t.numel() for t in model.parameters())}
     print(json.dumps(result, indent=2))
     if args.json:

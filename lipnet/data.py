@@ -141,6 +141,7 @@ def _load_idx(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.T
 
 # -------------------------------------------------------------------------------------- CIFAR-10
 CIFAR_ARCHIVE = "cifar10-jpg.tar.gz"
+CIFAR_ORDER_SEED = 0  # the fixed order load_dataset returns a CIFAR-10 split in
 
 
 def _extract_once(archive: Path, cache: Path) -> Path:
@@ -230,6 +231,10 @@ def load_dataset(name: str, split: str = "train", data_root: str | os.PathLike |
     if name == "cifar10":
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         images, labels = _load_cifar(root, split == "train", cache, progress)
+        # the archive is sorted by class: a fixed shuffle makes every first-N subset (PGD points,
+        # conformal attacks, smoke runs) a sample of all classes
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(CIFAR_ORDER_SEED))
+        images, labels = images[order], labels[order]
     else:
         images, labels = _load_idx(name, root, split == "train")
     if limit is not None and limit < len(labels):

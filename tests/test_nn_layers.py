@@ -417,7 +417,6 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(kernel_size=(3, 5)), "square"),
     (dict(kernel_size=1, stride=2, padding=0), "kernel_size=1 < stride=2"),
-    (dict(kernel_size=3, stride=2), "padding='same'"),
     (dict(kernel_size=3, groups=3), "divisible by groups"),
     (dict(kernel_size=3, transposed=True, padding_mode="circular"), "zero padding only"),
     (dict(kernel_size=3, padding_mode="reflect"), "padding_mode"),

@@ -36,7 +36,7 @@ def test_each_shipped_model_keeps_its_bound_and_its_accuracy(name, data_root):
     x, y = _first_test_images(name, data_root, 500)
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).double().mean().item()
-    assert abs(clean - PRETRAINED[name].clean_first_500) <= 0.01
+    assert abs(clean - PRETRAINED[name].clean_limit_500) <= 0.01
 
 
 def test_unknown_names_list_the_known_ones():
