@@ -13,12 +13,17 @@ from lipnet.checkpoints import load_checkpoint
 from lipnet.presets import NAMED_PRESETS, TrainConfig, preset_names
 
 
+def _train_one_epoch(out, data_root, *options: str):
+    """`lipnet train ... --epochs 1 --out OUT` with ``options``; returns the run's (config, history)."""
+    rc = main(["train", *options, "--epochs", "1", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0
+    _, config, history = load_checkpoint(out)
+    return config, history
+
+
 def test_the_cifar10_preset_trains_two_steps_and_certifies(tmp_path, data_root, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--dataset", "cifar10", "--limit", "64", "--epochs", "1", "--batch-size", "32",
-               "--out", str(out), "--data-root", str(data_root), "--no-progress"])
-    assert rc == 0
-    model, config, history = load_checkpoint(out)
+    config, history = _train_one_epoch(out, data_root, "--dataset", "cifar10", "--limit", "64", "--batch-size", "32")
     assert config.amp == "bf16" and config.augment  # the recipe: bf16 steps, crop + flip
     assert config.model_config["width"] == 32 and config.model_config["hidden"] == 256
     assert config.model_config["parametrization"] == "retraction"
@@ -36,10 +41,8 @@ def test_the_cifar10_preset_trains_two_steps_and_certifies(tmp_path, data_root, 
 
 def test_amp_fp32_overrides_the_recipes_bf16(tmp_path, data_root):
     out = tmp_path / "run"
-    rc = main(["train", "--dataset", "cifar10", "--limit", "32", "--epochs", "1", "--batch-size", "32",
-               "--amp", "fp32", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
-    assert rc == 0
-    _, config, _ = load_checkpoint(out)
+    config, _ = _train_one_epoch(out, data_root, "--dataset", "cifar10", "--limit", "32", "--batch-size", "32",
+                                 "--amp", "fp32")
     assert config.amp is None
     # resuming it with --amp fp32 asks for what it is; --amp bf16 would change it
     assert main(["train", "--resume", str(out), "--amp", "fp32", "--data-root", str(data_root), "--no-progress"]) == 0
@@ -62,10 +65,7 @@ def test_the_gpu_scale_network_is_a_named_preset():
 
 
 def test_preset_option_names_its_dataset(tmp_path, data_root):
-    out = tmp_path / "run"
-    rc = main(["train", "--preset", "cifar10-gpu", "--limit", "16", "--epochs", "1", "--batch-size", "16",
-               "--width", "8", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
-    assert rc == 0
-    _, config, _ = load_checkpoint(out)
+    config, _ = _train_one_epoch(tmp_path / "run", data_root, "--preset", "cifar10-gpu", "--limit", "16",
+                                 "--batch-size", "16", "--width", "8")
     assert config.dataset == "cifar10" and config.epochs == 1 and config.lr == 1e-3 and config.amp is None
     assert config.model_config == {"parametrization": "retraction", "mean": (0.4914, 0.4822, 0.4465), "width": 8}
