@@ -25,7 +25,7 @@ from lipnet import data as lipdata
 from lipnet.certify import certified_accuracy
 from lipnet.models.pretrained import WEIGHTS_DIR
 from lipnet.nn import set_input_checks
-from lipnet.checkpoints import CHECKPOINT, load_checkpoint, read_checkpoint, save_checkpoint
+from lipnet.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 
 
 def certify(model, loader, eps) -> dict:
@@ -49,8 +49,7 @@ def main() -> None:
     eps = list(config.eval_eps)
     full = certify(model, loader, eps)
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, model, config, history, epoch=read_checkpoint(args.checkpoint).epoch,
-                        weights_dtype=torch.float16)
+        save_checkpoint(tmp, model, config, history, weights_dtype=torch.float16)
         half_model, _, _ = load_checkpoint(tmp)
         half = certify(half_model, loader, eps)
         change = max([abs(full["clean"] - half["clean"])]
@@ -61,7 +60,7 @@ def main() -> None:
         if ship_half:
             shutil.copyfile(Path(tmp) / CHECKPOINT, target)
         else:
-            save_checkpoint(tmp, model, config, history, epoch=read_checkpoint(args.checkpoint).epoch)
+            save_checkpoint(tmp, model, config, history)
             shutil.copyfile(Path(tmp) / CHECKPOINT, target)
     shipped, _, _ = load_checkpoint(target)
     subset = lipdata.BatchLoader(lipdata.load_dataset(config.dataset, "test", args.data_root, limit=500,

@@ -21,7 +21,7 @@ from .models import MODELS, build_model, load_pretrained, pretrained_names
 from .nn import input_checks_enabled, set_input_checks
 from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
-from .presets import NAMED_PRESETS, PRESETS, TrainConfig, preset_names
+from .presets import NAMED_PRESETS, PRESETS, TrainConfig, preset_names, takes_parametrization
 from .training import AMP_DTYPES, amp_dtype, fit
 
 
@@ -202,9 +202,9 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
     if args.preset is not None:
         conflicts.append(f"--preset {args.preset} (a resumed run keeps the configuration its checkpoint stores)")
     for flag, key in (("--width", "width"), ("--parametrization", "parametrization")):
-        given = getattr(args, key)
-        if given is not None and given != config.model_config.get(key):
-            conflicts.append(f"{flag} {given} (the run's: {config.model_config.get(key)})")
+        value = getattr(args, key)
+        if value is not None and value != config.model_config.get(key):
+            conflicts.append(f"{flag} {value} (the run's: {config.model_config.get(key)})")
     if conflicts:
         raise ValueError(f"--resume {args.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps "
                          "its configuration (leave these options out, or start a new run with --out)")
@@ -266,7 +266,7 @@ def _train_config(args) -> TrainConfig:
             raise ValueError(f"--width does not apply to {config.model}")
         config.model_config = {**config.model_config, "width": args.width}
     if args.parametrization is not None:
-        if "parametrization" not in inspect.signature(MODELS[config.model]).parameters:
+        if not takes_parametrization(config.model):
             raise ValueError(f"--parametrization does not apply to {config.model}")
         config.model_config = {**config.model_config, "parametrization": args.parametrization}
     return config

@@ -448,7 +448,7 @@ def test_strided_same_padding_gives_n_over_stride_outputs(k, s, d):
 
 
 def test_output_padding_is_validated_at_construction():
-    with pytest.raises(ValueError, match="output_padding must be an int"):
+    with pytest.raises(ValueError, match="output_padding must be a non-negative int"):
         ln.OrthoConv2d(8, 4, 2, stride=2, padding=0, transposed=True, output_padding=None)
     with pytest.raises(ValueError, match="smaller than the stride"):
         ln.OrthoConv2d(4, 4, 3, stride=1, transposed=True, output_padding=5)

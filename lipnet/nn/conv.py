@@ -11,7 +11,7 @@ from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d, AdaptiveOrthoConvTr
 from orthogonium.reparametrizers import L2Normalize
 from torch import nn
 
-from ..validate import positive_int
+from ..validate import nonnegative_int, positive_int
 from ._checks import check_input
 from ._precision import full_precision
 from .conv_norm import check_circular_input
@@ -118,8 +118,7 @@ class OrthoConv2d(nn.Module):
             padding = (d * (k - 1) + 2 - s) // 2
         if not (padding in ("same", "valid") or (isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0)):
             raise ValueError(f"{name}: padding must be 'same', 'valid' or an int >= 0, got {padding!r}")
-        if not (isinstance(output_padding, int) and not isinstance(output_padding, bool) and output_padding >= 0):
-            raise ValueError(f"{name}: output_padding must be an int >= 0, got {output_padding!r}")
+        nonnegative_int(output_padding, f"{name}: output_padding")
         if output_padding and not transposed:
             raise ValueError(f"{name}: output_padding={output_padding} applies to transposed convolutions only")
         if transposed and output_padding >= max(s, d):

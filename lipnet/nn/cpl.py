@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ortho import spectral_norm_bound
-from ..validate import positive_int
 from ._checks import check_input
 from ._precision import full_precision
 from .conv_norm import conv_operator_norm_bound
+from .sll import residual_weight
 
 
 class ConvexPotentialLayer(nn.Module):
@@ -34,15 +32,8 @@ class ConvexPotentialLayer(nn.Module):
 
     def __init__(self, features: int, inner_features: int, kernel_size: int | None = None, bias: bool = True) -> None:
         super().__init__()
-        if kernel_size is not None and (not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0):
-            raise ValueError(f"ConvexPotentialLayer: kernel_size must be an odd positive int or None, got {kernel_size!r}")
-        self.features = positive_int(features, "ConvexPotentialLayer: features")
-        self.inner_features = positive_int(inner_features, "ConvexPotentialLayer: inner_features")
-        self.kernel_size = kernel_size
-        shape = (inner_features, features) if kernel_size is None else (inner_features, features, kernel_size, kernel_size)
-        self.weight = nn.Parameter(torch.empty(shape))
-        fan_in = features * (1 if kernel_size is None else kernel_size**2)
-        nn.init.normal_(self.weight, std=1 / math.sqrt(fan_in))
+        self.weight = residual_weight(features, inner_features, kernel_size, "ConvexPotentialLayer")
+        self.features, self.inner_features, self.kernel_size = features, inner_features, kernel_size
         self.bias = nn.Parameter(torch.zeros(inner_features)) if bias else None
 
     @torch.no_grad()

@@ -17,6 +17,19 @@ from .conv_norm import conv_gram_kernel
 _T_INFLATION = 1e-5
 
 
+def residual_weight(features: int, inner_features: int, kernel_size: int | None, layer: str) -> nn.Parameter:
+    """The W of a residual block x - W^T g(W x + b) (SLL, CPL): (inner, features), or an
+    (inner, features, k, k) kernel for an odd ``kernel_size`` (zero padding k // 2 keeps the size),
+    drawn N(0, 1 / fan_in). ValueError naming ``layer`` for bad sizes."""
+    if kernel_size is not None and (not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0):
+        raise ValueError(f"{layer}: kernel_size must be an odd positive int or None, got {kernel_size!r}")
+    positive_int(features, f"{layer}: features")
+    positive_int(inner_features, f"{layer}: inner_features")
+    shape = (inner_features, features) if kernel_size is None else (inner_features, features, kernel_size, kernel_size)
+    fan_in = features * (1 if kernel_size is None else kernel_size**2)
+    return nn.Parameter(nn.init.normal_(torch.empty(shape), std=1 / math.sqrt(fan_in)))
+
+
 class SLLBlock(nn.Module):
     """x -> x - 2 W T^{-1} relu(W^T x + b), with T = diag(sum_j |W^T W|_ij q_j / q_i).
 
@@ -33,15 +46,8 @@ class SLLBlock(nn.Module):
     def __init__(self, features: int, inner_features: int, kernel_size: int | None = None,
                  bias: bool = True) -> None:
         super().__init__()
-        if kernel_size is not None and (not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0):
-            raise ValueError(f"SLLBlock: kernel_size must be an odd positive int or None, got {kernel_size!r}")
-        for name, v in (("features", features), ("inner_features", inner_features)):
-            positive_int(v, f"SLLBlock: {name}")
+        self.weight = residual_weight(features, inner_features, kernel_size, "SLLBlock")
         self.features, self.inner_features, self.kernel_size = features, inner_features, kernel_size
-        shape = (inner_features, features) if kernel_size is None else (inner_features, features, kernel_size, kernel_size)
-        self.weight = nn.Parameter(torch.empty(shape))
-        fan_in = features * (1 if kernel_size is None else kernel_size**2)
-        nn.init.normal_(self.weight, std=1 / math.sqrt(fan_in))
         self.q = nn.Parameter(torch.zeros(inner_features))  # q = exp(log q), positive
         self.bias = nn.Parameter(torch.zeros(inner_features)) if bias else None
 
