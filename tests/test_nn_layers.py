@@ -530,3 +530,24 @@ def test_concat_and_l2_norm_residuals_hold_their_bounds_and_the_unhalved_merge_i
         torch.testing.assert_close(ln.export(m)(x), m.eval()(x))
     with pytest.raises(ValueError, match="even size"):
         concat(torch.randn(2, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cin,cout,groups", [(1, 2, 1), (4, 8, 4), (1, 4, 1)])
+def test_strided_depthwise_ortho_conv_is_row_orthogonal_and_exports_exactly(cin, cout, groups):
+    # orthogonium's depthwise downsampling: one input channel per group, kernel 3, stride 2
+    torch.manual_seed(0)
+    m = ln.OrthoConv2d(cin, cout, 3, stride=2, groups=groups).double().eval()
+    x = torch.randn(1, cin, 8, 8, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(m, x).reshape(-1, x.numel())
+    sv = torch.linalg.svdvals(jac)
+    bound = ln.lipschitz_bound(m)
+    assert sv.max() <= bound * (1 + 1e-9) and bound <= 1 + 1e-4
+    assert torch.allclose(sv, torch.ones_like(sv), atol=1e-5)  # every output direction kept: row-orthogonal
+    assert torch.equal(ln.export(m)(x), m(x))
+
+
+def test_one_channel_per_group_is_refused_where_only_a_shift_is_orthogonal():
+    with pytest.raises(ValueError, match="pure shift"):
+        ln.OrthoConv2d(2, 2, 3, groups=2)
+    with pytest.raises(ValueError, match="not constructible"):  # 1 -> 1 per group at stride 2: orthogonium has none
+        ln.OrthoConv2d(2, 2, 3, stride=2, groups=2)

@@ -68,7 +68,10 @@ class OrthoConv2d(nn.Module):
     kernel. ``padding="same"`` (the default) with a stride s pads ceil((d(k-1) + 1 - s) / 2) on
     each side, so an n-pixel side gives n / s outputs whenever s divides n, as with stride 1's
     n -> n (and ceil(n / 2) for stride 2 with an odd kernel, e.g. kernel 3: padding 1). Limits
-    (``ValueError``, at construction): square kernels only; kernel_size >= stride; output_padding
+    (``ValueError``, at construction): square kernels only; kernel_size >= stride; at stride 1 with
+    kernel_size > 1, at least 2 channels per group (one channel per group is orthogonal only as a
+    shift); strided depthwise layers (e.g. 1 -> 2 channels per group, kernel 3, stride 2) are built
+    where orthogonium's construction exists and refused where it does not; output_padding
     only for transposed convolutions and below the stride or dilation; circular padding needs input
     sizes divisible by the stride (checked at run time) and is not available for transposed
     convolutions.
@@ -104,10 +107,10 @@ class OrthoConv2d(nn.Module):
             raise ValueError(f"{name}: dilation={d} is a multiple of stride={s}: the dilated taps of "
                              "neighbouring outputs overlap, so no orthogonal convolution exists")
         inner = max(c_in, c_out // (s * s))  # channels of the BCOP part (stride 1: max(in, out))
-        if k > s and inner // groups < 2:
-            raise ValueError(f"{name}: kernel_size > stride needs a BCOP part with at least 2 channels "
-                             f"per group (it builds the kernel from rank-c/2 projectors); here it has "
-                             f"{inner // groups}. Use more channels or kernel_size == stride")
+        if k > s and s == 1 and inner // groups < 2:
+            raise ValueError(f"{name}: a stride-1 convolution with kernel_size > 1 and one channel per group "
+                             "is orthogonal only as a pure shift, so no learnable orthogonal kernel exists; use "
+                             "at least 2 channels per group or kernel_size=1")
         padding_mode = padding_mode or ("zeros" if transposed else "circular")
         if padding_mode not in ("circular", "zeros"):
             raise ValueError(f"{name}: padding_mode must be 'circular' or 'zeros', got {padding_mode!r}")

@@ -113,6 +113,8 @@ class CoreOrthogonalizer(nn.Module):
         self._force_retraction = False  # set by lipnet.nn.retract_ for one access
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if w.numel() == 0:  # no singular values: trivially orthogonal (AOC's rank-0 projectors, one channel per group)
+            return w
         stored = _stored_parameter(w)
         if stored is not None and (self._force_retraction or (
                 self.parametrization == "retraction" and (stored.data_ptr(), stored._version) != self._retracted_state)):
