@@ -16,6 +16,7 @@ from .activations import Abs, FullSort, GroupSort, HouseHolder, MaxMin
 from .bounds import lipschitz_bound
 from .centering import BatchCentering, LayerCentering
 from .conv import AOLConv2d, OrthoConv2d
+from .conv1d import OrthoConv1d
 from .conv_norm import conv_operator_norm_bound
 from .cpl import ConvexPotentialLayer
 from .export import export, register_exporter
@@ -34,7 +35,7 @@ __all__ = [
     "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConcatResidual", "ConvexPotentialLayer", "ConvexResidual", "FirstChannels", "Flatten",
     "FullSort", "GroupSort", "HouseHolder",
     "GlobalL2NormPool2d", "InputNormalization", "L2NormResidual", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
-    "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
+    "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv1d", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "LayerBound", "LipschitzReport", "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound",
     "lipschitz_report", "register_exporter",
     "aol", "input_checks_enabled", "orthogonal", "retract_", "set_input_checks",

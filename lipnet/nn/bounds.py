@@ -20,6 +20,7 @@ from ..ortho import SAFETY_MARGIN, spectral_norm_bound
 from .activations import Abs, FullSort, GroupSort, HouseHolder, MaxMin
 from .centering import BatchCentering, LayerCentering
 from .conv import OrthoConv2d
+from .conv1d import OrthoConv1d
 from .conv_norm import conv_operator_norm_bound
 from .cpl import ConvexPotentialLayer
 from .normalization import InputNormalization, L2BallProjection
@@ -68,6 +69,28 @@ def _conv(m: nn.Conv2d) -> float:  # AOLConv2d and exported plain convolutions
 def _conv_transpose(m: nn.ConvTranspose2d) -> float:  # the adjoint of a conv: same norm
     _conv_padding_ok(m, m.padding_mode)
     return conv_operator_norm_bound(m.weight, m.stride, m.dilation, m.groups)
+
+
+@lipschitz_bound.register(nn.Conv1d)
+def _conv1d(m: nn.Conv1d) -> float:  # a 1 x k convolution of 1 x n images: the same operator
+    _conv_padding_ok(m, m.padding_mode)
+    kernel, d = m.weight[:, :, None], (1, m.dilation[0])
+    # A stride subsamples the stride-1 output, so the stride-1 norm bounds it too, often more tightly
+    # than the polyphase bound; with circular padding only while the padding stays within 'same'
+    # (beyond it wrapped samples are read twice).
+    total = m.dilation[0] * (m.kernel_size[0] - 1)
+    window = m.padding_mode == "zeros" or m.padding == "same" or 2 * m.padding[0] <= total
+    stride_one = conv_operator_norm_bound(kernel, 1, d, m.groups) if window else float("inf")
+    if m.stride[0] == 1 or (window and m.padding_mode == "circular"):
+        return stride_one
+    return min(stride_one, conv_operator_norm_bound(kernel, (1, m.stride[0]), d, m.groups))
+
+
+@lipschitz_bound.register(OrthoConv1d)
+def _ortho_conv1d(m: OrthoConv1d) -> float:
+    # the stride-1 operator's norm: a stride subsamples it, and circular padding never exceeds 'same'
+    # (checked at construction), so every configuration is a window of the stride-1 convolution
+    return conv_operator_norm_bound(m.weight[:, :, None], 1, (1, m.dilation), m.groups)
 
 
 @lipschitz_bound.register(OrthoConv2d)

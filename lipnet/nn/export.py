@@ -1,6 +1,6 @@
 """``export(model)``: the same function as plain torch modules, weights baked in.
 
-Constrained layers become ``nn.Linear`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d`` holding the current
+Constrained layers become ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d`` holding the current
 constrained weights; SLL blocks become a small module with fixed weights; parameter-free lipnet
 layers (MaxMin, pooling, centering, ...) are kept -- they are TorchScript-compatible, so
 ``torch.jit.script(export(model)).save(path)`` gives a file that ``torch.jit.load`` runs without
@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..modes import training_mode
 from .conv import AOLConv2d, OrthoConv2d
+from .conv1d import OrthoConv1d
 from .cpl import ConvexPotentialLayer
 from .linear import AOLLinear, OrthoLinear
 from .parametrizations import AOLScaling, CoreOrthogonalizer
@@ -62,6 +63,17 @@ def _plain_layer(m: nn.Module) -> nn.Module:
 
 for _cls in (OrthoLinear, AOLLinear, OrthoConv2d, AOLConv2d):
     register_exporter(_cls)(_plain_layer)
+
+
+@register_exporter(OrthoConv1d)
+def _ortho_conv1d(m: OrthoConv1d) -> nn.Conv1d:
+    left, right = m.pads
+    padding = left if left == right else "same"  # uneven: stride 1 only (checked at construction)
+    out = nn.Conv1d(m.in_channels, m.out_channels, m.kernel_size, m.stride, padding, m.dilation, m.groups,
+                    bias=m.bias is not None, padding_mode=m.padding_mode, device=m.bias.device if m.bias is not None
+                    else None, dtype=m.weight.dtype)
+    out.weight, out.bias = _copy_param(m.weight), _copy_param(m.bias)
+    return out
 
 
 @register_exporter(SLLBlock)
