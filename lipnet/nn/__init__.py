@@ -1,9 +1,9 @@
 """1-Lipschitz layers on the ``lipnet.ortho`` core, their sound Lipschitz bounds, and exact export.
 
-Layers: ``OrthoLinear``, ``OrthoConv2d`` (AOC via orthogonium, our core inside), ``AOLLinear``,
+Layers: ``OrthoLinear``, ``OrthoConv1d`` (1-D BCOP), ``OrthoConv2d`` (AOC via orthogonium, our core inside), ``AOLLinear``,
 ``AOLConv2d``, ``SLLBlock``, ``ConvexPotentialLayer`` (CPL); activations ``MaxMin``, ``Abs``, ``GroupSort``, ``FullSort``, ``HouseHolder``; pooling ``L2NormPool2d``,
 ``ScaledAvgPool2d``, ``GlobalL2NormPool2d``; glue ``InputNormalization``, ``L2BallProjection``, ``Flatten``, ``FirstChannels``, ``BatchCentering``,
-``LayerCentering``, ``ConvexResidual``, ``ConcatResidual``, ``L2NormResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``, ``KRLoss``, ``HingeMarginLoss``, ``HKRLoss``, ``TauCrossEntropyLoss``,
+``LayerCentering``, ``ConvexResidual``, ``ConcatResidual``, ``L2NormResidual``; fixed features ``Scattering2d`` (wavelet scattering); losses ``LipschitzCrossEntropy``, ``MultiMarginHinge``, ``KRLoss``, ``HingeMarginLoss``, ``HKRLoss``, ``SoftHKRLoss``, ``LseHKRLoss``, ``TauCrossEntropyLoss``, ``TauBCEWithLogitsLoss``,
 ``ClippedLossGradient`` (per-sample logit-gradient clipping, for private training).
 Parametrizations of a plain ``nn.Linear`` / ``nn.Conv2d``: ``orthogonal(module)``, ``aol(module)``.
 Bounds: ``lipschitz_bound(module)``, per layer ``lipschitz_report(model, x)``; export: ``export(model)``; ``retract_(module)``: every stored
@@ -22,7 +22,8 @@ from .cpl import ConvexPotentialLayer
 from .export import export, register_exporter
 from .linear import AOLLinear, OrthoLinear
 from .normalization import InputNormalization, L2BallProjection
-from .hkr import HingeMarginLoss, HKRLoss, KRLoss, NegKRLoss, TauCrossEntropyLoss
+from .hkr import (HingeMarginLoss, HKRLoss, KRLoss, LseHKRLoss, NegKRLoss, SoftHKRLoss, TauBCEWithLogitsLoss,
+                  TauCrossEntropyLoss)
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
 from .parametrizations import aol, core_ortho_params, orthogonal, retract_
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d, ScaledAvgPool2d
@@ -35,7 +36,7 @@ __all__ = [
     "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConcatResidual", "ConvexPotentialLayer", "ConvexResidual", "FirstChannels", "Flatten",
     "FullSort", "GroupSort", "HouseHolder",
     "GlobalL2NormPool2d", "InputNormalization", "L2NormResidual", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
-    "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "OrthoConv1d", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
+    "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "LseHKRLoss", "SoftHKRLoss", "TauBCEWithLogitsLoss", "OrthoConv1d", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "LayerBound", "LipschitzReport", "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound",
     "lipschitz_report", "register_exporter",
     "aol", "input_checks_enabled", "orthogonal", "retract_", "set_input_checks",

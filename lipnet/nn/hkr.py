@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validate import finite_nonnegative, finite_positive, one_of, positive_int, unit_interval
-from .losses import REDUCTIONS, LipschitzCrossEntropy, _reduce
+from .losses import REDUCTIONS, LipschitzCrossEntropy, _reduce, class_indices
 
 FREQUENCIES = ("balanced", "batch")
 
@@ -190,4 +190,120 @@ class TauCrossEntropyLoss(LipschitzCrossEntropy):
         super().__init__(temperature=1.0 / self.tau, offset=0.0, reduction=reduction)
 
 
-__all__ = ["FREQUENCIES", "HKRLoss", "HingeMarginLoss", "KRLoss", "NegKRLoss", "TauCrossEntropyLoss"]
+def _true_and_others(logits: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(true logit (batch,), a mask (batch, K) of the other classes) for single-label targets."""
+    index = class_indices(logits, target, name)
+    others = torch.ones_like(logits, dtype=torch.bool).scatter(1, index[:, None], False)
+    return logits.gather(1, index[:, None])[:, 0], others
+
+
+class LseHKRLoss(_LogitLoss):
+    """HKR with a log-sum-exp summary of the other classes (deel-torchlip's ``LseHKRMulticlassLoss``).
+
+    With z' = ``temperature`` * z, true logit p = z'_y and n = (1/t) logsumexp(t z'_j, j != y),
+    t = log(K - 1) / (``penalty`` * m / 2), so max_j z'_j <= n <= max_j z'_j + penalty * m / 2 (K = 2:
+    n is the other logit): loss = (1 - alpha) (n - p) + alpha (relu(m/2 - p) + relu(m/2 + n)).
+    Lipschitz w.r.t. the logits: sqrt(2) * temperature (the gradient is a e_y + c softmax(t z'_others)
+    with |a|, c <= 1; approached when the true logit is below m/2 and one other logit dominates).
+    Single-label targets: class indices or one-hot rows.
+    """
+
+    def __init__(self, classes: int, alpha: float = 1.0, min_margin: float = 1.0, temperature: float = 1.0,
+                 penalty: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(classes, reduction, "LseHKRLoss")
+        if self.classes < 2:
+            raise ValueError("LseHKRLoss: classes must be >= 2 (a multiclass loss; one logit: HKRLoss(1, ...))")
+        self.alpha = unit_interval(alpha, "LseHKRLoss: alpha", closed_high=True)
+        self.min_margin = finite_positive(min_margin, "LseHKRLoss: min_margin")
+        self.temperature = finite_positive(temperature, "LseHKRLoss: temperature")
+        self.penalty = finite_positive(penalty, "LseHKRLoss: penalty")
+
+    @property
+    def lipschitz(self) -> float:
+        """sqrt(2) * temperature (class docstring)."""
+        return math.sqrt(2.0) * self.temperature
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_classes(logits, "LseHKRLoss")
+        z = logits * self.temperature
+        true, others = _true_and_others(z, target, "LseHKRLoss")
+        masked = z.masked_fill(~others, -math.inf)
+        if self.classes == 2:
+            negative = masked.amax(dim=1)
+        else:
+            t = math.log(self.classes - 1) / (self.penalty * self.min_margin / 2)
+            negative = torch.logsumexp(t * masked, dim=1) / t
+        m = self.min_margin
+        hinge = F.relu(m / 2 - true) + F.relu(m / 2 + negative)
+        return _reduce((1 - self.alpha) * (negative - true) + self.alpha * hinge, self.reduction)
+
+
+class SoftHKRLoss(_LogitLoss):
+    """HKR with the other classes weighted by a softmax (deel-torchlip's ``SoftHKRMulticlassLoss``).
+
+    Per sample, w = softmax(temperature * z_j, j != y) (differentiated, as deel-torchlip does):
+    loss = (1 - alpha) (sum_j w_j z_j - z_y) + alpha (relu(m/2 - z_y) + sum_j w_j relu(m/2 + z_j)).
+    ``temperature`` is fixed; deel-torchlip divides it by a running mean of |logits| kept across
+    batches, which couples the samples (no per-sample constant) -- pass the temperature that
+    quotient settles at to reproduce it. Lipschitz w.r.t. the logits, for every temperature:
+    sqrt(1 + (1 + 2 (K - 2) / e)^2) (derivation: the gradient is a e_y + b with |a| <= 1 and
+    b_k = c_k w_k + T w_k (h_k - sum_j w_j h_j), c_k <= 1, h 1-Lipschitz; the last term's L1 norm is at
+    most sum_jk w_j w_k |u_j - u_k| with u = T z, and each pair contributes w_max^2 d e^(-d) <= w_max^2 / e;
+    sqrt(2) for K = 2, attained). Single-label targets: class indices or one-hot rows.
+    """
+
+    def __init__(self, classes: int, alpha: float = 0.9, min_margin: float = 1.0, temperature: float = 1.0,
+                 reduction: str = "mean") -> None:
+        super().__init__(classes, reduction, "SoftHKRLoss")
+        if self.classes < 2:
+            raise ValueError("SoftHKRLoss: classes must be >= 2 (a multiclass loss; one logit: HKRLoss(1, ...))")
+        self.alpha = unit_interval(alpha, "SoftHKRLoss: alpha", closed_high=True)
+        self.min_margin = finite_nonnegative(min_margin, "SoftHKRLoss: min_margin")
+        self.temperature = finite_positive(temperature, "SoftHKRLoss: temperature")
+
+    @property
+    def lipschitz(self) -> float:
+        """sqrt(1 + (1 + 2 (K - 2) / e)^2) (class docstring)."""
+        return math.sqrt(1 + (1 + 2 * (self.classes - 2) / math.e) ** 2)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_classes(logits, "SoftHKRLoss")
+        true, others = _true_and_others(logits, target, "SoftHKRLoss")
+        weights = torch.softmax((self.temperature * logits).masked_fill(~others, -math.inf), dim=1)
+        m = self.min_margin
+        kr = (weights * logits).sum(dim=1) - true
+        hinge = F.relu(m / 2 - true) + (weights * F.relu(m / 2 + logits)).sum(dim=1)
+        return _reduce((1 - self.alpha) * kr + self.alpha * hinge, self.reduction)
+
+
+class TauBCEWithLogitsLoss(_LogitLoss):
+    """deel-torchlip's ``TauBCEWithLogitsLoss``: BCE(tau z, y) / tau per logit, targets > 0 the
+    positive label ({0, 1} or {-1, +1}), shaped like the logits ((batch,) or (batch, K)). One sample's
+    loss is the mean over its K logits, so "mean" equals deel-torchlip's mean over every element.
+    Lipschitz w.r.t. one sample's logits: 1 / sqrt(K) (each partial derivative is
+    (sigmoid(tau z) - y) / K, of magnitude < 1 / K)."""
+
+    def __init__(self, tau: float, classes: int = 1, reduction: str = "mean") -> None:
+        super().__init__(classes, reduction, "TauBCEWithLogitsLoss")
+        self.tau = finite_positive(tau, "TauBCEWithLogitsLoss: tau")
+
+    @property
+    def lipschitz(self) -> float:
+        """1 / sqrt(K)."""
+        return 1.0 / math.sqrt(self.classes)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        name = "TauBCEWithLogitsLoss"
+        if logits.dim() == 1:
+            logits = logits[:, None]
+        self._check_classes(logits, name)
+        if target.numel() != logits.numel() or target.shape[0] != logits.shape[0]:
+            raise ValueError(f"{name}: target must have the logits' shape {tuple(logits.shape)}, got "
+                             f"{tuple(target.shape)}")
+        positive = (target.reshape(logits.shape) > 0).to(logits.dtype)
+        per_logit = F.binary_cross_entropy_with_logits(self.tau * logits, positive, reduction="none") / self.tau
+        return _reduce(per_logit.mean(dim=1), self.reduction)
+
+
+__all__ = ["FREQUENCIES", "HKRLoss", "HingeMarginLoss", "KRLoss", "LseHKRLoss", "NegKRLoss", "SoftHKRLoss",
+           "TauBCEWithLogitsLoss", "TauCrossEntropyLoss"]
