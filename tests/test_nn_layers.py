@@ -551,3 +551,36 @@ def test_one_channel_per_group_is_refused_where_only_a_shift_is_orthogonal():
         ln.OrthoConv2d(2, 2, 3, groups=2)
     with pytest.raises(ValueError, match="not constructible"):  # 1 -> 1 per group at stride 2: orthogonium has none
         ln.OrthoConv2d(2, 2, 3, stride=2, groups=2)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, -2.0, 5.0])
+def test_prescaled_additive_residual_holds_its_bound_for_every_alpha(alpha):
+    torch.manual_seed(0)
+    m = ln.PrescaledAdditiveResidual(nn.Sequential(ln.OrthoLinear(6, 6), ln.MaxMin()), alpha=alpha)
+    low, bound = assert_bound_holds(m, (4, 6))
+    assert bound <= 1 + 1e-4
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.allclose(m(x), (x + m.f(alpha * x)) / (1 + abs(alpha)))
+    # a 3-Lipschitz branch: the rule gives (1 + 3|a|) / (1 + |a|); for a >= 0 the attack reaches it
+    tripled = ln.PrescaledAdditiveResidual(nn.PReLU(1, init=3.0), alpha=alpha, learnable=False)
+    low, bound = assert_bound_holds(tripled, (4, 6))
+    assert math.isclose(bound, (1 + 3 * abs(alpha)) / (1 + abs(alpha)), rel_tol=1e-5)
+    assert alpha < 0 or low >= 0.99 * bound
+    torch.testing.assert_close(ln.export(m)(x), m.eval()(x))
+    assert ln.export(m).alpha.item() == m.alpha.item() and "alpha" not in dict(ln.export(m).named_parameters())
+    with pytest.raises(ValueError, match="finite"):
+        ln.PrescaledAdditiveResidual(nn.Identity(), alpha=float("nan"))
+
+
+def test_lprelu_clamps_its_slopes_and_exports_to_a_plain_prelu():
+    m = ln.LPReLU(4)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.25, -3.0, 2.0, -0.5]))
+    low, bound = assert_bound_holds(m, (2, 4, 3, 3))
+    assert bound == 1.0 and low >= 0.99  # slopes clamped to 0.25, -1, 1, -0.5
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    plain = ln.export(m)
+    assert type(plain) is nn.PReLU and torch.equal(plain(x), m(x))
+    assert ln.lipschitz_bound(plain) == 1.0
+    raw = nn.PReLU(1, init=-3.0)  # a plain PReLU's rule: max(1, max |a|)
+    assert ln.lipschitz_bound(raw) == 3.0 and attack(raw, (2, 5)) <= 3.0 * (1 + 1e-9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..validate import positive_int
@@ -147,3 +148,16 @@ class HouseHolder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, dim={self.dim}"
+
+
+class LPReLU(nn.PReLU):
+    """PReLU whose slopes are clamped to [-1, 1] in use (deel-torchlip's ``LPReLU``): x for x >= 0,
+    a x otherwise, |a| <= 1, so 1-Lipschitz for every raw slope (not gradient-norm preserving unless
+    |a| = 1). ``num_parameters``: 1 or the number of channels (dim 1), as ``nn.PReLU``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.prelu(x, self.slopes())
+
+    def slopes(self) -> torch.Tensor:
+        """The slopes in use: the raw ones clamped to [-1, 1]."""
+        return self.weight.clamp(-1.0, 1.0)

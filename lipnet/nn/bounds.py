@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..ortho import SAFETY_MARGIN, spectral_norm_bound
-from .activations import Abs, FullSort, GroupSort, HouseHolder, MaxMin
+from .activations import Abs, FullSort, GroupSort, HouseHolder, LPReLU, MaxMin
 from .centering import BatchCentering, LayerCentering
 from .conv import OrthoConv2d
 from .conv1d import OrthoConv1d
@@ -26,7 +26,7 @@ from .cpl import ConvexPotentialLayer
 from .normalization import InputNormalization, L2BallProjection
 from .pooling import (FirstChannels, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d,
                       ScaledAvgPool2d)
-from .residual import ConcatResidual, ConvexResidual, L2NormResidual
+from .residual import ConcatResidual, ConvexResidual, L2NormResidual, PrescaledAdditiveResidual
 from .scattering import ROUNDING_MARGIN as SCATTERING_ROUNDING_MARGIN
 from .scattering import Scattering2d, operator_norm_squared
 from .sll import ExportedSLL, SLLBlock
@@ -135,6 +135,18 @@ def _sequential(m: nn.Sequential) -> float:
 def _convex_residual(m: ConvexResidual) -> float:
     alpha = float(m.alpha().detach())
     return (1 - alpha) + alpha * lipschitz_bound(m.f)
+
+
+@lipschitz_bound.register(PrescaledAdditiveResidual)
+def _prescaled_residual(m: PrescaledAdditiveResidual) -> float:  # (x + f(a x)) / (1 + |a|)
+    a = abs(float(m.alpha.detach()))
+    return (1.0 + a * lipschitz_bound(m.f)) / (1.0 + a) * (1 + SAFETY_MARGIN)
+
+
+@lipschitz_bound.register(nn.PReLU)
+def _prelu(m: nn.PReLU) -> float:  # slopes 1 and a per channel: max(1, max |a|)
+    slopes = m.slopes() if isinstance(m, LPReLU) else m.weight
+    return max(1.0, float(slopes.detach().abs().max()))
 
 
 @lipschitz_bound.register(ConcatResidual)

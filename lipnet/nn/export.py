@@ -23,7 +23,8 @@ from .conv1d import OrthoConv1d
 from .cpl import ConvexPotentialLayer
 from .linear import AOLLinear, OrthoLinear
 from .parametrizations import AOLScaling, CoreOrthogonalizer
-from .residual import ConvexResidual
+from .activations import LPReLU
+from .residual import ConvexResidual, PrescaledAdditiveResidual
 from .sll import ExportedSLL, SLLBlock
 
 _EXPORTERS: dict[type, Callable[[nn.Module], nn.Module]] = {}
@@ -89,6 +90,18 @@ def _cpl(m: ConvexPotentialLayer) -> ExportedSLL:
     t_inv = torch.full((m.inner_features,), 1.0 / (h * h) if h else 0.0, dtype=m.weight.dtype, device=m.weight.device)
     bias = None if m.bias is None else m.bias.detach().clone()
     return ExportedSLL(m.weight.detach().clone(), t_inv, bias, m.kernel_size is not None)
+
+
+@register_exporter(PrescaledAdditiveResidual)
+def _prescaled(m: PrescaledAdditiveResidual) -> PrescaledAdditiveResidual:
+    return PrescaledAdditiveResidual(_export(m.f), alpha=float(m.alpha), learnable=False).to(m.alpha.device)
+
+
+@register_exporter(LPReLU)
+def _lprelu(m: LPReLU) -> nn.PReLU:  # the clamped slopes baked into a plain PReLU
+    out = nn.PReLU(m.num_parameters, device=m.weight.device, dtype=m.weight.dtype)
+    out.weight = _copy_param(m.slopes())
+    return out
 
 
 @register_exporter(ConvexResidual)

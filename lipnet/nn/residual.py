@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -69,3 +71,27 @@ class L2NormResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.f(x)
         return torch.sqrt(0.5 * x * x + 0.5 * out * out + self.eps)
+
+
+class PrescaledAdditiveResidual(nn.Module):
+    """x -> (x + f(alpha x)) / (1 + |alpha|) (orthogonium's ``PrescaledAdditiveResidual``; alpha
+    learned by default, as there).
+
+    Bound (triangle inequality): Lip <= (1 + |alpha| Lip(f)) / (1 + |alpha|), so 1-Lipschitz
+    whenever f is, for every alpha; ``lipschitz_bound`` evaluates it with the current alpha.
+    """
+
+    def __init__(self, f: nn.Module, alpha: float = 1.0, learnable: bool = True) -> None:
+        super().__init__()
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"PrescaledAdditiveResidual: alpha must be finite, got {alpha!r}")
+        self.f, self.learnable = f, learnable
+        if learnable:
+            self.alpha = nn.Parameter(torch.tensor(alpha))
+        else:
+            self.register_buffer("alpha", torch.tensor(alpha))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha.to(x.dtype)
+        return (x + self.f(a * x)) / (1 + a.abs())
