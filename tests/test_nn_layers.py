@@ -584,3 +584,27 @@ def test_lprelu_clamps_its_slopes_and_exports_to_a_plain_prelu():
     assert ln.lipschitz_bound(plain) == 1.0
     raw = nn.PReLU(1, init=-3.0)  # a plain PReLU's rule: max(1, max |a|)
     assert ln.lipschitz_bound(raw) == 3.0 and attack(raw, (2, 5)) <= 3.0 * (1 + 1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(features=st.integers(1, 8), alpha=st.floats(-4, 4), per_channel=st.booleans(), seed=st.integers(0, 1000))
+def test_lprelu_and_prescaled_residual_bounds_survive_attack_on_random_shapes(features, alpha, per_channel, seed):
+    torch.manual_seed(seed)
+    act = ln.LPReLU(features if per_channel else 1)
+    with torch.no_grad():
+        act.weight.normal_(0, 2)  # raw slopes beyond [-1, 1]: the clamp must hold the bound
+    low, bound = assert_bound_holds(act, (3, features, 2), seed)
+    assert bound == 1.0
+    res = ln.PrescaledAdditiveResidual(nn.Sequential(ln.OrthoLinear(features, features), act), alpha=alpha)
+    low, bound = assert_bound_holds(res, (3, features), seed)
+    assert bound <= 1 + 1e-4
+    x = torch.randn(4, features, dtype=torch.float64)
+    assert torch.equal(ln.export(res)(x), res.eval()(x))
+
+
+@pytest.mark.parametrize("layer", [lambda: ln.LPReLU(4), lambda: ln.PrescaledAdditiveResidual(ln.OrthoLinear(4, 4))])
+def test_private_training_refuses_layers_without_a_sensitivity_rule(layer):
+    from lipnet.privacy import gradient_norm_bounds
+    model = nn.Sequential(ln.OrthoLinear(4, 4), layer(), ln.OrthoLinear(4, 3))
+    with pytest.raises(TypeError, match="no .*rule|not supported|bound rule"):
+        gradient_norm_bounds(model, 1.0, ln.LipschitzCrossEntropy(), (4,))
