@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dp-train", choices=["dense", "all"], default=None,
                    help="--dp: train only the dense layers (convolutions stay random orthogonal; the preset's "
                         "default) or every layer")
+    t.add_argument("--holdout", type=int, default=None,
+                   help="leave N training images out (a fixed random subset) and report every epoch's "
+                        "accuracy on them instead of the test split, to choose a recipe without the test set")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (DDP; gloo on CPU, nccl on CUDA); "
                         "under torchrun this is taken from its environment")
@@ -152,10 +155,15 @@ class _DelayedLoader:
 
 
 def _loaders(config: TrainConfig, args, world_size: int = 1):
+    """(train loader, evaluation loader): the evaluation split is the test split, or with
+    ``config.holdout`` that many training images left out of training (the test split is not read)."""
     train = lipdata.load_dataset(config.dataset, "train", args.data_root, limit=config.limit,
                                  progress=not args.no_progress)
-    test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=config.limit,
-                                progress=not args.no_progress)
+    if config.holdout:
+        train, test = lipdata.holdout_split(train, config.holdout)
+    else:
+        test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=config.limit,
+                                    progress=not args.no_progress)
     if world_size > 1:  # this rank's share of the same global batches (same seed on every rank)
         train_loader = lipdist.ShardedBatchLoader(train, config.batch_size, shuffle=True, seed=config.seed)
     else:
@@ -177,7 +185,7 @@ def _train_process(argv: list[str]) -> None:
 # Options of `lipnet train` whose value is part of the result, and the TrainConfig field each sets.
 _RESULT_OPTIONS = (("--dataset", "dataset"), ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"),
                    ("--model", "model"), ("--offset", "offset"), ("--seed", "seed"), ("--limit", "limit"),
-                   ("--amp", "amp"))
+                   ("--amp", "amp"), ("--holdout", "holdout"))
 
 
 def _amp_option(args) -> str | None:
@@ -256,9 +264,13 @@ def cmd_train(args) -> int:
 
 def _train_config(args) -> TrainConfig:
     """The dataset's preset (the private one with --dp) with the command line's overrides."""
+    if args.holdout is not None and args.dp:
+        raise ValueError("--holdout is not available with --dp (benchmarks/privacy.py --tune searches private "
+                         "recipes on a held-out split)")
     config = TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, preset=args.preset,
                                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, offset=args.offset,
-                                     seed=args.seed, limit=args.limit, amp=_amp_option(args))
+                                     seed=args.seed, limit=args.limit, amp=_amp_option(args),
+                                     holdout=args.holdout)
     if args.amp == "fp32":
         config.amp = None
     if args.width is not None:
@@ -289,7 +301,8 @@ def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: C
     if resume is not None:
         what = f"resuming {resume.path} after epoch {resume.epoch}/{config.epochs}: {what}"
     amp = f" with {config.amp} autocast" if config.amp else ""
-    log(f"{what} ({len(train_loader.dataset)} train / {len(test_loader.dataset)} test) for {config.epochs} epochs "
+    evaluation = f"{len(test_loader.dataset)} held-out train" if config.holdout else f"{len(test_loader.dataset)} test"
+    log(f"{what} ({len(train_loader.dataset)} train / {evaluation}) for {config.epochs} epochs "
         f"on {ctx.device}{procs}{amp}")
     start = time.perf_counter()
     fit(model, train_loader, test_loader, config, device=ctx.device, progress=not args.no_progress, log=log,

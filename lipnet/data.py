@@ -95,6 +95,16 @@ class ImageDataset(torch.utils.data.Dataset):
         return ImageDataset(self.images[index], self.labels[index], self.info)
 
 
+def holdout_split(dataset: ImageDataset, holdout: int) -> tuple[ImageDataset, ImageDataset]:
+    """(training part, held-out part): the held-out part is the last ``holdout`` examples of a
+    seed-0 permutation of ``dataset``, the training part the rest (disjoint, the same on every call)."""
+    positive_int(holdout, "holdout")
+    if holdout >= len(dataset):
+        raise ValueError(f"holdout={holdout} leaves no training examples out of {len(dataset)}")
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    return dataset.subset(perm[:-holdout]), dataset.subset(perm[-holdout:])
+
+
 def random_split(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """Split into two disjoint random parts, the first holding round(fraction * n) examples
     (e.g. conformal calibration / test). Deterministic for a given ``seed``."""

@@ -78,6 +78,9 @@ class TrainConfig:
     eval_eps: tuple[float, ...] = ()
     seed: int = 0
     limit: int | None = None
+    # evaluate on this many training images (a fixed seed-0 permutation's last ones, left out of
+    # training) instead of the test split: for choosing a recipe without looking at the test set
+    holdout: int | None = None
     # private training: {"epsilon", "delta", "input_bound", "accountant", "noise"}; None = not private
     dp: dict | None = None
     # mixed precision of the training steps: "bf16", "fp16" (CUDA only) or None (fp32); evaluation is always fp32

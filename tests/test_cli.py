@@ -393,3 +393,31 @@ def test_train_parametrization_option(tmp_path, data_root):
     # a resumed run keeps it: asking for the other one is refused
     assert main(["train", "--resume", str(out), "--parametrization", "retraction", "--no-progress",
                  "--data-root", str(data_root)]) == 2
+
+
+def test_train_with_a_holdout_evaluates_on_training_images_left_out(tmp_path, data_root, capsys):
+    from lipnet import data as lipdata
+    out = tmp_path / "held"
+    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--holdout", "100", "--width", "4",
+               "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    assert rc == 0
+    assert "200 train / 100 held-out train" in capsys.readouterr().out
+    model, config, history = load_checkpoint(out)
+    assert config.holdout == 100 and len(history) == 1
+    train = lipdata.load_dataset("mnist", "train", data_root, limit=300, progress=False)
+    fit_part, held = lipdata.holdout_split(train, 100)
+    assert len(fit_part) == 200 and len(held) == 100
+    rows = {tuple(r) for r in fit_part.images.flatten(1).tolist()}
+    assert not any(tuple(r) in rows for r in held.images.flatten(1).tolist())  # disjoint
+    with torch.no_grad():  # the reported clean accuracy is the held-out one
+        clean = (model(held.images.float() / 255).argmax(1) == held.labels).double().mean().item()
+    assert history[0]["clean"] == pytest.approx(clean, abs=1e-9)
+    common = ["--no-progress", "--data-root", str(data_root)]
+    assert main(["train", "--resume", str(out), "--holdout", "50", *common]) == 2
+    assert "--holdout 50" in capsys.readouterr().err
+    assert main(["train", "--dataset", "mnist", "--holdout", "300", "--limit", "300", "--out", str(tmp_path / "x"),
+                 *common]) == 2
+    assert "no training examples" in capsys.readouterr().err
+    assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "1", "--holdout", "10", "--out",
+                 str(tmp_path / "y"), *common]) == 2
+    assert "not available with --dp" in capsys.readouterr().err
