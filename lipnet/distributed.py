@@ -122,6 +122,18 @@ def all_gather_stack(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation along dim 0 of ``x`` from every rank, in rank order, where the ranks' ``x`` may
+    differ in their first dimension only (``x`` itself when not distributed)."""
+    _, world_size = world()
+    if world_size == 1:
+        return x
+    sizes = all_gather_stack(torch.tensor([len(x)], device=x.device)).tolist()
+    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])]) if len(x) < max(sizes) else x
+    parts = all_gather_stack(padded).split(max(sizes))
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
 def all_reduce_mean(value: float) -> float:
     """Mean of a Python number over the ranks (the number itself when not distributed)."""
     _, world_size = world()
@@ -172,5 +184,5 @@ class ShardedBatchLoader:
             yield x, self.dataset.labels[idx].to(self.device, non_blocking=True)
 
 
-__all__ = ["DistributedContext", "ShardedBatchLoader", "all_gather_stack", "all_reduce_mean", "destroy_distributed",
+__all__ = ["DistributedContext", "ShardedBatchLoader", "all_gather_rows", "all_gather_stack", "all_reduce_mean", "destroy_distributed",
            "init_distributed", "launch", "world", "wrap_ddp"]

@@ -12,7 +12,7 @@ import lipnet.optim.muon as muon_mod
 from lipnet.data import BatchLoader, ImageDataset
 from lipnet.distributed import (ShardedBatchLoader, all_gather_stack, all_reduce_mean, destroy_distributed,
                                 init_distributed, launch, world, wrap_ddp)
-from lipnet.optim import TurboMuon, split_params
+from lipnet.optim import SchattenMuon, TurboMuon, split_params
 
 WORLD = 2
 OPT_SHAPES = [(6, 10), (6, 10), (6, 10), (5, 2, 2, 2), (7, 3), (7, 3)]  # stacks of 3 (padded), 1 (< ranks), 2
@@ -57,6 +57,34 @@ def _train(model: nn.Module, forward: nn.Module, xs: torch.Tensor, ys: torch.Ten
             o.step()
 
 
+def _schatten_model() -> nn.Sequential:
+    torch.manual_seed(5)  # same init everywhere (no DDP broadcast needed)
+    return nn.Sequential(nn.Linear(12, 32, bias=False), nn.Tanh(), nn.Linear(32, 32, bias=False), nn.Tanh(),
+                         nn.Linear(32, 32, bias=False), nn.Tanh(), nn.Linear(32, 4, bias=False)).double()
+
+
+def _schatten_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """A regression whose two half-batches (the ranks' parts) have very different input spectra:
+    rank 0's inputs are multiples of one vector, rank 1's white -- alone, each half drives p elsewhere."""
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(STEPS, 64, 12, generator=g, dtype=torch.float64)
+    xs[:, :32] = xs[:, :1] * torch.randn(STEPS, 32, 1, generator=g, dtype=torch.float64)
+    return xs, torch.tanh(xs @ torch.randn(12, 4, generator=g, dtype=torch.float64))
+
+
+def _schatten_train(model: nn.Module, forward: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
+    """Adaptive-p SchattenMuon with the criterion and the activation statistics at every step;
+    returns the p each matrix chose last."""
+    opt = SchattenMuon(model.parameters(), lr=0.02, p="adaptive", pmin=1.1, pmax=8.0, p_every=1, act_every=1,
+                       act_rows=64)
+    opt.watch(model)
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        F.mse_loss(forward(x), y).backward()
+        opt.step()
+    return opt.current_p()
+
+
 # ------------------------------------------------------------------------------------- the rank's job
 def _rank_job(out_dir: str) -> None:
     torch.set_num_threads(1)
@@ -81,6 +109,15 @@ def _rank_job(out_dir: str) -> None:
         with torch.no_grad():
             ddp(xs[0, part])  # a DDP forward broadcasts rank 0's buffers
         result[f"layers_{centering}"] = (trained, model.state_dict())
+    model = _schatten_model()
+    computed = []
+    real_schatten = SchattenMuon._schatten
+    SchattenMuon._schatten = lambda self, U, *a: computed.append(len(U)) or real_schatten(self, U, *a)
+    xs, ys = _schatten_data()
+    half = slice(ctx.rank * 32, (ctx.rank + 1) * 32)
+    p_chosen = _schatten_train(model, wrap_ddp(model, ctx), xs[:, half], ys[:, half])
+    SchattenMuon._schatten = real_schatten
+    result["schatten"] = ({k: v.clone() for k, v in model.state_dict().items()}, p_chosen, computed)
     torch.save(result, f"{out_dir}/rank{ctx.rank}.pt")
     destroy_distributed()
 
@@ -129,6 +166,20 @@ def test_lipnet_layers_train_under_ddp_identically_across_ranks(ranks, centering
     _train(model, model, xs, ys)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(trained[0][k], v, rtol=1e-9, atol=1e-10)
+
+
+def test_schatten_muon_sharded_with_gathered_activations_equals_one_process(ranks):
+    model = _schatten_model()
+    xs, ys = _schatten_data()
+    p_single = _schatten_train(model, model, xs, ys)
+    assert len({round(p, 4) for p in p_single}) > 1  # the criterion moved: the comparison means something
+    for r in ranks:
+        weights, p_chosen, _ = r["schatten"]
+        assert p_chosen == p_single  # every rank picks the p one process picks
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(weights[k], v, rtol=1e-9, atol=1e-10)
+    # stacks of 1, 2 and 1 matrices: rank 0 computes one of each, rank 1 only one of the pair
+    assert ranks[0]["schatten"][2] == [1, 1, 1] * STEPS and ranks[1]["schatten"][2] == [1] * STEPS
 
 
 # --------------------------------------------------------------------------------- no process group

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_gather_rows, all_gather_stack, world
 from ..ortho import orthogonalize
 from ..ortho.validation import check_matrices
 from ..validate import finite_nonnegative, unit_interval
@@ -224,9 +225,16 @@ class SchattenMuon(torch.optim.Optimizer):
     maximizing the module docstring's f(p) (its ``<G, S_p>`` ratio averaged over evaluations with
     ``stat_beta``; activation spectra recorded by :meth:`watch` every ``act_every`` steps, a multiple
     of ``p_every``, else white activations); the p is kept in between. Starts at ``pmax``. Guarantees: p stays in [pmin, pmax] (a grid value); no host synchronization in
-    ``step``; same-shape matrices share one batched eigh. Not sharded under torch.distributed:
-    every rank computes every matrix (and, recording activations, its own local batch's spectrum,
-    so ranks may pick different p -- untested under DDP).
+    ``step``; same-shape matrices share one batched eigh.
+
+    Under ``torch.distributed`` (``distributed=None``: whenever more than one rank is initialized),
+    *given gradients identical on every rank* (as after DDP's all-reduce): each rank computes its
+    share of every same-shape stack (as TurboMuon) and the results and the adaptive state (p, the
+    alignment and activation statistics) are all-gathered; the layer inputs recorded by
+    :meth:`watch` are all-gathered in rank order before their statistics are taken, so every rank
+    sees the global batch (``lipnet.distributed.ShardedBatchLoader``'s contiguous parts) and picks
+    the p one process would. ``distributed=False``: every rank computes every matrix (the inputs
+    are still gathered).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float, p: float | str = "adaptive",
@@ -235,7 +243,7 @@ class SchattenMuon(torch.optim.Optimizer):
                  p_every: int = 10, stat_beta: float = 0.9, act_every: int = 50, act_rows: int = 256,
                  floor: float = 1e-3,
                  precondition: str | None = None, beta2: float = 0.999, eps: float = 1e-8, ns_steps: int = 4,
-                 low_precision: bool | None = None) -> None:
+                 low_precision: bool | None = None, distributed: bool | None = None) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         if p != "adaptive":
@@ -270,7 +278,7 @@ class SchattenMuon(torch.optim.Optimizer):
                     raise ValueError(f"SchattenMuon needs parameters with >= 2 dims, got shape {tuple(param.shape)}")
         self.pmin, self.pmax, self.floor, self.stat_beta = float(pmin), float(pmax), floor, stat_beta
         self.p_every, self.act_every, self.act_rows = p_every, act_every, act_rows
-        self.ns_steps, self.low_precision = ns_steps, low_precision
+        self.ns_steps, self.low_precision, self.distributed = ns_steps, low_precision, distributed
         self.grid = p_grid(pmin, pmax, p_points)
         self._pending: dict[nn.Parameter, tuple[nn.Module, torch.Tensor]] = {}
 
@@ -294,6 +302,15 @@ class SchattenMuon(torch.optim.Optimizer):
         if not torch.is_grad_enabled() or self.state[module.weight].get("step", 0) % self.act_every:
             return
         self._pending[module.weight] = (module, inputs[0].detach())   # features computed in step()
+
+    def _gather_pending(self) -> None:
+        """Replace each recorded layer input by the concatenation of every rank's (rank order), in the
+        parameters' order: the same collectives on every rank."""
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q in self._pending:
+                    module, x = self._pending[q]
+                    self._pending[q] = (module, all_gather_rows(x))
 
     def _activation_log_norms(self, param: nn.Parameter, n: int, dtype: torch.dtype) -> torch.Tensor:
         state, pending = self.state[param], self._pending.pop(param, None)
@@ -320,11 +337,14 @@ class SchattenMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._pending and world()[1] > 1:
+            self._gather_pending()
         for group in self.param_groups:
             params = [q for q in group["params"] if q.grad is not None]
             if not params:
                 continue
             beta, lr, wd, p = group["momentum"], group["lr"], group["weight_decay"], group["p"]
+            shard = world()[1] > 1 and self.distributed is not False
             grads = [q.grad for q in params]
             updates = momentum_directions(self.state, params, grads, beta, group["nesterov"])
             for q in params:
@@ -334,15 +354,61 @@ class SchattenMuon(torch.optim.Optimizer):
                 updates = torch._foreach_mul(updates, D)
             for (m, n, _, _), idx in same_shape_stacks(params).items():
                 U = torch.stack([updates[i].reshape(m, n) for i in idx])
+                stack = [params[i] for i in idx]
                 if p == math.inf and D is None:       # TurboMuon
-                    O = orthogonalize(U, "turbo", self.ns_steps, low_precision=self.low_precision, validate=False)
+                    O = self._shared(U, shard, U.dtype, lambda part, lo, hi: orthogonalize(
+                        part, "turbo", self.ns_steps, low_precision=self.low_precision, validate=False))
                 else:
-                    O = self._schatten(U, p, [params[i] for i in idx], n)
+                    dtype = torch.float64 if U.dtype == torch.float64 else torch.float32  # what _schatten returns
+                    O = self._shared(U, shard, dtype, lambda part, lo, hi: self._schatten(part, p, stack[lo:hi], n))
+                    if p == "adaptive" and shard:
+                        self._share_adaptive_state(stack, O.dtype)
                     if D is not None:
                         O = O * torch.stack([D[i].reshape(m, n) for i in idx]).to(O.dtype)
                     O = O * (math.sqrt(min(m, n)) / (torch.linalg.matrix_norm(O, keepdim=True) + 1e-12))
                 apply_updates([params[i] for i in idx], O, lr, wd, lr_scale(m, n, group["adjust_lr"]))
+        self._pending.clear()  # inputs of matrices another rank computed: consumed there
         return loss
+
+    @staticmethod
+    def _shared(U: torch.Tensor, shard: bool, dtype: torch.dtype, compute) -> torch.Tensor:
+        """``compute(part, lo, hi)`` (results in ``dtype``) of the stack U (B, m, n); sharded: rank r
+        computes matrices r*c .. min((r+1)*c, B) - 1 (c = ceil(B / world_size)), all-gathered."""
+        count = len(U)
+        if not shard:
+            return compute(U, 0, count)
+        rank, world_size = world()
+        chunk = -(-count // world_size)
+        lo, hi = min(rank * chunk, count), min((rank + 1) * chunk, count)
+        # fewer matrices than ranks leaves a rank nothing to compute, but the gather is collective
+        part = compute(U[lo:hi], lo, hi).to(dtype) if hi > lo else U.new_zeros(0, *U.shape[1:], dtype=dtype)
+        if len(part) < chunk:
+            part = torch.cat([part, part.new_zeros(chunk - len(part), *part.shape[1:])])
+        return all_gather_stack(part)[:count]
+
+    def _share_adaptive_state(self, stack: list, dtype: torch.dtype) -> None:
+        """After a sharded step: every rank takes each matrix's p, alignment and activation
+        statistics from the rank that computed it (absent entries travel as NaN; reading them back
+        is the one host synchronization of a distributed step besides the collectives)."""
+        rank, world_size = world()
+        count, g = len(stack), len(self.grid)
+        chunk = -(-count // world_size)
+        lo, hi = min(rank * chunk, count), min((rank + 1) * chunk, count)
+        device = stack[0].device
+        local = torch.full((chunk, 1 + 2 * g), math.nan, dtype=dtype, device=device)
+        for row, q in enumerate(stack[lo:hi]):
+            state = self.state[q]
+            local[row, 0] = state["p"]
+            for col, key in ((1, "alignment"), (1 + g, "act_log_norm")):
+                if key in state:
+                    local[row, col:col + g] = state[key]
+        rows = all_gather_stack(local)[:count]
+        for q, row in zip(stack, rows):
+            state = self.state[q]
+            state["p"] = row[0].clone()
+            for col, key in ((1, "alignment"), (1 + g, "act_log_norm")):
+                if not torch.isnan(row[col]):
+                    state[key] = row[col:col + g].clone()
 
     def _preconditioners(self, group: dict, params: list, grads: list) -> list[torch.Tensor]:
         beta2, eps, p = group["beta2"], group["eps"], group["p"]
