@@ -335,3 +335,54 @@ def test_optimizer_bad_arguments():
             SchattenMuon(w, **kw)
     with pytest.raises(ValueError, match=">= 2 dims"):
         SchattenMuon([nn.Parameter(torch.randn(3))], lr=0.1)
+
+
+def _kappa(adam_lr, lr, m, n, beta1=0.9, regime="noisy"):
+    rho_adam = 1.0 if regime == "determ" else math.sqrt((1 - beta1) / (1 + beta1))
+    return adam_lr * rho_adam * math.sqrt(max(m, n)) / lr  # (eta_adam rho_adam) / (eta_muon / sqrt(max(m, n)))
+
+
+@pytest.mark.parametrize("p,regime", [(1.0, "noisy"), (2.0, "determ"), (5.5, "noisy"), (math.inf, "noisy")])
+def test_kappa_pin_matches_the_hand_written_step(p, regime):
+    params = _params()
+    ref = [q.detach().clone() for q in params]
+    lr, adam_lr = 0.05, 3e-3
+    opt = SchattenMuon(params, lr=lr, p=p, momentum=0.0, pin="kappa", adam_lr=adam_lr, adam_regime=regime)
+    _drive(opt, params, 1)
+    for q, r, g in zip(params, ref, _grads(ref, 0)):
+        m, n = len(r), r[0].numel()
+        if p == math.inf:  # kappa^0 = 1: the core's turbo polar factor itself, without adjust_lr's factor
+            from lipnet.ortho import orthogonalize
+            s = orthogonalize(g.reshape(1, m, n), "turbo", 4)[0]
+        else:
+            s = _svd_power(g.reshape(m, n), p)
+            s = s * math.sqrt(min(m, n)) / s.norm()
+        s = s * _kappa(adam_lr, lr, m, n, regime=regime) ** (1 / p)  # no adjust_lr factor
+        torch.testing.assert_close(r - q.detach(), lr * s.reshape(r.shape), atol=1e-10, rtol=0)
+    # p = 1: the per-entry RMS of the step is Adam's adam_lr * rho_adam
+    if p == 1.0:
+        for q, r in zip(params, ref):
+            rms = (r - q.detach()).pow(2).mean().sqrt().item()
+            rho = 1.0 if regime == "determ" else math.sqrt(0.1 / 1.9)
+            assert rms == pytest.approx(adam_lr * rho * math.sqrt(min(q.shape[0], q[0].numel())
+                                        * max(q.shape[0], q[0].numel()) / q.numel()), rel=1e-9)
+
+
+def test_kappa_pin_with_adaptive_p_uses_each_matrix_p():
+    params = _params([(6, 10), (5, 5)])
+    ref = [q.detach().clone() for q in params]
+    lr, adam_lr = 0.05, 1e-3
+    opt = SchattenMuon(params, lr=lr, p="adaptive", momentum=0.0, pin="kappa", adam_lr=adam_lr, p_every=1)
+    _drive(opt, params, 1)
+    for q, r, p in zip(params, ref, opt.current_p()):
+        m, n = len(r), r[0].numel()
+        norm = (r - q.detach()).norm().item()
+        assert norm == pytest.approx(lr * math.sqrt(min(m, n)) * _kappa(adam_lr, lr, m, n) ** (1 / p), rel=1e-6)
+
+
+def test_kappa_pin_bad_arguments():
+    w = [nn.Parameter(torch.randn(3, 4))]
+    for kw in (dict(pin="spectral"), dict(pin="kappa"), dict(pin="kappa", adam_lr=-1.0),
+               dict(pin="kappa", adam_lr=1e-3, adam_beta1=1.0), dict(adam_regime="calm")):
+        with pytest.raises(ValueError):
+            SchattenMuon(w, lr=0.1, **kw)

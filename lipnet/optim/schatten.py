@@ -48,11 +48,13 @@ from torch import nn
 from ..distributed import all_gather_rows, all_gather_stack, world
 from ..ortho import orthogonalize
 from ..ortho.validation import check_matrices
-from ..validate import finite_nonnegative, unit_interval
+from ..validate import finite_nonnegative, finite_positive, unit_interval
 from .muon import ADJUST_LR, apply_updates, lr_scale, momentum_directions, same_shape_stacks
 
 ROOTS = ("eigh", "newton")
 PRECONDITIONERS = (None, "adam", "muadam")
+PINS = ("frobenius", "kappa")
+ADAM_REGIMES = ("noisy", "determ")
 
 
 def _check_p(p) -> float:
@@ -215,8 +217,13 @@ class SchattenMuon(torch.optim.Optimizer):
         S = schatten_update(U, p);  (precondition) S <- D * S
         W = (1 - lr wd) W - lr * scale(m, n) * sqrt(min(m, n)) * S / ||S||_F
 
-    The Frobenius norm is pinned to that of U V^T (the paper's repository does the same), so one lr
-    serves every p; p = inf is exactly :class:`TurboMuon` (the core's turbo polar factor, not pinned).
+    ``pin="frobenius"`` (default): the Frobenius norm is pinned to that of U V^T, sqrt(min(m, n)), so
+    one lr serves every p; p = inf is exactly :class:`TurboMuon` (the core's turbo polar factor, not
+    pinned). ``pin="kappa"`` (the paper repository's default): sqrt(min(m, n)) kappa^(1/p) with
+    kappa = (adam_lr rho_adam) sqrt(max(m, n)) / lr, rho_adam = sqrt((1 - adam_beta1) / (1 + adam_beta1))
+    (``adam_regime="noisy"``) or 1 (``"determ"``), so the step is Muon's at p = inf and Adam's
+    per-entry step adam_lr rho_adam at p = 1; ``adjust_lr``'s factor is then not applied (kappa
+    already carries the shape), as in the repository.
     ``precondition``: ``"adam"`` (e = 1/(2(p+1)): p = 1 is Adam's direction m / sqrt(v + eps), p -> inf
     Muon) or ``"muadam"`` (e = 1/4: p = 1 Adam, p -> inf MuAdam); both from the paper's repository
     (moments "padam" / "adam"); fixed p only.
@@ -243,7 +250,8 @@ class SchattenMuon(torch.optim.Optimizer):
                  p_every: int = 10, stat_beta: float = 0.9, act_every: int = 50, act_rows: int = 256,
                  floor: float = 1e-3,
                  precondition: str | None = None, beta2: float = 0.999, eps: float = 1e-8, ns_steps: int = 4,
-                 low_precision: bool | None = None, distributed: bool | None = None) -> None:
+                 low_precision: bool | None = None, distributed: bool | None = None, pin: str = "frobenius",
+                 adam_lr: float | None = None, adam_beta1: float = 0.9, adam_regime: str = "noisy") -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         if p != "adaptive":
@@ -267,10 +275,22 @@ class SchattenMuon(torch.optim.Optimizer):
         unit_interval(floor, "floor")
         if precondition not in PRECONDITIONERS:
             raise ValueError(f"unknown precondition {precondition!r}; expected one of {PRECONDITIONERS}")
+        if pin not in PINS:
+            raise ValueError(f"unknown pin {pin!r}; expected one of {PINS}")
+        if pin == "kappa":
+            if adam_lr is None:
+                raise ValueError("pin='kappa' interpolates towards Adam's step: give adam_lr (the lr of the "
+                                 "AdamW that trains the other parameters)")
+            finite_positive(adam_lr, "adam_lr")
+        if not (isinstance(adam_beta1, (int, float)) and 0 <= adam_beta1 < 1):
+            raise ValueError(f"adam_beta1 must be in [0, 1), got {adam_beta1!r}")
+        if adam_regime not in ADAM_REGIMES:
+            raise ValueError(f"unknown adam_regime {adam_regime!r}; expected one of {ADAM_REGIMES}")
         if precondition is not None and p == "adaptive":
             raise ValueError("precondition needs a fixed p (adaptive p with preconditioning is not implemented)")
         defaults = dict(lr=lr, p=p, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        adjust_lr=adjust_lr, precondition=precondition, beta2=beta2, eps=eps)
+                        adjust_lr=adjust_lr, precondition=precondition, beta2=beta2, eps=eps, pin=pin,
+                        adam_lr=adam_lr, adam_beta1=adam_beta1, adam_regime=adam_regime)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for param in group["params"]:
@@ -366,7 +386,10 @@ class SchattenMuon(torch.optim.Optimizer):
                     if D is not None:
                         O = O * torch.stack([D[i].reshape(m, n) for i in idx]).to(O.dtype)
                     O = O * (math.sqrt(min(m, n)) / (torch.linalg.matrix_norm(O, keepdim=True) + 1e-12))
-                apply_updates([params[i] for i in idx], O, lr, wd, lr_scale(m, n, group["adjust_lr"]))
+                if group["pin"] == "kappa":
+                    O = O * self._kappa_power(group, m, n, p, stack, O.dtype)
+                scale = 1.0 if group["pin"] == "kappa" else lr_scale(m, n, group["adjust_lr"])
+                apply_updates([params[i] for i in idx], O, lr, wd, scale)
         self._pending.clear()  # inputs of matrices another rank computed: consumed there
         return loss
 
@@ -409,6 +432,20 @@ class SchattenMuon(torch.optim.Optimizer):
             for col, key in ((1, "alignment"), (1 + g, "act_log_norm")):
                 if not torch.isnan(row[col]):
                     state[key] = row[col:col + g].clone()
+
+    def _kappa_power(self, group: dict, m: int, n: int, p, stack: list, dtype: torch.dtype):
+        """kappa^(1/p) per matrix, kappa = (adam_lr rho_adam) / (lr rho_muon), rho_muon = 1/sqrt(max(m, n)),
+        rho_adam = sqrt((1 - beta1) / (1 + beta1)) ("noisy") or 1 ("determ"): the update's Frobenius
+        norm moves from Muon's sqrt(min(m, n)) at p = inf to Adam's per-entry step at p = 1."""
+        if group["lr"] <= 0:
+            return 1.0
+        b1 = group["adam_beta1"]
+        rho_adam = 1.0 if group["adam_regime"] == "determ" else math.sqrt((1 - b1) / (1 + b1))
+        kappa = max(group["adam_lr"] * rho_adam * math.sqrt(max(m, n)) / group["lr"], 1e-12)
+        if p == "adaptive":
+            p_vec = torch.stack([self.state[q]["p"] for q in stack]).to(dtype)
+            return torch.pow(kappa, 1 / p_vec)[:, None, None]
+        return kappa ** (1 / p)
 
     def _preconditioners(self, group: dict, params: list, grads: list) -> list[torch.Tensor]:
         beta2, eps, p = group["beta2"], group["eps"], group["p"]
