@@ -226,7 +226,8 @@ class SchattenMuon(torch.optim.Optimizer):
     already carries the shape), as in the repository.
     ``precondition``: ``"adam"`` (e = 1/(2(p+1)): p = 1 is Adam's direction m / sqrt(v + eps), p -> inf
     Muon) or ``"muadam"`` (e = 1/4: p = 1 Adam, p -> inf MuAdam); both from the paper's repository
-    (moments "padam" / "adam"); fixed p only.
+    (moments "padam" / "adam"). With adaptive p, D takes e from the p in force when the step starts
+    and the criterion runs on D * U (its gradient term on the raw gradient).
 
     Adaptive p (``p="adaptive"``): at steps 1, 1 + p_every, ... each matrix takes the grid p
     maximizing the module docstring's f(p) (its ``<G, S_p>`` ratio averaged over evaluations with
@@ -286,8 +287,6 @@ class SchattenMuon(torch.optim.Optimizer):
             raise ValueError(f"adam_beta1 must be in [0, 1), got {adam_beta1!r}")
         if adam_regime not in ADAM_REGIMES:
             raise ValueError(f"unknown adam_regime {adam_regime!r}; expected one of {ADAM_REGIMES}")
-        if precondition is not None and p == "adaptive":
-            raise ValueError("precondition needs a fixed p (adaptive p with preconditioning is not implemented)")
         defaults = dict(lr=lr, p=p, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         adjust_lr=adjust_lr, precondition=precondition, beta2=beta2, eps=eps, pin=pin,
                         adam_lr=adam_lr, adam_beta1=adam_beta1, adam_regime=adam_regime)
@@ -448,8 +447,9 @@ class SchattenMuon(torch.optim.Optimizer):
         return kappa ** (1 / p)
 
     def _preconditioners(self, group: dict, params: list, grads: list) -> list[torch.Tensor]:
+        """D = (v_hat + eps)^(-e) per parameter; adaptive p: e from the p in force when the step
+        starts (the one chosen at the last criterion evaluation; pmax before the first)."""
         beta2, eps, p = group["beta2"], group["eps"], group["p"]
-        exponent = -0.25 if group["precondition"] == "muadam" else -1 / (2 * (p + 1))
         out = []
         for q, g in zip(params, grads):
             state = self.state[q]
@@ -457,6 +457,12 @@ class SchattenMuon(torch.optim.Optimizer):
                 state["second_moment"] = torch.zeros_like(q)
             v = state["second_moment"]
             v.lerp_(g.square(), 1 - beta2)
+            if group["precondition"] == "muadam":
+                exponent = -0.25
+            elif p == "adaptive":  # a tensor exponent: no host synchronization
+                exponent = -1 / (2 * (state["p"].to(v.dtype) + 1)) if "p" in state else -1 / (2 * (self.pmax + 1))
+            else:
+                exponent = -1 / (2 * (p + 1))
             out.append((v / (1 - beta2 ** state["step"]) + eps).pow(exponent))
         return out
 
