@@ -34,12 +34,10 @@ class _BCOPFactors(nn.Module):
                  parametrization: str) -> None:
         super().__init__()
         rank = channels // 2
-        self.head = nn.Parameter(torch.empty(groups, channels, channels))
-        self.projectors = nn.Parameter(torch.empty(groups, kernel_size - 1, channels, rank))
-        for p in (self.head, self.projectors):
-            nn.init.normal_(p)
-            parametrize.register_parametrization(self, "head" if p is self.head else "projectors",
-                                                 CoreOrthogonalizer(p.shape, method, steps, parametrization))
+        shapes = {"head": (groups, channels, channels), "projectors": (groups, kernel_size - 1, channels, rank)}
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.randn(shape)))
+            parametrize.register_parametrization(self, name, CoreOrthogonalizer(shape, method, steps, parametrization))
 
     def kernel(self) -> torch.Tensor:
         """(groups, c, c, k): the taps of K(z), tap j the coefficient of z^j."""
