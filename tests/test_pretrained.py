@@ -21,7 +21,7 @@ def _first_test_images(name: str, data_root, n: int):
 
 
 def test_the_package_ships_the_readme_models_within_25_mb():
-    assert {"cifar10"} <= set(pretrained_names())
+    assert {"cifar10", "mnist", "fashion-mnist"} <= set(pretrained_names())
     sizes = [pretrained_path(name).stat().st_size for name in pretrained_names()]
     assert sum(sizes) <= 25 * 2**20
     assert sorted(p.name for p in WEIGHTS_DIR.glob("*.pt")) == sorted(PRETRAINED[n].file for n in PRETRAINED)
