@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from ..validate import positive_int
 from ._checks import check_input
 from ._precision import full_precision
+from .conv import _check_channels
 from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, CoreOrthogonalizer, retract_
 
 PADDING_MODES = ("circular", "zeros")
@@ -75,12 +76,9 @@ class OrthoConv1d(nn.Module):
                  parametrization: str = DEFAULT_PARAMETRIZATION) -> None:
         super().__init__()
         name = "OrthoConv1d"
-        for label, v in (("in_channels", in_channels), ("out_channels", out_channels), ("kernel_size", kernel_size),
-                         ("stride", stride), ("dilation", dilation), ("groups", groups)):
+        _check_channels(in_channels, out_channels, groups)
+        for label, v in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
             positive_int(v, f"{name}: {label}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"{name}: in_channels={in_channels} and out_channels={out_channels} must be divisible "
-                             f"by groups={groups}")
         channels = max(in_channels, out_channels) // groups
         if kernel_size > 1 and channels < 2:
             raise ValueError(f"{name}: kernel_size={kernel_size} with one channel per group is orthogonal only as a "

@@ -70,10 +70,10 @@ for _cls in (OrthoLinear, AOLLinear, OrthoConv2d, AOLConv2d):
 def _ortho_conv1d(m: OrthoConv1d) -> nn.Conv1d:
     left, right = m.pads
     padding = left if left == right else "same"  # uneven: stride 1 only (checked at construction)
+    weight = m.weight  # built from the factors: once
     out = nn.Conv1d(m.in_channels, m.out_channels, m.kernel_size, m.stride, padding, m.dilation, m.groups,
-                    bias=m.bias is not None, padding_mode=m.padding_mode, device=m.bias.device if m.bias is not None
-                    else None, dtype=m.weight.dtype)
-    out.weight, out.bias = _copy_param(m.weight), _copy_param(m.bias)
+                    bias=m.bias is not None, padding_mode=m.padding_mode, device=weight.device, dtype=weight.dtype)
+    out.weight, out.bias = _copy_param(weight), _copy_param(m.bias)
     return out
 
 

@@ -197,7 +197,18 @@ def _true_and_others(logits: torch.Tensor, target: torch.Tensor, name: str) -> t
     return logits.gather(1, index[:, None])[:, 0], others
 
 
-class LseHKRLoss(_LogitLoss):
+class _SingleLabelHKR(_LogitLoss):
+    """Shared plumbing of the soft / log-sum-exp HKR losses: K >= 2 classes, alpha, temperature."""
+
+    def __init__(self, classes: int, alpha: float, temperature: float, reduction: str, name: str) -> None:
+        super().__init__(classes, reduction, name)
+        if self.classes < 2:
+            raise ValueError(f"{name}: classes must be >= 2 (a multiclass loss; one logit: HKRLoss(1, ...))")
+        self.alpha = unit_interval(alpha, f"{name}: alpha", closed_high=True)
+        self.temperature = finite_positive(temperature, f"{name}: temperature")
+
+
+class LseHKRLoss(_SingleLabelHKR):
     """HKR with a log-sum-exp summary of the other classes (deel-torchlip's ``LseHKRMulticlassLoss``).
 
     With z' = ``temperature`` * z, true logit p = z'_y and n = (1/t) logsumexp(t z'_j, j != y),
@@ -210,12 +221,8 @@ class LseHKRLoss(_LogitLoss):
 
     def __init__(self, classes: int, alpha: float = 1.0, min_margin: float = 1.0, temperature: float = 1.0,
                  penalty: float = 1.0, reduction: str = "mean") -> None:
-        super().__init__(classes, reduction, "LseHKRLoss")
-        if self.classes < 2:
-            raise ValueError("LseHKRLoss: classes must be >= 2 (a multiclass loss; one logit: HKRLoss(1, ...))")
-        self.alpha = unit_interval(alpha, "LseHKRLoss: alpha", closed_high=True)
-        self.min_margin = finite_positive(min_margin, "LseHKRLoss: min_margin")
-        self.temperature = finite_positive(temperature, "LseHKRLoss: temperature")
+        super().__init__(classes, alpha, temperature, reduction, "LseHKRLoss")
+        self.min_margin = finite_positive(min_margin, "LseHKRLoss: min_margin")  # t divides by it
         self.penalty = finite_positive(penalty, "LseHKRLoss: penalty")
 
     @property
@@ -238,7 +245,7 @@ class LseHKRLoss(_LogitLoss):
         return _reduce((1 - self.alpha) * (negative - true) + self.alpha * hinge, self.reduction)
 
 
-class SoftHKRLoss(_LogitLoss):
+class SoftHKRLoss(_SingleLabelHKR):
     """HKR with the other classes weighted by a softmax (deel-torchlip's ``SoftHKRMulticlassLoss``).
 
     Per sample, w = softmax(temperature * z_j, j != y) (differentiated, as deel-torchlip does):
@@ -254,12 +261,8 @@ class SoftHKRLoss(_LogitLoss):
 
     def __init__(self, classes: int, alpha: float = 0.9, min_margin: float = 1.0, temperature: float = 1.0,
                  reduction: str = "mean") -> None:
-        super().__init__(classes, reduction, "SoftHKRLoss")
-        if self.classes < 2:
-            raise ValueError("SoftHKRLoss: classes must be >= 2 (a multiclass loss; one logit: HKRLoss(1, ...))")
-        self.alpha = unit_interval(alpha, "SoftHKRLoss: alpha", closed_high=True)
+        super().__init__(classes, alpha, temperature, reduction, "SoftHKRLoss")
         self.min_margin = finite_nonnegative(min_margin, "SoftHKRLoss: min_margin")
-        self.temperature = finite_positive(temperature, "SoftHKRLoss: temperature")
 
     @property
     def lipschitz(self) -> float:

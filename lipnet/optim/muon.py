@@ -136,8 +136,7 @@ class TurboMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world_size = world()
-        shard = world_size > 1 if self.distributed is None else self.distributed
+        shard = world()[1] > 1 and self.distributed is not False
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -146,7 +145,7 @@ class TurboMuon(torch.optim.Optimizer):
             updates = momentum_directions(self.state, params, [p.grad for p in params], beta, group["nesterov"])
             for (m, n, _, _), idx in same_shape_stacks(params).items():
                 U = torch.stack([updates[i].reshape(m, n) for i in idx])
-                O = self._orthogonalize(U, group["ns_steps"], shard, rank, world_size)
+                O = self._orthogonalize(U, group["ns_steps"], shard)
                 if group["normuon"]:
                     v = torch.stack([self.state[params[i]].setdefault(
                         "second_moment", torch.zeros(m, 1, dtype=params[i].dtype, device=O.device)) for i in idx])
@@ -156,17 +155,32 @@ class TurboMuon(torch.optim.Optimizer):
                 apply_updates([params[i] for i in idx], O, lr, wd, lr_scale(m, n, group["adjust_lr"]))
         return loss
 
-    def _orthogonalize(self, U: torch.Tensor, steps: int, shard: bool, rank: int, world_size: int) -> torch.Tensor:
-        """The core's turbo polar factor of each matrix of the stack U (B, m, n); sharded: rank r
-        computes matrices r*c .. (r+1)*c - 1 (c = ceil(B / world_size), zero padding maps to zero)."""
+    def _orthogonalize(self, U: torch.Tensor, steps: int, shard: bool) -> torch.Tensor:
+        """The core's turbo polar factor of each matrix of the stack U (B, m, n); sharded: each rank
+        computes its share (:func:`shard_bounds`) and the results are all-gathered."""
         ortho = lambda X: orthogonalize(X, "turbo", steps, low_precision=self.low_precision, validate=False)
-        if not shard or world_size == 1:
+        if not shard:
             return ortho(U)
-        count = len(U)
-        chunk = -(-count // world_size)
-        if chunk * world_size > count:
-            U = torch.cat([U, U.new_zeros(chunk * world_size - count, *U.shape[1:])])
-        return all_gather_stack(ortho(U[rank * chunk:(rank + 1) * chunk]))[:count]
+        return compute_sharded(U, U.dtype, lambda part, lo, hi: ortho(part))
+
+
+def shard_bounds(count: int) -> tuple[int, int, int]:
+    """(chunk, lo, hi): this rank computes matrices lo .. hi - 1 of a stack of ``count``, rank r the
+    r-th run of chunk = ceil(count / world_size) (the last ranks' runs may be short or empty)."""
+    rank, world_size = world()
+    chunk = -(-count // world_size)
+    return chunk, min(rank * chunk, count), min((rank + 1) * chunk, count)
+
+
+def compute_sharded(U: torch.Tensor, dtype: torch.dtype, compute) -> torch.Tensor:
+    """``compute(part, lo, hi)`` (results in ``dtype``) on this rank's share U[lo:hi] of the stack U
+    (B, m, n), the shares all-gathered in rank order: every rank gets all B results."""
+    chunk, lo, hi = shard_bounds(len(U))
+    # a rank with nothing to compute still takes part in the collective gather
+    part = compute(U[lo:hi], lo, hi).to(dtype) if hi > lo else U.new_zeros(0, *U.shape[1:], dtype=dtype)
+    if len(part) < chunk:
+        part = torch.cat([part, part.new_zeros(chunk - len(part), *part.shape[1:])])
+    return all_gather_stack(part)[:len(U)]
 
 
 def _layer_name(param_name: str) -> str:

@@ -49,7 +49,8 @@ from ..distributed import all_gather_rows, all_gather_stack, world
 from ..ortho import orthogonalize
 from ..ortho.validation import check_matrices
 from ..validate import finite_nonnegative, finite_positive, unit_interval
-from .muon import ADJUST_LR, apply_updates, lr_scale, momentum_directions, same_shape_stacks
+from .muon import (ADJUST_LR, apply_updates, compute_sharded, lr_scale, momentum_directions, same_shape_stacks,
+                   shard_bounds)
 
 ROOTS = ("eigh", "newton")
 PRECONDITIONERS = (None, "adam", "muadam")
@@ -394,28 +395,15 @@ class SchattenMuon(torch.optim.Optimizer):
 
     @staticmethod
     def _shared(U: torch.Tensor, shard: bool, dtype: torch.dtype, compute) -> torch.Tensor:
-        """``compute(part, lo, hi)`` (results in ``dtype``) of the stack U (B, m, n); sharded: rank r
-        computes matrices r*c .. min((r+1)*c, B) - 1 (c = ceil(B / world_size)), all-gathered."""
-        count = len(U)
-        if not shard:
-            return compute(U, 0, count)
-        rank, world_size = world()
-        chunk = -(-count // world_size)
-        lo, hi = min(rank * chunk, count), min((rank + 1) * chunk, count)
-        # fewer matrices than ranks leaves a rank nothing to compute, but the gather is collective
-        part = compute(U[lo:hi], lo, hi).to(dtype) if hi > lo else U.new_zeros(0, *U.shape[1:], dtype=dtype)
-        if len(part) < chunk:
-            part = torch.cat([part, part.new_zeros(chunk - len(part), *part.shape[1:])])
-        return all_gather_stack(part)[:count]
+        """``compute(part, lo, hi)`` of the stack U: on this rank's share when sharded (all-gathered)."""
+        return compute_sharded(U, dtype, compute) if shard else compute(U, 0, len(U))
 
     def _share_adaptive_state(self, stack: list, dtype: torch.dtype) -> None:
         """After a sharded step: every rank takes each matrix's p, alignment and activation
         statistics from the rank that computed it (absent entries travel as NaN; reading them back
         is the one host synchronization of a distributed step besides the collectives)."""
-        rank, world_size = world()
         count, g = len(stack), len(self.grid)
-        chunk = -(-count // world_size)
-        lo, hi = min(rank * chunk, count), min((rank + 1) * chunk, count)
+        chunk, lo, hi = shard_bounds(count)
         device = stack[0].device
         local = torch.full((chunk, 1 + 2 * g), math.nan, dtype=dtype, device=device)
         for row, q in enumerate(stack[lo:hi]):
