@@ -19,7 +19,8 @@ Keller Jordan's ns5 in fp32 through the same core in torch's direct form: the eq
 reference; and turbo in the direct form: what the Gram form that TurboMuon uses on wide matrices buys), losses
 = mean training loss of the last 10 steps and loss / accuracy on 2048 held-out examples.
 ``schatten-adaptive`` is SchattenMuon with the paper's per-layer p (its activation hooks on the
-convolutions; their cost is inside ``step``), ``schatten-p2`` the same with p fixed at 2; the
+convolutions; their cost is inside ``step``; ``--cadences`` adds runs with other ``p_every`` /
+``act_every``), ``schatten-p2`` / ``schatten-p4`` the same with p fixed at 2 / 4; the
 ``p trajectory`` (``--plot``) shows the adaptive p of every matrix per step. ``--roots`` adds a table
 of the ways to compute U S^(1/p) V^T on the net's stacks: time and error against an fp64 SVD.
 Precision: ``torch.optim.Muon`` runs its Newton-Schulz steps in bf16 on every device; the lipnet
@@ -102,12 +103,14 @@ def make_optimizers(name: str, model: nn.Module, lr: float, aux_lr: float) -> li
         return [TurboMuon(hidden, low_precision=True, **kw), aux]
     if name == "turbomuon+normuon":
         return [TurboMuon(hidden, normuon=True, **kw), aux]
-    if name == "schatten-adaptive":
-        opt = SchattenMuon(hidden, p="adaptive", **kw)
+    if name.startswith("schatten-adaptive"):   # "schatten-adaptive@P/A": p_every P, act_every A
+        cadence = name.partition("@")[2]
+        every = dict(zip(("p_every", "act_every"), map(int, cadence.split("/")))) if cadence else {}
+        opt = SchattenMuon(hidden, p="adaptive", **every, **kw)
         opt.watch(model)
         return [opt, aux]
-    if name == "schatten-p2":
-        return [SchattenMuon(hidden, p=2.0, **kw), aux]
+    if name in ("schatten-p2", "schatten-p4"):
+        return [SchattenMuon(hidden, p=float(name[-1]), **kw), aux]
     raise ValueError(name)
 
 
@@ -209,13 +212,16 @@ def main() -> None:
     p.add_argument("--md", default=None)
     p.add_argument("--plot", default=None, help="PNG: adaptive p per layer and the loss curves")
     p.add_argument("--roots", action="store_true", help="also time/check the ways to compute U S^(1/p) V^T")
-    all_names = ["turbomuon", "turbomuon-bf16", "turbomuon+normuon", "schatten-adaptive", "schatten-p2", "torch-muon",
-                 "adamw"]
+    all_names = ["turbomuon", "turbomuon-bf16", "turbomuon+normuon", "schatten-adaptive", "schatten-p2", "schatten-p4",
+                 "torch-muon", "adamw"]
     p.add_argument("--optimizers", default=",".join(all_names),
                    help="comma-separated subset (turbomuon and schatten-adaptive are always run)")
+    p.add_argument("--cadences", default="",
+                   help="extra adaptive SchattenMuon runs, comma-separated p_every/act_every pairs (e.g. 25/100,50/200)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     names = [n for n in all_names if n in set(args.optimizers.split(",")) | {"turbomuon", "schatten-adaptive"}]
+    names += [f"schatten-adaptive@{c}" for c in args.cadences.split(",") if c]
     if not hasattr(torch.optim, "Muon") and "torch-muon" in names:
         names.remove("torch-muon")
 
@@ -254,7 +260,7 @@ def main() -> None:
             r["matrix"].append(mid - start)
             r["step"].append(time.perf_counter() - start)
             r["loss"].append(loss.item())
-            if name == "schatten-adaptive":
+            if name.startswith("schatten-adaptive"):
                 r.setdefault("p", []).append(r["opts"][0].current_p())
         if (t + 1) % 10 == 0:
             print(f"step {t + 1}/{args.steps}: " + "  ".join(f"{n} {runs[n]['loss'][-1]:.3f}" for n in names),
@@ -279,6 +285,9 @@ def main() -> None:
             "optimizer": name,
             "step_ms": 1e3 * median(warm),
             "matrix_step_ms": 1e3 * median(r["matrix"][2:]) if name != "adamw" else None,
+            # the mean carries the criterion's periodic steps, which the median skips
+            "step_ms_mean": 1e3 * statistics.fmean(warm),
+            "matrix_step_ms_mean": 1e3 * statistics.fmean(r["matrix"][2:]) if name != "adamw" else None,
             "ortho_ms": 1e3 * median(ortho[name]) if name in ortho else None,
             "train_loss_last10": statistics.fmean(r["loss"][-10:]),
             "eval_loss": F.cross_entropy(logits, y_eval).item(),
@@ -311,16 +320,20 @@ def main() -> None:
             fmt(row["train_loss_last10"], ".3f"), fmt(row["eval_loss"], ".3f"), fmt(row["eval_acc"], ".1%")]) + " |")
     table = "\n".join(lines)
     turbo = next(row for row in rows if row["optimizer"] == "turbomuon")
-    lines = ["| optimizer | step / TurboMuon step | matrix step / TurboMuon matrix step | final p per matrix |",
-             "|---|---|---|---|"]
+    lines = ["| optimizer | step / TurboMuon step (median) | matrix step / TurboMuon (median) | "
+             "step / TurboMuon (mean) | matrix step / TurboMuon (mean) | final p per matrix |", "|---|---|---|---|---|---|"]
     for row in rows:
         if row["matrix_step_ms"] is None or "schatten" not in row["optimizer"]:
             continue
         row["step_ratio_vs_turbomuon"] = row["step_ms"] / turbo["step_ms"]
         row["matrix_step_ratio_vs_turbomuon"] = row["matrix_step_ms"] / turbo["matrix_step_ms"]
-        final_p = runs[row["optimizer"]]["p"][-1] if "p" in runs[row["optimizer"]] else ["2"] * len(matrices)
+        row["step_mean_ratio_vs_turbomuon"] = row["step_ms_mean"] / turbo["step_ms_mean"]
+        row["matrix_step_mean_ratio_vs_turbomuon"] = row["matrix_step_ms_mean"] / turbo["matrix_step_ms_mean"]
+        run = runs[row["optimizer"]]
+        final_p = run["p"][-1] if "p" in run else [run["opts"][0].current_p()[0]] * len(matrices)
         lines.append(f"| {row['optimizer']} | {row['step_ratio_vs_turbomuon']:.3f}x | "
-                     f"{row['matrix_step_ratio_vs_turbomuon']:.3f}x | "
+                     f"{row['matrix_step_ratio_vs_turbomuon']:.3f}x | {row['step_mean_ratio_vs_turbomuon']:.3f}x | "
+                     f"{row['matrix_step_mean_ratio_vs_turbomuon']:.3f}x | "
                      + ", ".join(format(float(v), ".2f") for v in final_p) + " |")
     table += "\n\n" + "\n".join(lines)
     p_hist = runs["schatten-adaptive"]["p"]
