@@ -12,8 +12,10 @@ everything with AdamW. Every run: batch 128, ``--epochs`` epochs, cosine decay o
 weight decay, no augmentation.
 
 Protocol: the training set is split by ``lipnet.data.holdout_split`` into 50,000 training and
-10,000 held-out images. Phase 1 trains seed 0 of every optimizer at every lr of its grid and keeps
-the lr with the best held-out accuracy; phase 2 trains seeds 1 and 2 at that lr. The test set is
+10,000 held-out images. Phase 1 trains seed 0 of every optimizer at every lr of its grid (matrix
+optimizers 0.01, 0.03, 0.1; AdamW 1e-3, 3e-3, 1e-2) and keeps the lr with the best held-out
+accuracy -- a best lr at an end of the grid extends the grid one step further (1-3-10 steps, at most
+six lrs); phase 2 trains seeds 1 and 2 at that lr. The test set is
 only evaluated, never used for a choice. Reported: test accuracy mean and spread (min..max) over
 the three seeds, seconds per epoch and the optimizer step's median, and for SchattenMuon adaptive
 the p of every matrix at every criterion evaluation (``--plot``).
@@ -48,9 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import machine_info  # noqa: E402
 from optim import FlatConv2d  # noqa: E402
 
-OPTIMIZERS = ("schatten-adaptive", "schatten-p2", "schatten-p4", "turbomuon", "torch-muon", "adamw")
+OPTIMIZERS = ("schatten-adaptive", "schatten-adaptive-uncentered", "schatten-p2", "schatten-p4", "turbomuon",
+              "torch-muon", "adamw")
 MATRIX_LRS = (0.01, 0.03, 0.1)
 ADAMW_LRS = (1e-3, 3e-3, 1e-2)
+MAX_LRS = 6
 HOLDOUT = 10_000
 BATCH = 128
 
@@ -73,6 +77,10 @@ def make_optimizers(name: str, model: nn.Module, lr: float, aux_lr: float) -> li
                                  adjust_lr_fn="original"), aux]
     if name == "turbomuon":
         return [TurboMuon(hidden, lr=lr), aux]
+    if name == "schatten-adaptive-uncentered":   # features never centered, the criterion every 10 / 50 steps
+        opt = SchattenMuon(hidden, lr=lr, p="adaptive", p_every=10, act_every=50)
+        opt.watch(model, center=False)
+        return [opt, aux]
     p = {"schatten-adaptive": "adaptive", "schatten-p2": 2.0, "schatten-p4": 4.0}[name]
     opt = SchattenMuon(hidden, lr=lr, p=p)
     if p == "adaptive":
@@ -103,7 +111,8 @@ def train_one(job: dict) -> dict:
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))) for o in opts]
     gen = torch.Generator().manual_seed(job["seed"])
     epoch_s, step_s, losses, p_hist = [], [], [], []
-    schatten = opts[0] if isinstance(opts[0], SchattenMuon) and opts[0].defaults["p"] == "adaptive" else None
+    adaptive = isinstance(opts[0], SchattenMuon) and opts[0].defaults["p"] == "adaptive"
+    schatten = opts[0] if adaptive else None
     t = 0
     for _ in range(job["epochs"]):
         start = time.perf_counter()
@@ -130,6 +139,19 @@ def train_one(job: dict) -> dict:
             "holdout_acc": accuracy(model, held), "test_acc": accuracy(model, test), "epoch_seconds": epoch_s,
             "step_ms_median": 1e3 * statistics.median(step_s), "loss": losses, "p_history": p_hist,
             "matrices": [list(w.shape) for w in split_params(model)[0]]}
+
+
+def next_lr(lr: float, direction: int) -> float:
+    """The neighbour of ``lr`` on the 1-3-10 grid (1e-3, 3e-3, 1e-2, ...) above (+1) or below (-1)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10 ** exponent)
+    if mantissa not in (1, 3):
+        raise ValueError(f"lr {lr} is not on the 1-3-10 grid")
+    if direction > 0:
+        mantissa, exponent = (3, exponent) if mantissa == 1 else (1, exponent + 1)
+    else:
+        mantissa, exponent = (3, exponent - 1) if mantissa == 1 else (1, exponent)
+    return float(f"{mantissa * 10.0 ** exponent:.3g}")
 
 
 def _key(r: dict) -> tuple:
@@ -162,8 +184,8 @@ def summary_rows(results: list[dict], chosen: dict[str, float], seeds: int) -> l
     for name, lr in chosen.items():
         runs = [r for r in results if r["optimizer"] == name and r["lr"] == lr and r["seed"] < seeds]
         accs = [r["test_acc"] for r in runs]
-        grid = ADAMW_LRS if name == "adamw" else MATRIX_LRS
-        rows.append({"optimizer": name, "lr": lr, "lr_at_grid_edge": lr in (grid[0], grid[-1]), "seeds": len(runs),
+        tried = sorted({r["lr"] for r in results if r["optimizer"] == name and r["seed"] == 0})
+        rows.append({"optimizer": name, "lr": lr, "lr_at_grid_edge": lr in (tried[0], tried[-1]), "seeds": len(runs),
                      "test_acc_mean": statistics.fmean(accs), "test_acc_min": min(accs), "test_acc_max": max(accs),
                      "holdout_acc_seed0": next(r["holdout_acc"] for r in runs if r["seed"] == 0),
                      "epoch_seconds": statistics.fmean(s for r in runs for s in r["epoch_seconds"]),
@@ -192,20 +214,27 @@ def markdown(rows: list[dict], results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_p(path: str, results: list[dict], lr: float) -> None:
+def plot_p(path: str, results: list[dict], chosen: dict[str, float]) -> None:
+    """The p of every matrix over the steps: one row per adaptive variant (at its chosen lr), one
+    column per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = [r for r in results if r["optimizer"] == "schatten-adaptive" and r["lr"] == lr]
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
-    for ax, r in zip(axes[0], sorted(runs, key=lambda r: r["seed"])):
-        hist = torch.tensor(r["p_history"])
-        for j, shape in enumerate(r["matrices"]):
-            ax.plot(hist[:, 0], hist[:, 1 + j], label=f"{shape[0]}x{shape[1]}")
-        ax.set(xlabel="step", ylabel="p", yscale="log", title=f"adaptive p, lr {lr:g}, seed {r['seed']}")
-        ax.legend(fontsize=7)
+    variants = [n for n in ("schatten-adaptive", "schatten-adaptive-uncentered") if n in chosen]
+    grid = [sorted((r for r in results if r["optimizer"] == n and r["lr"] == chosen[n]), key=lambda r: r["seed"])
+            for n in variants]
+    cols = max(len(runs) for runs in grid)
+    fig, axes = plt.subplots(len(variants), cols, figsize=(4.6 * cols, 3.4 * len(variants)), squeeze=False)
+    for name, runs, row in zip(variants, grid, axes):
+        for ax, r in zip(row, runs):
+            hist = torch.tensor(r["p_history"])
+            for j, shape in enumerate(r["matrices"]):
+                ax.plot(hist[:, 0], hist[:, 1 + j], label=f"{shape[0]}x{shape[1]}")
+            ax.set(xlabel="step", ylabel="p", yscale="log", ylim=(1, 11),
+                   title=f"{name}, lr {r['lr']:g}, seed {r['seed']}")
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -235,9 +264,16 @@ def main() -> None:
         path.write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
 
     base = dict(epochs=args.epochs, aux_lr=args.aux_lr, threads=1, data_root=args.data_root)
-    grid = [dict(base, optimizer=n, lr=lr, seed=0) for n in names for lr in (ADAMW_LRS if n == "adamw" else MATRIX_LRS)]
-    run_jobs(grid, results, args.jobs, save)
-    chosen = {n: lr for n, lr in best_lrs(results).items() if n in names}
+    grids = {n: list(ADAMW_LRS if n == "adamw" else MATRIX_LRS) for n in names}
+    while True:   # a best lr at an end of its grid extends that grid by one step past the end
+        run_jobs([dict(base, optimizer=n, lr=lr, seed=0) for n in names for lr in grids[n]], results, args.jobs, save)
+        chosen = {n: lr for n, lr in best_lrs(results).items() if n in names}
+        extend = {n: next_lr(chosen[n], -1 if chosen[n] == min(grids[n]) else 1) for n in names
+                  if chosen[n] in (min(grids[n]), max(grids[n])) and len(grids[n]) < MAX_LRS}
+        if not extend:
+            break
+        for n, lr in extend.items():
+            grids[n].append(lr)
     run_jobs([dict(base, optimizer=n, lr=chosen[n], seed=s) for n in names for s in range(1, args.seeds)],
              results, args.jobs, save)
     rows = summary_rows(results, chosen, args.seeds)
@@ -248,8 +284,8 @@ def main() -> None:
     if args.md:
         cmd = "python benchmarks/optim_task.py " + " ".join(sys.argv[1:])
         Path(args.md).write_text(f"# Optimizers on Fashion-MNIST\n\n`{cmd}`\n\n{table}\n")
-    if args.plot and "schatten-adaptive" in chosen:
-        plot_p(args.plot, results, chosen["schatten-adaptive"])
+    if args.plot and any(n.startswith("schatten-adaptive") for n in chosen):
+        plot_p(args.plot, results, chosen)
 
 
 if __name__ == "__main__":

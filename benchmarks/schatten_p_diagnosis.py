@@ -1,14 +1,16 @@
 """Why the adaptive p lands where it does: the criterion with the optimizer's activation sample
 against the full batch's activations.
 
-    python benchmarks/schatten_p_diagnosis.py --steps 400 --json benchmarks/results/schatten_p_diagnosis.json
+    python benchmarks/schatten_p_diagnosis.py --steps 400 --center none \
+        --json benchmarks/results/schatten_p_diagnosis.json
 
 Trains the Fashion-MNIST CNN of benchmarks/optim_task.py with SchattenMuon (adaptive p, lr
 ``--lr``) for ``--steps`` steps, then, for every hidden matrix, takes the p maximizing the
 criterion f(p) = relu(<G, S_p> / ||S_p||_{S_(p+1)})^2 / ||A||_{S_k(p)}^2 (the optimizer's own
 alignment statistic) with the activation norms ||A||_{S_k(p)} from
 
-- ``optimizer``: the optimizer's state (``act_rows`` sampled rows per record, EMA'd);
+- ``optimizer``: the optimizer's state (``act_rows`` sampled rows per record, EMA'd; centered for
+  the layers feeding a BatchNorm unless ``--center none``);
 - ``sample``: ``act_rows`` rows of one fresh batch, as one record of the optimizer sees them;
 - ``full batch``: every feature row of that batch (batch x positions rows, through the n x n
   second-moment matrix);
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.03)
     ap.add_argument("--aux-lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--center", choices=("batchnorm", "none"), default="batchnorm",
+                    help="SchattenMuon.watch's feature centering during the training run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,7 +65,7 @@ def main() -> None:
     model = make_net()
     hidden, rest = split_params(model)
     opt = SchattenMuon(hidden, lr=args.lr, p="adaptive")
-    opt.watch(model)
+    opt.watch(model, center=False if args.center == "none" else "batchnorm")
     aux = torch.optim.AdamW(rest, lr=args.aux_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     step = 0
@@ -99,7 +102,7 @@ def main() -> None:
         ranks = {"sample": spectrum(layer_features(m, inputs[m], opt.act_rows)),
                  "full batch": spectrum(full), "full batch, centered": spectrum(full - full.mean(0))}
         row = {"matrix": [len(m.weight), n], "rows_full": len(full), "rows_sample": min(opt.act_rows, len(full)),
-               "p_in_force": float(state["p"])}
+               "p_in_force": float(state["p"]), "centered_by_optimizer": m.weight in opt._centered}
         for name, log_norm in sources.items():
             p = choose_p(state["alignment"].double()[None], log_norm[None], grid, state["p"].double()[None])
             row[f"p[{name}]"] = float(p)

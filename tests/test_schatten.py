@@ -296,6 +296,40 @@ def test_adaptive_trains_and_p_in_range():
     assert len({round(p, 4) for p in flat}) > 1       # p actually moves
 
 
+def _bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False)).double()
+
+
+@pytest.mark.parametrize("center", ["batchnorm", True, False])
+def test_watch_centers_the_features_of_layers_feeding_a_batchnorm(center):
+    """The recorded spectrum is that of the centered features exactly for the layers the option names:
+    ``"batchnorm"``: the conv (its output goes straight into BatchNorm2d), not the ReLU-fed linears."""
+    net = _bn_net()
+    conv, lin1, lin2 = net[0], net[4], net[6]
+    opt = SchattenMuon([conv.weight, lin1.weight, lin2.weight], lr=0.0, p_every=1, act_every=1, act_rows=10_000)
+    opt.watch(net, center=center)
+    x = torch.rand(3, 2, 4, 4, dtype=torch.float64) + 0.5          # a large mean feature
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.__setitem__(m, i[0].detach())) for m in (conv, lin1, lin2)]
+    F.cross_entropy(net(x), torch.tensor([0, 1, 2])).backward()
+    opt.step()
+    for h in hooks:
+        h.remove()
+    expect_centered = {"batchnorm": {conv}, True: {conv, lin1, lin2}, False: set()}[center]
+    for m in (conv, lin1, lin2):
+        A = layer_features(m, inputs[m], 10_000)
+        for centered in (False, True):
+            B = A - A.mean(0) if centered else A
+            sv = torch.linalg.svdvals(B)
+            expected = activation_log_norms(sv[sv > 1e-9 * sv[0]], opt.grid)
+            close = torch.allclose(opt.state[m.weight]["act_log_norm"], expected, rtol=1e-6, atol=1e-6)
+            assert close == (centered == (m in expect_centered)), (m, centered)
+    with pytest.raises(ValueError, match="center"):
+        opt.watch(net, center="yes")
+
+
 def test_state_dict_round_trip():
     x, y, net = _tiny_task(1)
     opt = SchattenMuon(net.parameters(), lr=0.02, p_every=2, act_every=2)

@@ -301,27 +301,55 @@ class SchattenMuon(torch.optim.Optimizer):
         self.ns_steps, self.low_precision, self.distributed = ns_steps, low_precision, distributed
         self.grid = p_grid(pmin, pmax, p_points)
         self._pending: dict[nn.Parameter, tuple[nn.Module, torch.Tensor]] = {}
+        # feature centering (watch): the weights whose layer feeds a BatchNorm, found in the first forward
+        self._centered: set[nn.Parameter] = set()
+        self._probing, self._outputs = False, {}
+        # per same-shape stack: the exponent (1/p - 1)/2 of its matrices' current p (dropped when p may change)
+        self._exponents: dict[tuple, torch.Tensor] = {}
 
     # -- activation statistics ---------------------------------------------------------------------
 
-    def watch(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    def watch(self, model: nn.Module, center: bool | str = "batchnorm") -> list[torch.utils.hooks.RemovableHandle]:
         """Forward hooks on the ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` whose weight this
         optimizer trains with adaptive p: in a grad-enabled forward before every ``act_every``-th step
         they keep a reference to the input (which autograd keeps anyway); the next ``step`` samples
         <= ``act_rows`` feature rows from it and updates the layer's activation spectrum (so the cost
-        is inside ``step``). Returns the hook handles (``.remove()`` to stop)."""
+        is inside ``step``). Returns the hook handles (``.remove()`` to stop).
+
+        ``center``: which layers' feature rows are centered (their sample mean subtracted) before
+        the spectrum is taken. ``"batchnorm"`` (default): the layers whose output tensor goes
+        unchanged into a BatchNorm (seen at the first grad-enabled forward) -- the BatchNorm removes
+        W's response to the mean feature, so the mean direction carries no curvature of the loss;
+        uncentered, that one direction (large after a ReLU) dominates ||A||_{S_k} and drives p to
+        pmax. ``True``: every watched layer; ``False``: none (the paper repository's choice)."""
+        if center not in (True, False, "batchnorm"):
+            raise ValueError(f"center must be True, False or 'batchnorm', got {center!r}")
         adaptive = {param for g in self.param_groups if g["p"] == "adaptive" for param in g["params"]}
         handles = []
         for module in model.modules():
             weight = getattr(module, "weight", None)
             if isinstance(module, (nn.Linear, nn.Conv2d)) and weight is not None and weight in adaptive:
                 handles.append(module.register_forward_hook(self._record_hook))
+                if center is True:
+                    self._centered.add(weight)
+        if center == "batchnorm":
+            self._probing = True
+            handles += [m.register_forward_pre_hook(self._batchnorm_probe) for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         return handles
 
     def _record_hook(self, module: nn.Module, inputs: tuple, output) -> None:
-        if not torch.is_grad_enabled() or self.state[module.weight].get("step", 0) % self.act_every:
+        if not torch.is_grad_enabled():
+            return
+        if self._probing:
+            self._outputs[module] = output
+        if self.state[module.weight].get("step", 0) % self.act_every:
             return
         self._pending[module.weight] = (module, inputs[0].detach())   # features computed in step()
+
+    def _batchnorm_probe(self, module: nn.Module, inputs: tuple) -> None:
+        if self._probing and torch.is_grad_enabled():
+            self._centered.update(m.weight for m, out in self._outputs.items() if out is inputs[0])
 
     def _gather_pending(self) -> None:
         """Replace each recorded layer input by the concatenation of every rank's (rank order), in the
@@ -337,6 +365,8 @@ class SchattenMuon(torch.optim.Optimizer):
         A = None if pending is None else layer_features(pending[0], pending[1], self.act_rows)
         if A is not None and A.shape[-1] == n:
             A = A.to(dtype)
+            if param in self._centered:
+                A = A - A.mean(0)
             gram = A @ A.mT if len(A) <= A.shape[-1] else A.mT @ A
             sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
             fresh = activation_log_norms(sv, self.grid)
@@ -357,6 +387,8 @@ class SchattenMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._probing and self._outputs:         # the first forward has been seen: centering is decided
+            self._probing, self._outputs = False, {}
         if self._pending and world()[1] > 1:
             self._gather_pending()
         for group in self.param_groups:
@@ -464,8 +496,10 @@ class SchattenMuon(torch.optim.Optimizer):
         if p == "adaptive":
             states = [self.state[q] for q in params]
             for s in states:
-                s.setdefault("p", torch.full((), self.pmax, dtype=dtype, device=X.device))
+                if "p" not in s:
+                    s["p"] = torch.full((), self.pmax, dtype=dtype, device=X.device)
             due = [(s["step"] - 1) % self.p_every == 0 for s in states]
+            key = (tuple(map(id, params)), dtype)
             if any(due):                                   # the criterion, every p_every steps
                 G, _ = _wide(torch.stack([q.grad.reshape(U.shape[-2:]) for q in params]).to(dtype))
                 ratio = alignment_ratio(lam, lam_c, W, X, G, self.grid)
@@ -480,12 +514,19 @@ class SchattenMuon(torch.optim.Optimizer):
                 for s, pi, d in zip(states, chosen.unbind(), due):
                     if d:
                         s["p"] = pi
-            p_vec = torch.stack([s["p"].to(dtype) for s in states])
-            exponent = ((1 / p_vec - 1) / 2)[:, None, None]
+                self._exponents.pop(key, None)
+            if key not in self._exponents:                 # p only changes at the criterion's steps
+                p_vec = torch.stack([s["p"].to(dtype) for s in states])
+                self._exponents[key] = ((1 / p_vec - 1) / 2)[:, None, None]
+            exponent = self._exponents[key]
         else:
             exponent = (1 / p - 1) / 2
         S = ((W * lam_c.unsqueeze(-2).pow(exponent)) @ W.mT) @ X     # k x k first: one pass over the long side
         return S.mT if transposed else S
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._exponents.clear()
 
     def current_p(self) -> list[float]:
         """p of every parameter (in param-group order): the adaptive choice of the last step (nan
