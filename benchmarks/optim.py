@@ -307,7 +307,7 @@ def main() -> None:
     meta = {"torch": info["torch"], "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "aux_lr": args.aux_lr, "machine": info["cpu"],
             "matrices": [list(w.shape) for w in hidden],
-            "note": "CPU shared with other jobs (noisy); runs interleaved round-robin, medians", "machine_info": info}
+            "note": "runs interleaved round-robin, medians (and means in the ratio table)", "machine_info": info}
     header = ["optimizer", "step ms", "matrix step ms", "ortho ms", "matrix step speed-up vs torch Muon",
               "ortho speed-up", "train loss (last 10)", "eval loss", "eval acc"]
     fmt = lambda v, f: "-" if v is None else format(v, f)

@@ -204,13 +204,14 @@ def markdown(rows: list[dict], results: list[dict], meta: dict) -> str:
         lines.append(f"| {r['optimizer']} | {r['lr']:g}{edge} | {r['test_acc_mean']:.2%} | {r['test_acc_min']:.2%} .. "
                      f"{r['test_acc_max']:.2%} | {r['holdout_acc_seed0']:.2%} | {r['epoch_seconds']:.1f} | "
                      f"{r['step_ms']:.2f} |")
+    cells = {name: [f"{r['lr']:g}: {r['holdout_acc']:.2%}" for r in sorted(results, key=lambda r: r["lr"])
+                    if r["optimizer"] == name and r["seed"] == 0] for name in OPTIMIZERS}
+    cells = {name: c for name, c in cells.items() if c}
+    width = max(map(len, cells.values()))
     lines += ["", "Held-out accuracy of every lr (seed 0):", "", "| optimizer | " +
-              " | ".join("lr" for _ in MATRIX_LRS) + " |", "|---|" + "---|" * len(MATRIX_LRS)]
-    for name in OPTIMIZERS:
-        cells = [f"{r['lr']:g}: {r['holdout_acc']:.2%}" for r in sorted(results, key=lambda r: r["lr"])
-                 if r["optimizer"] == name and r["seed"] == 0]
-        if cells:
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+              " | ".join("lr: held-out acc" for _ in range(width)) + " |", "|---|" + "---|" * width]
+    for name, c in cells.items():
+        lines.append(f"| {name} | " + " | ".join(c + [""] * (width - len(c))) + " |")
     return "\n".join(lines)
 
 

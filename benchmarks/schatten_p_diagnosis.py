@@ -1,7 +1,7 @@
 """Why the adaptive p lands where it does: the criterion with the optimizer's activation sample
 against the full batch's activations.
 
-    python benchmarks/schatten_p_diagnosis.py --steps 400 --center none \
+    python benchmarks/schatten_p_diagnosis.py --steps 400 --center none --p-every 10 --act-every 50 \
         --json benchmarks/results/schatten_p_diagnosis.json
 
 Trains the Fashion-MNIST CNN of benchmarks/optim_task.py with SchattenMuon (adaptive p, lr
@@ -17,7 +17,9 @@ alignment statistic) with the activation norms ||A||_{S_k(p)} from
 - ``full batch, centered``: the same rows minus their mean (the mean direction removed).
 
 A scale common to every singular value does not move the argmax, so only the shape of the
-spectrum matters: ``effective rank`` = ||A||_F^2 / ||A||_2^2 is printed beside each.
+spectrum matters: ``effective rank`` = ||A||_F^2 / ||A||_2^2 is printed beside each, and
+log f(pmax) - log f(pmin) split into the numerator's gain (the momentum's spectrum seen through the
+gradient) and each activation source's gain: p goes to pmax when the numerator gains more.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--center", choices=("batchnorm", "none"), default="batchnorm",
                     help="SchattenMuon.watch's feature centering during the training run")
+    ap.add_argument("--p-every", type=int, default=50, help="SchattenMuon's p_every")
+    ap.add_argument("--act-every", type=int, default=200, help="SchattenMuon's act_every")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,7 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = make_net()
     hidden, rest = split_params(model)
-    opt = SchattenMuon(hidden, lr=args.lr, p="adaptive")
+    opt = SchattenMuon(hidden, lr=args.lr, p="adaptive", p_every=args.p_every, act_every=args.act_every)
     opt.watch(model, center=False if args.center == "none" else "batchnorm")
     aux = torch.optim.AdamW(rest, lr=args.aux_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
@@ -106,12 +110,19 @@ def main() -> None:
         for name, log_norm in sources.items():
             p = choose_p(state["alignment"].double()[None], log_norm[None], grid, state["p"].double()[None])
             row[f"p[{name}]"] = float(p)
+        # log f(pmax) - log f(pmin) = numerator gain - activation gain: p -> pmax when the first wins
+        align = state["alignment"].double().clamp_min(1e-300).log()
+        row["numerator_log_gain"] = float(2 * (align[-1] - align[0]))
+        for name, log_norm in sources.items():
+            row[f"activation_log_gain[{name}]"] = float(2 * (log_norm[-1] - log_norm[0]))
         for name, sv in ranks.items():
             row[f"effective_rank[{name}]"] = float((sv.square().sum() / sv.max().square()))
         rows.append(row)
         print(f"{row['matrix']}: rows {row['rows_sample']} / {row['rows_full']}, p in force {row['p_in_force']:.2f}; "
               + ", ".join(f"{k[2:-1]} -> {row[k]:.2f}" for k in row if k.startswith("p[")) + "; effective rank "
-              + ", ".join(f"{k[15:-1]} {row[k]:.1f}" for k in row if k.startswith("effective_rank")), flush=True)
+              + ", ".join(f"{k[15:-1]} {row[k]:.1f}" for k in row if k.startswith("effective_rank"))
+              + f"; log f(pmax) - log f(pmin) = {row['numerator_log_gain']:.2f} (numerator) - "
+              + ", ".join(f"{k[20:-1]} {row[k]:.2f}" for k in row if k.startswith("activation_log_gain")), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": {**vars(args), "machine": machine_info()["cpu"]},
                                                "layers": rows}, indent=1))

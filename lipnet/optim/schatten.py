@@ -34,6 +34,8 @@ geometric grid of ``p_points`` values, from the eigh the update needs anyway (no
 sync); the numerator ratio is an EMA over evaluations (``stat_beta``); the activation spectrum comes
 from <= ``act_rows`` sampled rows every ``act_every`` steps (forward hooks, :meth:`SchattenMuon.watch`),
 EMA'd the same way; a layer with no recorded activations assumes white ones (||A||_{S_k} = n^(1/k)).
+Features of a layer whose output goes straight into a BatchNorm are centered first (``watch``'s
+``center="batchnorm"``): the BatchNorm removes W's response to the mean feature.
 """
 
 from __future__ import annotations
@@ -249,7 +251,7 @@ class SchattenMuon(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float, p: float | str = "adaptive",
                  momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
                  adjust_lr: str = "spectral", *, pmin: float = 1.02, pmax: float = 10.0, p_points: int = 32,
-                 p_every: int = 10, stat_beta: float = 0.9, act_every: int = 50, act_rows: int = 256,
+                 p_every: int = 50, stat_beta: float = 0.9, act_every: int = 200, act_rows: int = 256,
                  floor: float = 1e-3,
                  precondition: str | None = None, beta2: float = 0.999, eps: float = 1e-8, ns_steps: int = 4,
                  low_precision: bool | None = None, distributed: bool | None = None, pin: str = "frobenius",
