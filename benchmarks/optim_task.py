@@ -111,8 +111,7 @@ def train_one(job: dict) -> dict:
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))) for o in opts]
     gen = torch.Generator().manual_seed(job["seed"])
     epoch_s, step_s, losses, p_hist = [], [], [], []
-    adaptive = isinstance(opts[0], SchattenMuon) and opts[0].defaults["p"] == "adaptive"
-    schatten = opts[0] if adaptive else None
+    schatten = opts[0] if isinstance(opts[0], SchattenMuon) and opts[0].defaults["p"] == "adaptive" else None
     t = 0
     for _ in range(job["epochs"]):
         start = time.perf_counter()

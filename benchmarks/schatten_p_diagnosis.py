@@ -99,12 +99,10 @@ def main() -> None:
         state = opt.state[m.weight]
         n = m.weight[0].numel()
         full = layer_features(m, inputs[m], 10 ** 9).double()
-        sources = {"optimizer": state["act_log_norm"].double(),
-                   "sample": activation_log_norms(spectrum(layer_features(m, inputs[m], opt.act_rows)), grid),
-                   "full batch": activation_log_norms(spectrum(full), grid),
-                   "full batch, centered": activation_log_norms(spectrum(full - full.mean(0)), grid)}
         ranks = {"sample": spectrum(layer_features(m, inputs[m], opt.act_rows)),
                  "full batch": spectrum(full), "full batch, centered": spectrum(full - full.mean(0))}
+        sources = {"optimizer": state["act_log_norm"].double(),
+                   **{name: activation_log_norms(sv, grid) for name, sv in ranks.items()}}
         row = {"matrix": [len(m.weight), n], "rows_full": len(full), "rows_sample": min(opt.act_rows, len(full)),
                "p_in_force": float(state["p"]), "centered_by_optimizer": m.weight in opt._centered}
         for name, log_norm in sources.items():
