@@ -21,7 +21,8 @@ from .models import MODELS, build_model, load_pretrained, pretrained_names
 from .nn import input_checks_enabled, set_input_checks
 from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
-from .presets import NAMED_PRESETS, PRESETS, TrainConfig, preset_names, takes_parametrization
+from .presets import (DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names,
+                      takes_parametrization)
 from .training import AMP_DTYPES, amp_dtype, fit
 
 
@@ -78,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="how the orthogonal layers keep their weights: 'retraction' (default: the orthogonal "
                         "factor is stored and retracted after every step) or 'polar' (polar factor of a raw "
                         "parameter, recomputed every step)")
+    t.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                   help="adam (default): Adam on every parameter; turbomuon / schatten: TurboMuon / SchattenMuon "
+                        "(adaptive p) on the hidden matrices at --matrix-lr, Adam at --lr on the rest")
+    t.add_argument("--matrix-lr", type=float, default=None,
+                   help=f"--optimizer turbomuon / schatten: peak lr of the matrices (default {DEFAULT_MATRIX_LR})")
     t.add_argument("--offset", type=float, default=None, help="margin asked by the loss (logit units)")
     t.add_argument("--seed", type=int, default=None, help="default: 0")
     t.add_argument("--dp", action="store_true",
@@ -185,7 +191,8 @@ def _train_process(argv: list[str]) -> None:
 # Options of `lipnet train` whose value is part of the result, and the TrainConfig field each sets.
 _RESULT_OPTIONS = (("--dataset", "dataset"), ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"),
                    ("--model", "model"), ("--offset", "offset"), ("--seed", "seed"), ("--limit", "limit"),
-                   ("--amp", "amp"), ("--holdout", "holdout"))
+                   ("--amp", "amp"), ("--holdout", "holdout"), ("--optimizer", "optimizer"),
+                   ("--matrix-lr", "matrix_lr"))
 
 
 def _amp_option(args) -> str | None:
@@ -264,13 +271,16 @@ def cmd_train(args) -> int:
 
 def _train_config(args) -> TrainConfig:
     """The dataset's preset (the private one with --dp) with the command line's overrides."""
+    if args.dp and (args.optimizer not in (None, "adam") or args.matrix_lr is not None):
+        raise ValueError("--optimizer / --matrix-lr do not apply to --dp (private training uses the private preset's "
+                         "optimizer)")
     if args.holdout is not None and args.dp:
         raise ValueError("--holdout is not available with --dp (benchmarks/privacy.py --tune searches private "
                          "recipes on a held-out split)")
     config = TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, preset=args.preset,
                                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, offset=args.offset,
                                      seed=args.seed, limit=args.limit, amp=_amp_option(args),
-                                     holdout=args.holdout)
+                                     holdout=args.holdout, optimizer=args.optimizer, matrix_lr=args.matrix_lr)
     if args.amp == "fp32":
         config.amp = None
     if args.width is not None:
@@ -301,6 +311,8 @@ def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: C
     if resume is not None:
         what = f"resuming {resume.path} after epoch {resume.epoch}/{config.epochs}: {what}"
     amp = f" with {config.amp} autocast" if config.amp else ""
+    if config.optimizer != "adam":
+        amp += f", {config.optimizer} at lr {config.matrix_lr:g} on the matrices and Adam at lr {config.lr:g}"
     evaluation = f"{len(test_loader.dataset)} held-out train" if config.holdout else f"{len(test_loader.dataset)} test"
     log(f"{what} ({len(train_loader.dataset)} train / {evaluation}) for {config.epochs} epochs "
         f"on {ctx.device}{procs}{amp}")

@@ -50,6 +50,11 @@ NAMED_PRESETS: dict[str, tuple[str, Preset]] = {
 }
 
 
+# `TrainConfig.optimizer` choices, and the matrices' lr of the Muon-type ones when none is given
+OPTIMIZERS = ("adam", "turbomuon", "schatten")
+DEFAULT_MATRIX_LR = 0.02
+
+
 def preset_names(dataset: str | None = None) -> list[str]:
     """Every preset name ``TrainConfig.from_preset(preset=...)`` accepts (those of ``dataset`` only,
     if given): the dataset names (their default presets) and ``NAMED_PRESETS``."""
@@ -85,6 +90,24 @@ class TrainConfig:
     dp: dict | None = None
     # mixed precision of the training steps: "bf16", "fp16" (CUDA only) or None (fp32); evaluation is always fp32
     amp: str | None = None
+    # "adam": Adam on every parameter (lr); "turbomuon" / "schatten": TurboMuon / SchattenMuon (adaptive p)
+    # on the hidden matrices at matrix_lr, Adam at lr on the rest (lipnet.training.build_optimizer)
+    optimizer: str = "adam"
+    matrix_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {list(OPTIMIZERS)}")
+        if self.optimizer == "adam":
+            if self.matrix_lr is not None:
+                raise ValueError("matrix_lr is the lr of the turbomuon / schatten optimizers' matrices; "
+                                 "optimizer 'adam' has one lr")
+        elif self.matrix_lr is None:
+            self.matrix_lr = DEFAULT_MATRIX_LR
+        elif not (isinstance(self.matrix_lr, (int, float)) and 0 < self.matrix_lr < float("inf")):
+            raise ValueError(f"matrix_lr must be a positive number, got {self.matrix_lr!r}")
+        if self.dp is not None and self.optimizer != "adam":
+            raise ValueError("private training has its own optimizer (the private preset's); leave optimizer 'adam'")
 
     @classmethod
     def from_preset(cls, dataset: str, private: bool = False, model: str | None = None, *,
@@ -126,4 +149,4 @@ class TrainConfig:
         return cls(dataset=dataset, **p)
 
 
-__all__ = ["NAMED_PRESETS", "PRESETS", "Preset", "TrainConfig", "preset_names", "takes_parametrization"]
+__all__ = ["DEFAULT_MATRIX_LR", "NAMED_PRESETS", "OPTIMIZERS", "PRESETS", "Preset", "TrainConfig", "preset_names", "takes_parametrization"]

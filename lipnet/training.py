@@ -175,11 +175,44 @@ def _reload_checkpointed_state(model: nn.Module) -> None:
     model.load_state_dict(state)
 
 
+def build_optimizer(model: nn.Module, config: TrainConfig, total_steps: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer of ``config.optimizer`` over ``model``'s trainable parameters and its one-cycle
+    schedule of ``total_steps`` steps (warm-up over the first 20%, then cosine annealing).
+
+    "adam": ``Adam(lr)`` on every parameter, one-cycle with beta1 cycled 0.95 -> 0.85 -> 0.95.
+    "turbomuon" / "schatten": :func:`lipnet.optim.split_params` gives the hidden matrices (stored
+    orthogonal factors or raw parametrized weights included) to ``TurboMuon`` / ``SchattenMuon``
+    (adaptive p) at ``config.matrix_lr`` and the rest (biases, gains, the head) to ``Adam`` at
+    ``config.lr``, as one :class:`~lipnet.optim.CombinedOptimizer`; each group's lr follows the
+    one-cycle shape from its own peak, momenta fixed (Muon's 0.95, Adam's 0.9). SchattenMuon's
+    criterion sees white activations here: its ``watch`` hooks ``nn.Linear`` / ``nn.Conv2d``
+    weights, and an orthogonal layer's trained tensor is the factor behind its weight.
+    The optimizer changes how the weights move, never the network's Lipschitz bound (each
+    orthogonal layer is orthogonal whatever its stored tensor is)."""
+    from .optim import CombinedOptimizer, SchattenMuon, TurboMuon, split_params
+
+    schedule = dict(total_steps=total_steps, pct_start=0.2)
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, **schedule)
+    matrices, rest = split_params(model)
+    if not matrices:
+        raise ValueError(f"optimizer {config.optimizer!r}: {type(model).__name__} has no hidden matrix to give it")
+    matrix_optimizer = (TurboMuon(matrices, lr=config.matrix_lr) if config.optimizer == "turbomuon"
+                        else SchattenMuon(matrices, lr=config.matrix_lr))
+    parts = [matrix_optimizer] + ([torch.optim.Adam(rest, lr=config.lr)] if rest else [])
+    optimizer = CombinedOptimizer(parts)
+    peaks = [config.matrix_lr] * len(matrix_optimizer.param_groups) + [config.lr] * (len(parts) - 1)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, cycle_momentum=False, **schedule)
+
+
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, device: str | torch.device = "cpu",
         progress: bool = True, log: Callable[[str], None] = print,
         dist_ctx: DistributedContext | None = None, *, checkpoint_dir: str | Path | None = None,
         resume: Checkpoint | None = None) -> list[dict]:
-    """Adam + one-cycle schedule on ``LipschitzCrossEntropy(temperature, offset)``; after each epoch,
+    """``config.optimizer`` with its one-cycle schedule (:func:`build_optimizer`) on
+    ``LipschitzCrossEntropy(temperature, offset)``; after each epoch,
     clean and certified accuracy on ``test_loader`` at ``config.eval_eps`` (always in fp32, outside
     any autocast, even with ``config.amp``). Returns the history (one row per epoch, resumed ones included).
 
@@ -204,9 +237,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, device
     device = torch.device(device)
     amp_dtype(config.amp, device)  # refuse an unknown / unsupported amp before any work
     loss_fn = LipschitzCrossEntropy(temperature=config.temperature, offset=config.offset)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps = config.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.2)
+    optimizer, scheduler = build_optimizer(model, config, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     generator = torch.Generator().manual_seed(config.seed + rank)  # augmentation
     shuffling = _loader_generator(train_loader)
@@ -320,4 +352,4 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     return history
 
 
-__all__ = ["AMP_DTYPES", "amp_dtype", "augment_batch", "fit", "fit_private", "frozen_test_features", "train_epoch"]
+__all__ = ["AMP_DTYPES", "amp_dtype", "augment_batch", "build_optimizer", "fit", "fit_private", "frozen_test_features", "train_epoch"]

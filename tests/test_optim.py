@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -202,3 +203,91 @@ def test_split_params_lipnet_model_trains_raw_parametrized_weights():
     model(torch.rand(4, 3, 8, 8)).square().sum().backward()
     opt.step()
     assert all(not torch.equal(b, p.detach()) for b, p in zip(before, muon))
+
+
+# --------------------------------------------------------------------------- CombinedOptimizer
+def _pair(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    matrices, rest = split_params(model)
+    return model, matrices, rest
+
+
+def _one_cycle(optimizer, peaks):
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=12, cycle_momentum=False)
+
+
+def _train_steps(model, optimizer, scheduler, steps: int, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        optimizer.zero_grad(set_to_none=True)
+        (model(x) - y).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def test_combined_optimizer_is_its_parts_with_one_scheduler():
+    """One OneCycleLR over the combination (one peak per group) moves the weights exactly as two
+    separately scheduled optimizers do."""
+    from lipnet.optim import CombinedOptimizer
+
+    model_a, mat_a, rest_a = _pair()
+    muon_a, adam_a = TurboMuon(mat_a, lr=0.05), torch.optim.Adam(rest_a, lr=0.01)
+    combined = CombinedOptimizer([muon_a, adam_a])
+    assert [id(g) for g in combined.param_groups] == [id(g) for o in (muon_a, adam_a) for g in o.param_groups]
+    _train_steps(model_a, combined, _one_cycle(combined, [0.05, 0.01]), 6)
+
+    model_b, mat_b, rest_b = _pair()
+    muon_b, adam_b = TurboMuon(mat_b, lr=0.05), torch.optim.Adam(rest_b, lr=0.01)
+    s1, s2 = _one_cycle(muon_b, 0.05), _one_cycle(adam_b, 0.01)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        muon_b.zero_grad(), adam_b.zero_grad()
+        (model_b(x) - y).square().mean().backward()
+        muon_b.step(), adam_b.step(), s1.step(), s2.step()
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert muon_a.param_groups[0]["lr"] == muon_b.param_groups[0]["lr"] != adam_a.param_groups[0]["lr"]
+
+
+def test_combined_optimizer_state_dict_resumes_exactly():
+    from lipnet.optim import CombinedOptimizer
+
+    model, mat, rest = _pair()
+    combined = CombinedOptimizer([TurboMuon(mat, lr=0.05), torch.optim.Adam(rest, lr=0.01)])
+    scheduler = _one_cycle(combined, [0.05, 0.01])
+    _train_steps(model, combined, scheduler, 5)
+    # optimizer state dicts reference the live state tensors
+    saved = copy.deepcopy([model.state_dict(), combined.state_dict(), scheduler.state_dict()])
+    _train_steps(model, combined, scheduler, 4, seed=2)
+
+    fresh, mat2, rest2 = _pair(seed=7)
+    fresh.load_state_dict(saved[0])
+    resumed = CombinedOptimizer([TurboMuon(mat2, lr=0.05), torch.optim.Adam(rest2, lr=0.01)])
+    sched2 = _one_cycle(resumed, [0.05, 0.01])  # built first, as fit does: building one resets the lr
+    resumed.load_state_dict(saved[1])
+    # the groups are the owners' new ones: the scheduler's steps reach the optimizers that step
+    assert [id(g) for g in resumed.param_groups] == [id(g) for o in resumed.optimizers for g in o.param_groups]
+    sched2.load_state_dict(saved[2])
+    _train_steps(fresh, resumed, sched2, 4, seed=2)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_combined_optimizer_refuses_shared_parameters_and_foreign_states():
+    from lipnet.optim import CombinedOptimizer
+
+    _, mat, rest = _pair()
+    with pytest.raises(ValueError, match="must be disjoint"):
+        CombinedOptimizer([TurboMuon(mat, lr=0.1), torch.optim.Adam(mat + rest)])
+    with pytest.raises(ValueError, match="at least one"):
+        CombinedOptimizer([])
+    with pytest.raises(TypeError, match="Optimizer instances"):
+        CombinedOptimizer([mat[0]])
+    combined = CombinedOptimizer([TurboMuon(mat, lr=0.1), torch.optim.Adam(rest)])
+    with pytest.raises(ValueError, match="not one of a CombinedOptimizer"):
+        combined.load_state_dict(torch.optim.Adam(rest).state_dict())
+    with pytest.raises(ValueError, match="not one of a CombinedOptimizer"):
+        combined.load_state_dict(CombinedOptimizer([torch.optim.Adam(mat), torch.optim.Adam(rest)]).state_dict())

@@ -6,10 +6,12 @@
   chosen per layer by the paper's one-step regression criterion; optional Adam / MuAdam preconditioning.
 * :func:`schatten_update` -- U S^(1/p) V^T of stacks of matrices from one small-side eigh.
 * :func:`split_params` -- hidden matrices to TurboMuon, the rest (biases, embeddings, head) to AdamW.
+* :class:`CombinedOptimizer` -- such a pair as one optimizer (one scheduler, one checkpoint).
 """
 
+from .combined import CombinedOptimizer
 from .muon import ADJUST_LR, TurboMuon, lr_scale, normuon_normalize, split_params
 from .schatten import SchattenMuon, schatten_update
 
-__all__ = ["ADJUST_LR", "SchattenMuon", "TurboMuon", "lr_scale", "normuon_normalize", "schatten_update",
+__all__ = ["ADJUST_LR", "CombinedOptimizer", "SchattenMuon", "TurboMuon", "lr_scale", "normuon_normalize", "schatten_update",
            "split_params"]
