@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lipnet.certify import network_lipschitz_bound
-from lipnet.checkpoints import CHECKPOINT, read_checkpoint, save_checkpoint
+from lipnet.checkpoints import CHECKPOINT, read_checkpoint
 from lipnet.cli import main
 from lipnet.models import build_model
 from lipnet.optim import CombinedOptimizer, SchattenMuon, TurboMuon
