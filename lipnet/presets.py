@@ -50,9 +50,10 @@ NAMED_PRESETS: dict[str, tuple[str, Preset]] = {
 }
 
 
-# `TrainConfig.optimizer` choices, and the matrices' lr of the Muon-type ones when none is given
+# `TrainConfig.optimizer` choices, and the matrices' peak lr of the Muon-type ones when none is given
+# (the best of 0.005 ... 0.2 for TurboMuon on an MNIST held-out split: benchmarks/results/README.md#train-optimizer)
 OPTIMIZERS = ("adam", "turbomuon", "schatten")
-DEFAULT_MATRIX_LR = 0.02
+DEFAULT_MATRIX_LR = 0.05
 
 
 def preset_names(dataset: str | None = None) -> list[str]:
