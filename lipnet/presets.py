@@ -150,4 +150,5 @@ class TrainConfig:
         return cls(dataset=dataset, **p)
 
 
-__all__ = ["DEFAULT_MATRIX_LR", "NAMED_PRESETS", "OPTIMIZERS", "PRESETS", "Preset", "TrainConfig", "preset_names", "takes_parametrization"]
+__all__ = ["DEFAULT_MATRIX_LR", "NAMED_PRESETS", "OPTIMIZERS", "PRESETS", "Preset", "TrainConfig", "preset_names",
+           "takes_parametrization"]

@@ -352,4 +352,5 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     return history
 
 
-__all__ = ["AMP_DTYPES", "amp_dtype", "augment_batch", "build_optimizer", "fit", "fit_private", "frozen_test_features", "train_epoch"]
+__all__ = ["AMP_DTYPES", "amp_dtype", "augment_batch", "build_optimizer", "fit", "fit_private", "frozen_test_features",
+           "train_epoch"]
