@@ -138,3 +138,19 @@ def test_cli_optimizer_option(tmp_path, data_root, capsys):
     assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "1", "--optimizer", "turbomuon",
                  "--out", str(tmp_path / "y"), *common]) == 2
     assert "do not apply to --dp" in capsys.readouterr().err
+
+
+def test_a_two_process_turbomuon_run(tmp_path, data_root):
+    """--nproc 2 --optimizer turbomuon: TurboMuon shards each stack over the ranks; the run ends
+    1-Lipschitz with the combined optimizer's state in its checkpoint."""
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--epochs", "1", "--limit", "128", "--width", "2", "--batch-size", "32",
+            "--nproc", "2", "--optimizer", "turbomuon", "--no-progress", "--out", str(out),
+            "--data-root", str(data_root)]
+    assert main(argv) == 0
+    ckpt = read_checkpoint(out)
+    assert ckpt.config.optimizer == "turbomuon" and ckpt.training["world_size"] == 2
+    assert ckpt.training["optimizer"]["types"] == ["TurboMuon", "Adam"]
+    model = build_model(ckpt.config.model, **ckpt.config.model_config)
+    model.load_state_dict(ckpt.state_dict)
+    assert network_lipschitz_bound(model.eval()) <= 1 + 1e-4
