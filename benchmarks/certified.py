@@ -100,7 +100,9 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     if args.curve:
-        plot_learning_curve(history, Path(args.curve), f"{args.dataset}: test accuracy per epoch")
+        # a --holdout run evaluated each epoch on held-out training images, not on the test split
+        split = f"held-out ({config.holdout} training images)" if config.holdout else "test"
+        plot_learning_curve(history, Path(args.curve), f"{args.dataset}: {split} accuracy per epoch")
 
 
 def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:
@@ -115,7 +117,7 @@ def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:
     for eps in history[-1]["certified"]:
         ax.plot(epochs, [h["certified"][eps] for h in history], label=f"certified @ {float(eps):.3g}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
