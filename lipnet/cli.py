@@ -311,11 +311,11 @@ def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: C
     if resume is not None:
         what = f"resuming {resume.path} after epoch {resume.epoch}/{config.epochs}: {what}"
     amp = f" with {config.amp} autocast" if config.amp else ""
-    if config.optimizer != "adam":
-        amp += f", {config.optimizer} at lr {config.matrix_lr:g} on the matrices and Adam at lr {config.lr:g}"
+    optimizer = ("" if config.optimizer == "adam" else
+                 f", {config.optimizer} at lr {config.matrix_lr:g} on the matrices and Adam at lr {config.lr:g}")
     evaluation = f"{len(test_loader.dataset)} held-out train" if config.holdout else f"{len(test_loader.dataset)} test"
     log(f"{what} ({len(train_loader.dataset)} train / {evaluation}) for {config.epochs} epochs "
-        f"on {ctx.device}{procs}{amp}")
+        f"on {ctx.device}{procs}{amp}{optimizer}")
     start = time.perf_counter()
     fit(model, train_loader, test_loader, config, device=ctx.device, progress=not args.no_progress, log=log,
         dist_ctx=ctx, checkpoint_dir=out, resume=resume)

@@ -43,9 +43,6 @@ class CombinedOptimizer(torch.optim.Optimizer):
         # stay shared with the optimizers that own them
         super().__init__([g for o in optimizers for g in o.param_groups], {})
 
-    def _share_groups(self) -> None:
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -66,7 +63,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"this state dict is not one of a CombinedOptimizer of {types} (it holds {found})")
         for o, s in zip(self.optimizers, state_dict["optimizers"]):
             o.load_state_dict(s)
-        self._share_groups()  # Optimizer.load_state_dict gives each optimizer new group dicts
+        # Optimizer.load_state_dict gives each optimizer new group dicts: share those
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
 
     def __repr__(self) -> str:
         return "CombinedOptimizer(\n" + ",\n".join(f"  {o!r}".replace("\n", "\n  ") for o in self.optimizers) + "\n)"
