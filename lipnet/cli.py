@@ -23,7 +23,7 @@ from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
 from .presets import (DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names,
                       takes_parametrization)
-from .training import AMP_DTYPES, amp_dtype, fit
+from .training import AMP_DTYPES, amp_dtype, fit, native_bf16
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=[*sorted(AMP_DTYPES), "fp32"], default=None,
                    help="mixed-precision training steps under torch.autocast (bf16: CPU or CUDA; fp16: CUDA only, "
                         "with loss scaling; fp32: none); evaluation stays fp32. Default: the preset's (cifar10: "
-                        "bf16, the others fp32)")
+                        "bf16 where the CPU or GPU has bf16 instructions, else fp32; the others fp32)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--model", choices=sorted(MODELS), default=None,
@@ -283,6 +283,10 @@ def _train_config(args) -> TrainConfig:
                                      holdout=args.holdout, optimizer=args.optimizer, matrix_lr=args.matrix_lr)
     if args.amp == "fp32":
         config.amp = None
+    # a preset's bf16 is a speed choice: where bf16 is emulated it costs several times fp32's time
+    args.bf16_fallback = args.amp is None and config.amp == "bf16" and not native_bf16(args.device)
+    if args.bf16_fallback:
+        config.amp = None
     if args.width is not None:
         if "width" not in inspect.signature(MODELS[config.model]).parameters:
             raise ValueError(f"--width does not apply to {config.model}")
@@ -311,6 +315,9 @@ def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: C
     if resume is not None:
         what = f"resuming {resume.path} after epoch {resume.epoch}/{config.epochs}: {what}"
     amp = f" with {config.amp} autocast" if config.amp else ""
+    if getattr(args, "bf16_fallback", False):
+        amp = (" in fp32 (the preset's bf16 autocast is left out: this CPU has no bf16 instructions and would "
+               "emulate it several times slower; --amp bf16 forces it)")
     optimizer = ("" if config.optimizer == "adam" else
                  f", {config.optimizer} at lr {config.matrix_lr:g} on the matrices and Adam at lr {config.lr:g}")
     evaluation = f"{len(test_loader.dataset)} held-out train" if config.holdout else f"{len(test_loader.dataset)} test"

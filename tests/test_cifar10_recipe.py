@@ -1,5 +1,6 @@
 """The CIFAR-10 presets: the 2-core CPU recipe (the default) trains and certifies end to end; the
-GPU-scale network stays available by name; --amp fp32 overrides the recipe's bf16."""
+GPU-scale network stays available by name; --amp fp32 overrides the recipe's bf16, which a CPU
+without bf16 instructions leaves out unless --amp bf16 asks for it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 
 import pytest
 
+import lipnet.cli
+import lipnet.training
 from lipnet.cli import main
 from lipnet.models import build_model
 from lipnet.checkpoints import load_checkpoint
@@ -24,10 +27,12 @@ def _train_one_epoch(out, data_root, *options: str):
 def test_the_cifar10_preset_trains_two_steps_and_certifies(tmp_path, data_root, capsys):
     out = tmp_path / "run"
     config, history = _train_one_epoch(out, data_root, "--dataset", "cifar10", "--limit", "64", "--batch-size", "32")
-    assert config.amp == "bf16" and config.augment  # the recipe: bf16 steps, crop + flip
+    assert TrainConfig.from_preset("cifar10").amp == "bf16" and config.augment  # the recipe: bf16 steps, crop + flip
+    native = lipnet.training.native_bf16("cpu")
+    assert config.amp == ("bf16" if native else None)  # emulated bf16 is left out
     assert config.model_config["width"] == 32 and config.model_config["hidden"] == 256
     assert config.model_config["parametrization"] == "retraction"
-    assert len(history) == 1 and "with bf16 autocast" in capsys.readouterr().out
+    assert len(history) == 1 and ("with bf16 autocast" if native else "in fp32") in capsys.readouterr().out
     result = tmp_path / "cert.json"
     rc = main(["certify", "--checkpoint", str(out), "--limit", "64", "--pgd-steps", "2", "--pgd-points", "16",
                "--json", str(result), "--data-root", str(data_root), "--no-progress"])
@@ -47,6 +52,30 @@ def test_amp_fp32_overrides_the_recipes_bf16(tmp_path, data_root):
     # resuming it with --amp fp32 asks for what it is; --amp bf16 would change it
     assert main(["train", "--resume", str(out), "--amp", "fp32", "--data-root", str(data_root), "--no-progress"]) == 0
     assert main(["train", "--resume", str(out), "--amp", "bf16", "--data-root", str(data_root), "--no-progress"]) == 2
+
+
+def test_a_cpu_without_bf16_instructions_trains_the_recipe_in_fp32_unless_asked(tmp_path, data_root, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(lipnet.cli, "native_bf16", lambda device: False)
+    monkeypatch.setattr(lipnet.training, "native_bf16", lambda device: False)
+    options = ("--dataset", "cifar10", "--limit", "32", "--batch-size", "32")
+    config, _ = _train_one_epoch(tmp_path / "default", data_root, *options)
+    assert config.amp is None
+    assert "in fp32 (the preset's bf16 autocast is left out" in capsys.readouterr().out
+    # the run is recorded as fp32: resuming it in bf16 would change it
+    assert main(["train", "--resume", str(tmp_path / "default"), "--amp", "bf16", "--data-root", str(data_root),
+                 "--no-progress"]) == 2
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        config, _ = _train_one_epoch(tmp_path / "forced", data_root, *options, "--amp", "bf16")
+    assert config.amp == "bf16"
+    monkeypatch.setattr(lipnet.cli, "native_bf16", lambda device: True)
+    config, _ = _train_one_epoch(tmp_path / "native", data_root, *options)
+    assert config.amp == "bf16"
+
+
+def test_native_bf16_answers_for_each_device_type():
+    assert isinstance(lipnet.training.native_bf16("cpu"), bool)
+    assert lipnet.training.native_bf16("meta") is True
 
 
 def test_the_gpu_scale_network_is_a_named_preset():
