@@ -67,7 +67,7 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
         return True
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN's query: assume native, as before
+    except (AttributeError, RuntimeError):  # a build without oneDNN's query: keep bf16 as asked
         return True
 
 
