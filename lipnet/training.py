@@ -58,8 +58,8 @@ def amp_dtype(amp: str | None, device: str | torch.device = "cpu") -> torch.dtyp
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether ``device`` runs bf16 matrix products natively: a CUDA device that supports bf16, or a
     CPU with bf16 instructions (AVX512-BF16 or AMX, as oneDNN reports). Elsewhere torch emulates
-    bf16, and bf16 autocast makes a training step several times slower than fp32 (9x measured on a
-    2-core AVX2-only AMD EPYC for the cifar10 preset's step)."""
+    bf16, and bf16 autocast makes a training step several times slower than fp32 (docs/training.md,
+    "Mixed precision", gives a measurement)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
