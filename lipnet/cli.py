@@ -17,7 +17,7 @@ import torch
 from . import data as lipdata
 from . import distributed as lipdist
 from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
-from .models import MODELS, build_model, load_pretrained, pretrained_names
+from .models import MODELS, RESIDUAL_BLOCKS, build_model, load_pretrained, pretrained_names
 from .nn import input_checks_enabled, set_input_checks
 from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=sorted(MODELS), default=None,
                    help="default: the dataset preset's (with --dp: scatter-net on MNIST / Fashion-MNIST)")
     t.add_argument("--width", type=int, default=None, help="model width (channels of the first stage)")
+    t.add_argument("--block", choices=list(RESIDUAL_BLOCKS), default=None,
+                   help="residual block of a liresnet model: 'convex' (default: ConvexResidual around an "
+                        "orthogonal 3x3 conv), 'sll' (SLLBlock) or 'cpl' (ConvexPotentialLayer)")
     t.add_argument("--parametrization", choices=list(PARAMETRIZATIONS), default=None,
                    help="how the orthogonal layers keep their weights: 'retraction' (default: the orthogonal "
                         "factor is stored and retracted after every step) or 'polar' (polar factor of a raw "
@@ -216,10 +219,12 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
                  if given[attr] is not None and given[attr] != getattr(config, attr)]
     if args.preset is not None:
         conflicts.append(f"--preset {args.preset} (a resumed run keeps the configuration its checkpoint stores)")
-    for flag, key in (("--width", "width"), ("--parametrization", "parametrization")):
-        value = getattr(args, key)
-        if value is not None and value != config.model_config.get(key):
-            conflicts.append(f"{flag} {value} (the run's: {config.model_config.get(key)})")
+    takes_block = "block" in inspect.signature(MODELS[config.model]).parameters
+    run_block = config.model_config.get("block", "convex" if takes_block else None)
+    for flag, key in (("--width", "width"), ("--parametrization", "parametrization"), ("--block", "block")):
+        value, run_value = getattr(args, key), run_block if key == "block" else config.model_config.get(key)
+        if value is not None and value != run_value:
+            conflicts.append(f"{flag} {value} (the run's: {run_value})")
     if conflicts:
         raise ValueError(f"--resume {args.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps "
                          "its configuration (leave these options out, or start a new run with --out)")
@@ -291,6 +296,10 @@ def _train_config(args) -> TrainConfig:
         if "width" not in inspect.signature(MODELS[config.model]).parameters:
             raise ValueError(f"--width does not apply to {config.model}")
         config.model_config = {**config.model_config, "width": args.width}
+    if args.block is not None:
+        if "block" not in inspect.signature(MODELS[config.model]).parameters:
+            raise ValueError(f"--block does not apply to {config.model}")
+        config.model_config = {**config.model_config, "block": args.block}
     if args.parametrization is not None:
         if not takes_parametrization(config.model):
             raise ValueError(f"--parametrization does not apply to {config.model}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lipnet.models import MODELS, build_model, cifar_liresnet, liresnet, mnist_convnet
+from lipnet.models import MODELS, RESIDUAL_BLOCKS, build_model, cifar_liresnet, liresnet, mnist_convnet
+import lipnet.nn as ln
 from lipnet.nn import InputNormalization, export, lipschitz_bound
 
 
@@ -25,6 +26,30 @@ def test_small_models_are_one_lipschitz_and_export(name, kw, shape, classes):
     plain = export(model)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", RESIDUAL_BLOCKS)
+def test_liresnet_blocks_are_one_lipschitz_and_export(block):
+    torch.manual_seed(0)
+    model = cifar_liresnet(width=8, blocks=(1, 1, 1), hidden=32, block=block)
+    kinds = {"convex": ln.ConvexResidual, "sll": ln.SLLBlock, "cpl": ln.ConvexPotentialLayer}
+    assert sum(isinstance(m, kinds[block]) for m in model) == 3
+    for m in model.modules():  # weights away from their initialization, so the test is not of the init
+        if isinstance(m, (ln.SLLBlock, ln.ConvexPotentialLayer)):
+            with torch.no_grad():
+                m.weight.mul_(3.0).add_(0.1 * torch.randn_like(m.weight))
+                m.bias.normal_()
+    model.eval()
+    bound = lipschitz_bound(model)
+    assert bound <= 1.001
+    x = torch.rand(16, 3, 32, 32)
+    y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    with torch.no_grad():
+        fx, fy = model(x), model(y)
+        plain = export(model)
+        torch.testing.assert_close(plain(x), fx, rtol=1e-4, atol=1e-5)
+    ratio = (fx - fy).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert ratio.max() <= bound
 
 
 def test_default_configs_build():
@@ -70,6 +95,8 @@ def test_bad_configs():
         liresnet(image_size=30, stem_stride=4)
     with pytest.raises(ValueError, match="halved"):
         liresnet(image_size=12, blocks=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"block must be one of \('convex', 'sll', 'cpl'\), got 'aoc'"):
+        liresnet(block="aoc")
 
 
 def test_augment_batch_crops_and_flips_per_sample():

@@ -17,6 +17,9 @@ from ..nn.parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION
 
 
 CENTERINGS = ("batch", "layer", "none")
+# residual blocks of `liresnet`: "convex" x -> (1-a) x + a MaxMin(center(AOC conv(x))); "sll" SLLBlock
+# (Araujo et al. 2023); "cpl" ConvexPotentialLayer (Meunier et al. 2022); all 1-Lipschitz
+RESIDUAL_BLOCKS = ("convex", "sll", "cpl")
 
 
 def _centering(channels: int, centering: str) -> list[nn.Module]:
@@ -40,6 +43,16 @@ def _conv_block(cin: int, cout: int, kernel: int, stride: int, method: str, cent
     return [ln.OrthoConv2d(cin, cout, kernel, stride=stride, padding=padding, padding_mode="zeros", method=method,
                            parametrization=parametrization, bias=bias),
             *_centering(cout, centering), ln.MaxMin()]
+
+
+def _residual_block(channels: int, block: str, method: str, centering: str, parametrization: str,
+                    conv_bias: bool | None) -> nn.Module:
+    if block == "convex":
+        inner = nn.Sequential(*_conv_block(channels, channels, 3, 1, method, centering, parametrization, conv_bias))
+        return ln.ConvexResidual(inner, alpha=0.5, learnable=True)
+    if block == "sll":
+        return ln.SLLBlock(channels, channels, kernel_size=3)
+    return ln.ConvexPotentialLayer(channels, channels, kernel_size=3)
 
 
 def mnist_convnet(num_classes: int = 10, in_channels: int = 1, width: int = 16, hidden: int = 256,
@@ -76,27 +89,32 @@ def liresnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
              hidden: int = 512, mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
              std: Sequence[float] | None = None, method: str = DEFAULT_LAYER_METHOD,
              centering: str = "batch", parametrization: str = DEFAULT_PARAMETRIZATION,
-             conv_bias: bool | None = None) -> nn.Sequential:
+             conv_bias: bool | None = None, block: str = "convex") -> nn.Sequential:
     """1-Lipschitz residual CNN in the spirit of AOC / LiResNet.
 
-    Stem (orthogonal conv, stride ``stem_stride``), then stages of ``ConvexResidual`` blocks
-    x -> (1-a) x + a MaxMin(center(conv(x))) (learned a in (0, 1): 1-Lipschitz by the convex rule),
-    each stage but the last followed by an orthogonal 2x2/stride-2 conv that doubles the width (up to
+    Stem (orthogonal conv, stride ``stem_stride``), then stages of residual blocks, each stage but
+    the last followed by an orthogonal 2x2/stride-2 conv that doubles the width (up to
     ``max_width``); then flatten and an orthogonal dense head. Bound of the whole net: the product
-    of its layers' bounds (~1 with ``std=None``; ``1/min(std)`` otherwise). ``centering``: as in
-    :func:`mnist_convnet` ("layer" or "none" for private training); ``method`` / ``parametrization``:
-    those of every orthogonal layer; ``conv_bias``: as in :func:`mnist_convnet`.
+    of its layers' bounds (~1 with ``std=None``; ``1/min(std)`` otherwise).
+
+    ``block`` (one of ``RESIDUAL_BLOCKS``): "convex" is ``ConvexResidual``
+    x -> (1-a) x + a MaxMin(center(conv(x))) around an orthogonal 3x3 conv (learned a in (0, 1):
+    1-Lipschitz by the convex rule); "sll" a 3x3 ``SLLBlock`` and "cpl" a 3x3
+    ``ConvexPotentialLayer``, each 1-Lipschitz by its theorem. ``centering``: as in
+    :func:`mnist_convnet` ("layer" or "none" for private training; with "sll" / "cpl" it applies to
+    the stem and downsampling convs only); ``method`` / ``parametrization``: those of every
+    orthogonal layer; ``conv_bias``: as in :func:`mnist_convnet`.
     """
     p, b = parametrization, conv_bias
+    if block not in RESIDUAL_BLOCKS:
+        raise ValueError(f"liresnet: block must be one of {RESIDUAL_BLOCKS}, got {block!r}")
     if image_size % stem_stride:
         raise ValueError(f"liresnet: image_size={image_size} is not divisible by stem_stride={stem_stride}")
     size, w = image_size // stem_stride, width
     layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
     layers += _conv_block(in_channels, w, max(3, stem_stride), stem_stride, method, centering, p, b)
     for stage, n in enumerate(blocks):
-        for _ in range(n):
-            inner = nn.Sequential(*_conv_block(w, w, 3, 1, method, centering, p, b))
-            layers.append(ln.ConvexResidual(inner, alpha=0.5, learnable=True))
+        layers += [_residual_block(w, block, method, centering, p, b) for _ in range(n)]
         if stage < len(blocks) - 1:
             if size % 2:
                 raise ValueError(f"liresnet: feature map {size}x{size} cannot be halved; use fewer stages")
@@ -141,18 +159,19 @@ def scatter_net(num_classes: int = 10, in_channels: int = 1, image_size: int = 2
 
 
 def cifar_liresnet(num_classes: int = 10, width: int = 64, blocks: Sequence[int] = (2, 2, 2),
-                   parametrization: str = DEFAULT_PARAMETRIZATION, **kw) -> nn.Sequential:
+                   parametrization: str = DEFAULT_PARAMETRIZATION, block: str = "convex", **kw) -> nn.Sequential:
     """CIFAR-10 config of :func:`liresnet` (32x32 -> 8x8, widths 64/128/256)."""
     return liresnet(num_classes=num_classes, in_channels=3, image_size=32, width=width, blocks=blocks,
-                    parametrization=parametrization, **kw)
+                    parametrization=parametrization, block=block, **kw)
 
 
 def imagenet_liresnet(num_classes: int = 1000, width: int = 64, blocks: Sequence[int] = (1, 1, 1, 1),
-                      parametrization: str = DEFAULT_PARAMETRIZATION, **kw) -> nn.Sequential:
+                      parametrization: str = DEFAULT_PARAMETRIZATION, block: str = "convex",
+                      **kw) -> nn.Sequential:
     """ImageNet-sized config of :func:`liresnet`: 224x224 inputs, stride-4 stem, 4 stages (56 -> 7)."""
     kw.setdefault("mean", (0.485, 0.456, 0.406))
     return liresnet(num_classes=num_classes, in_channels=3, image_size=224, width=width, blocks=blocks,
-                    stem_stride=4, parametrization=parametrization, **kw)
+                    stem_stride=4, parametrization=parametrization, block=block, **kw)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -172,5 +191,5 @@ def build_model(name: str, **config) -> nn.Module:
 
 from .pretrained import PRETRAINED, load_pretrained, pretrained, pretrained_names  # noqa: E402
 
-__all__ = ["CENTERINGS", "MODELS", "PRETRAINED", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet",
+__all__ = ["CENTERINGS", "MODELS", "RESIDUAL_BLOCKS", "PRETRAINED", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet",
            "load_pretrained", "mnist_convnet", "pretrained", "pretrained_names", "scatter_net"]
