@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, default=None, help="model width (channels of the first stage)")
     t.add_argument("--block", choices=list(RESIDUAL_BLOCKS), default=None,
                    help="residual block of a liresnet model: 'convex' (default: ConvexResidual around an "
-                        "orthogonal 3x3 conv), 'sll' (SLLBlock) or 'cpl' (ConvexPotentialLayer)")
+                        "orthogonal 3x3 conv) or 'sll' (SLLBlock)")
     t.add_argument("--parametrization", choices=list(PARAMETRIZATIONS), default=None,
                    help="how the orthogonal layers keep their weights: 'retraction' (default: the orthogonal "
                         "factor is stored and retracted after every step) or 'polar' (polar factor of a raw "

@@ -32,13 +32,14 @@ def test_small_models_are_one_lipschitz_and_export(name, kw, shape, classes):
 def test_liresnet_blocks_are_one_lipschitz_and_export(block):
     torch.manual_seed(0)
     model = cifar_liresnet(width=8, blocks=(1, 1, 1), hidden=32, block=block)
-    kinds = {"convex": ln.ConvexResidual, "sll": ln.SLLBlock, "cpl": ln.ConvexPotentialLayer}
+    kinds = {"convex": ln.ConvexResidual, "sll": ln.SLLBlock}
     assert sum(isinstance(m, kinds[block]) for m in model) == 3
     for m in model.modules():  # weights away from their initialization, so the test is not of the init
-        if isinstance(m, (ln.SLLBlock, ln.ConvexPotentialLayer)):
+        if isinstance(m, ln.SLLBlock):
             with torch.no_grad():
                 m.weight.mul_(3.0).add_(0.1 * torch.randn_like(m.weight))
                 m.bias.normal_()
+                m.q.normal_()
     model.eval()
     bound = lipschitz_bound(model)
     assert bound <= 1.001
@@ -95,8 +96,8 @@ def test_bad_configs():
         liresnet(image_size=30, stem_stride=4)
     with pytest.raises(ValueError, match="halved"):
         liresnet(image_size=12, blocks=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match=r"block must be one of \('convex', 'sll', 'cpl'\), got 'aoc'"):
-        liresnet(block="aoc")
+    with pytest.raises(ValueError, match=r"block must be one of \('convex', 'sll'\), got 'cpl'"):
+        liresnet(block="cpl")
 
 
 def test_augment_batch_crops_and_flips_per_sample():
