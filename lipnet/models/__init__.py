@@ -101,8 +101,9 @@ def liresnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
     x -> (1-a) x + a MaxMin(center(conv(x))) around an orthogonal 3x3 conv (learned a in (0, 1):
     1-Lipschitz by the convex rule); "sll" a 3x3 ``SLLBlock`` (x -> x - 2 W T^-1 relu(W^T x + b),
     1-Lipschitz by its theorem). ``centering``: as in :func:`mnist_convnet` ("layer" or "none" for
-    private training; with "sll" it applies to the stem and downsampling convs only); ``method`` / ``parametrization``: those of every
-    orthogonal layer; ``conv_bias``: as in :func:`mnist_convnet`.
+    private training; with "sll" it applies to the stem and downsampling convs only);
+    ``method`` / ``parametrization``: those of every orthogonal layer; ``conv_bias``: as in
+    :func:`mnist_convnet`.
     """
     p, b = parametrization, conv_bias
     if block not in RESIDUAL_BLOCKS:
