@@ -203,6 +203,12 @@ def _amp_option(args) -> str | None:
     return None if args.amp == "fp32" else args.amp
 
 
+def _model_default(model: str, key: str):
+    """The default of ``MODELS[model]``'s keyword ``key`` (what a checkpoint without it was built with), or None."""
+    parameter = inspect.signature(MODELS[model]).parameters.get(key)
+    return None if parameter is None else parameter.default
+
+
 def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
     """The configuration of the run to resume; ValueError if the command line asks for another one
     (an option given with a different value) or the checkpoint cannot be resumed."""
@@ -219,8 +225,7 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
                  if given[attr] is not None and given[attr] != getattr(config, attr)]
     if args.preset is not None:
         conflicts.append(f"--preset {args.preset} (a resumed run keeps the configuration its checkpoint stores)")
-    takes_block = "block" in inspect.signature(MODELS[config.model]).parameters
-    run_block = config.model_config.get("block", "convex" if takes_block else None)
+    run_block = config.model_config.get("block", _model_default(config.model, "block"))
     for flag, key in (("--width", "width"), ("--parametrization", "parametrization"), ("--block", "block")):
         value, run_value = getattr(args, key), run_block if key == "block" else config.model_config.get(key)
         if value is not None and value != run_value:
@@ -292,14 +297,12 @@ def _train_config(args) -> TrainConfig:
     args.bf16_fallback = args.amp is None and config.amp == "bf16" and not native_bf16(args.device)
     if args.bf16_fallback:
         config.amp = None
-    if args.width is not None:
-        if "width" not in inspect.signature(MODELS[config.model]).parameters:
-            raise ValueError(f"--width does not apply to {config.model}")
-        config.model_config = {**config.model_config, "width": args.width}
-    if args.block is not None:
-        if "block" not in inspect.signature(MODELS[config.model]).parameters:
-            raise ValueError(f"--block does not apply to {config.model}")
-        config.model_config = {**config.model_config, "block": args.block}
+    for key in ("width", "block"):
+        value = getattr(args, key)
+        if value is not None:
+            if key not in inspect.signature(MODELS[config.model]).parameters:
+                raise ValueError(f"--{key} does not apply to {config.model}")
+            config.model_config = {**config.model_config, key: value}
     if args.parametrization is not None:
         if not takes_parametrization(config.model):
             raise ValueError(f"--parametrization does not apply to {config.model}")
