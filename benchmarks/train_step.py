@@ -6,6 +6,8 @@
 Networks (``--nets``):
 * ``cifar_liresnet``: ``lipnet.models.cifar_liresnet(width=32, blocks=(1, 1, 1))`` (4.3M parameters,
   zero padding, BatchCentering, a 8192 -> 512 orthogonal dense layer);
+* ``cifar10-preset``: the network ``lipnet train --dataset cifar10`` trains (``PRESETS["cifar10"]``:
+  width 32, one block per stage, a 256-wide head);
 * ``layers-net``: the network of ``benchmarks/layers.py`` (five 3x3 AOC convolutions, circular
   padding, MaxMin, a 2048 -> 10 orthogonal head).
 
@@ -20,7 +22,8 @@ Models per network, all with the same shapes, activations and loss:
 
 A step: forward and ``LipschitzCrossEntropy`` (under ``torch.autocast("cpu", bfloat16)`` for the bf16
 rows), backward, Adam (lr ``--lr``) -- so the orthogonal factors change every step and every step
-pays for their retraction. Input checks off (``set_input_checks(False)``), as ``lipnet train``
+pays for their retraction. ``--formats contiguous channels_last``: each case also on the same batch in
+channels-last memory format (what the cifar10 preset trains on). Input checks off (``set_input_checks(False)``), as ``lipnet train``
 runs. All cases of a batch size are interleaved round-robin in each repeat and reported as medians
 with ratios to the plain twin of the same run. ``--profile`` adds, for the retraction model, the
 median cost of its weights alone: retracting every factor as a real (5th) Adam step left it (no
@@ -41,7 +44,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 import lipnet.nn as ln  # noqa: E402
-from lipnet.models import cifar_liresnet  # noqa: E402
+from lipnet.models import build_model, cifar_liresnet  # noqa: E402
 from lipnet.nn.parametrizations import CoreOrthogonalizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # layers.py and the harness beside this script
@@ -52,6 +55,10 @@ from _harness import machine_info, median, time_interleaved, write_outputs  # no
 def build(net: str, parametrization: str) -> nn.Module:
     if net == "cifar_liresnet":
         return cifar_liresnet(width=32, blocks=(1, 1, 1), parametrization=parametrization)
+    if net == "cifar10-preset":
+        from lipnet.presets import PRESETS
+
+        return build_model(PRESETS["cifar10"].model, **PRESETS["cifar10"].model_config, parametrization=parametrization)
     layers = []
     for cin, cout, s in layers_benchmark.CONVS:
         layers += [ln.OrthoConv2d(cin, cout, 3, stride=s, padding=1 if s > 1 else "same", parametrization=parametrization),
@@ -149,24 +156,29 @@ def run(args) -> dict:
             if not args.no_orthogonium:
                 torch.manual_seed(args.seed)
                 models["orthogonium"] = orthogonium_twin(build(net, "retraction"))
+            inputs = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
             cases, opts = {}, {}
             for amp in args.precisions:
-                for name, model in models.items():
-                    cases[(name, amp)], opts[(name, amp)] = make_step(model, x, y, args.lr, amp == "bf16")
+                for fmt in args.formats:
+                    for name, model in models.items():
+                        cases[(name, amp, fmt)], opts[(name, amp, fmt)] = make_step(model, inputs[fmt], y, args.lr,
+                                                                                    amp == "bf16")
+            first = args.formats[0]
             if args.profile:
-                for key, fn in weight_cases(models["retraction"], opts[("retraction", "fp32")],
-                                            cases[("retraction", "fp32")]).items():
-                    cases[("weights: " + key, "fp32")] = fn
+                for key, fn in weight_cases(models["retraction"], opts[("retraction", "fp32", first)],
+                                            cases[("retraction", "fp32", first)]).items():
+                    cases[("weights: " + key, "fp32", first)] = fn
             print(f"{net}, batch {batch}: {len(cases)} cases, {args.warmup} warm-up + {args.repeats} repeats",
                   flush=True)
             seconds = {case: median(t) for case, t in time_interleaved(cases, args.repeats, args.warmup).items()}
-            for (name, amp), s in seconds.items():
-                ref = seconds[("plain", amp)]
+            for (name, amp, fmt), s in seconds.items():
                 if name.startswith("weights: "):
                     profile.append(dict(net=net, batch=batch, part=name[9:], seconds=s,
-                                        share_of_step=s / seconds[("retraction", "fp32")]))
+                                        share_of_step=s / seconds[("retraction", "fp32", fmt)]))
                 else:
-                    rows.append(dict(net=net, batch=batch, model=name, precision=amp, seconds=s, ratio_to_plain=s / ref))
+                    rows.append(dict(net=net, batch=batch, model=name, precision=amp, format=fmt, seconds=s,
+                                     ratio_to_plain=s / seconds[("plain", amp, fmt)],
+                                     ratio_to_contiguous=seconds.get((name, amp, "contiguous"), float("nan")) / s))
     info = machine_info()
     return {"cpu": info["cpu"], "threads": args.threads, "torch": info["torch"], "date": info["date"][:10],
             "repeats": args.repeats, "warmup": args.warmup, "lr": args.lr, "rows": rows, "profile": profile,
@@ -176,10 +188,13 @@ def run(args) -> dict:
 def tables(result: dict) -> str:
     out = [f"cpu: {result['cpu']}, {result['threads']} threads, torch {result['torch']}, {result['date']}; "
            f"median of {result['repeats']} interleaved repeats ({result['warmup']} warm-up), Adam lr {result['lr']}", "",
-           "| network | batch | precision | model | step ms | ratio to plain twin |", "|---|---|---|---|---|---|"]
+           "| network | batch | precision | format | model | step ms | ratio to plain twin | speed-up over contiguous |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        out.append(f"| {r['net']} | {r['batch']} | {r['precision']} | {r['model']} | {1e3 * r['seconds']:.0f} | "
-                   f"{r['ratio_to_plain']:.2f}x |")
+        fmt = r.get("format", "contiguous")  # results saved before the format axis are contiguous
+        speedup = r.get("ratio_to_contiguous", 1.0)
+        out.append(f"| {r['net']} | {r['batch']} | {r['precision']} | {fmt} | {r['model']} | {1e3 * r['seconds']:.0f} | "
+                   f"{r['ratio_to_plain']:.2f}x | {speedup:.2f}x |")
     if result["profile"]:
         out += ["", "Weights of the retraction model alone (fp32):", "",
                 "| network | batch | part | ms | share of its step |", "|---|---|---|---|---|"]
@@ -191,7 +206,9 @@ def tables(result: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nets", nargs="+", default=["cifar_liresnet", "layers-net"], choices=["cifar_liresnet", "layers-net"])
+    parser.add_argument("--nets", nargs="+", default=["cifar_liresnet", "layers-net"],
+                        choices=["cifar_liresnet", "cifar10-preset", "layers-net"])
+    parser.add_argument("--formats", nargs="+", default=["contiguous"], choices=["contiguous", "channels_last"])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=7)

@@ -28,6 +28,7 @@ class Preset:
     temperature: float
     augment: bool
     amp: str | None = None  # mixed precision of the training steps (see amp_dtype)
+    channels_last: bool = False  # image batches in channels-last memory format (TrainConfig.channels_last)
 
 
 PRESETS: dict[str, Preset] = {
@@ -35,7 +36,8 @@ PRESETS: dict[str, Preset] = {
     "fashion-mnist": Preset("mnist-convnet", {"mean": (0.2860,)}, (0.1, 0.5, 1.0), 10, 256, 2e-3, 1.0, 0.25, False),
     "cifar10": Preset("cifar-liresnet", {"mean": (0.4914, 0.4822, 0.4465), "width": 32, "blocks": (1, 1, 1),
                                          "hidden": 256},
-                      (36 / 255, 72 / 255, 108 / 255), 30, 256, 2e-3, 0.3, 0.125, True, amp="bf16"),
+                      (36 / 255, 72 / 255, 108 / 255), 30, 256, 2e-3, 0.3, 0.125, True, amp="bf16",
+                      channels_last=True),
 }
 # The cifar10 preset is sized for 2 CPU cores (about 3.5 minutes per epoch with bf16 autocast on a
 # 2-core Xeon with AMX): width 32, one residual block per stage and a 256-wide dense head (a 512-wide
@@ -91,6 +93,9 @@ class TrainConfig:
     dp: dict | None = None
     # mixed precision of the training steps: "bf16", "fp16" (CUDA only) or None (fp32); evaluation is always fp32
     amp: str | None = None
+    # training batches of images (4-D) in channels-last memory format: the same function (up to float
+    # rounding order), faster convolutions on CPU (benchmarks/train_step.py)
+    channels_last: bool = False
     # "adam": Adam on every parameter (lr); "turbomuon" / "schatten": TurboMuon / SchattenMuon (adaptive p)
     # on the hidden matrices at matrix_lr, Adam at lr on the rest (lipnet.training.build_optimizer)
     optimizer: str = "adam"
@@ -137,6 +142,7 @@ class TrainConfig:
             q = models[model]
             p.update(model=model, model_config=dict(q.model_config), batch_size=q.batch_size, lr=q.lr,
                      epochs=q.epochs, offset=q.offset, temperature=q.temperature, augment=False, amp=None,
+                     channels_last=False,
                      # private models have small margins: report certificates at smaller radii
                      eval_eps=tuple(e / 5 for e in p["eval_eps"]),
                      dp={"input_bound": q.input_bound, "noise": q.noise, "optimizer": q.optimizer,

@@ -74,13 +74,16 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                 scheduler=None, device: str | torch.device = "cpu", augment: bool = False,
                 generator: torch.Generator | None = None, progress: bool = True, desc: str = "train", *,
-                amp: str | None = None, scaler: torch.amp.GradScaler | None = None) -> float:
+                amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
+                channels_last: bool = False) -> float:
     """One pass over ``loader``; returns the mean training loss. NaN/inf loss -> RuntimeError.
 
     ``amp`` ("bf16" / "fp16", see :func:`amp_dtype`): each step's forward pass and loss run under
     ``torch.autocast``, the backward pass and the update outside it (parameters stay fp32).
     "fp16" needs an enabled ``scaler`` (``torch.amp.GradScaler``), which then scales the loss,
-    unscales the gradients and skips steps whose gradients overflowed."""
+    unscales the gradients and skips steps whose gradients overflowed. ``channels_last``: 4-D batches
+    enter the model in channels-last memory format (the convolutions keep it; same values up to
+    float rounding order)."""
     device = torch.device(device)
     dtype = amp_dtype(amp, device)
     scaled = scaler is not None and scaler.is_enabled()
@@ -93,6 +96,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         if augment:
             x = augment_batch(x, generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
@@ -270,7 +275,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, device
     for epoch in range(first, config.epochs + 1):
         start = time.perf_counter()
         loss = train_epoch(forward, train_loader, optimizer, loss_fn, scheduler, device, config.augment, generator,
-                           progress and main, desc=f"epoch {epoch}/{config.epochs}", amp=config.amp, scaler=scaler)
+                           progress and main, desc=f"epoch {epoch}/{config.epochs}", amp=config.amp, scaler=scaler,
+                           channels_last=config.channels_last)
         loss = all_reduce_mean(loss) if distributed else loss
         seconds = time.perf_counter() - start
         if main:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validate import positive_int
+from ._checks import _functorch_active
 
 
 class _MaxMinFn(torch.autograd.Function):
@@ -46,6 +47,47 @@ class _MaxMinFn(torch.autograd.Function):
         return _MaxMinFn._permute(ctx.keep, ta, tb, ctx.dim), None
 
 
+class _MaxMinWholeFn(torch.autograd.Function):
+    """x -> (max, min) of its two halves along ``dim``, written into one output (no ``cat``, and no
+    split backward assembling the input gradient from two pieces): the eager, untransformed path.
+
+    Forward uses ``maximum`` / ``minimum`` (cheaper than ``where``; equal values at ties); backward and
+    jvp permute with the saved ``a >= b`` mask, as :class:`_MaxMinFn`. A backward that is itself
+    differentiated (``create_graph=True``) is built from differentiable ops."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        a, b = x.chunk(2, dim)
+        keep = a >= b
+        out = torch.empty_like(x)
+        hi, lo = out.chunk(2, dim)
+        torch.maximum(a, b, out=hi)
+        torch.minimum(a, b, out=lo)
+        ctx.save_for_backward(keep)
+        ctx.keep, ctx.dim = keep, dim  # forward mode reads keep here (saved_tensors is backward-only)
+        return out
+
+    @staticmethod
+    def _permute_whole(keep: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
+        first, second = t.chunk(2, dim)
+        if torch.is_grad_enabled():  # double backward: keep the graph
+            return _MaxMinFn._permute(keep, first, second, dim)
+        out = torch.empty_like(t)
+        hi, lo = out.chunk(2, dim)
+        torch.where(keep, first, second, out=hi)
+        torch.where(keep, second, first, out=lo)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return _MaxMinWholeFn._permute_whole(keep, grad, ctx.dim), None
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _dim):
+        return _MaxMinWholeFn._permute_whole(ctx.keep, tangent, ctx.dim)
+
+
 class MaxMin(nn.Module):
     """Pairs the first and second half of ``dim`` and returns (max, min) of each pair (GroupSort-2).
 
@@ -61,13 +103,22 @@ class MaxMin(nn.Module):
     def _with_grad(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _MaxMinFn.apply(a, b, self.dim)[0]
 
+    @torch.jit.unused
+    def _whole(self, x: torch.Tensor) -> torch.Tensor:
+        return _MaxMinWholeFn.apply(x, self.dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[self.dim]
         if n % 2:
             raise ValueError(f"MaxMin needs an even size along dim {self.dim}, got shape {list(x.shape)}")
+        if not torch.jit.is_scripting():
+            # out= writes are not vmap-able: torch.func transforms take the split (a, b) function
+            if not _functorch_active():
+                return self._whole(x)
+            if torch.is_grad_enabled() and x.requires_grad:
+                a, b = x.split(n // 2, dim=self.dim)
+                return self._with_grad(a, b)
         a, b = x.split(n // 2, dim=self.dim)
-        if not torch.jit.is_scripting() and torch.is_grad_enabled() and x.requires_grad:
-            return self._with_grad(a, b)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
 
 

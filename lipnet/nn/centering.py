@@ -9,6 +9,37 @@ from ..validate import unit_interval
 from ._checks import _functorch_active
 
 
+class _BatchCenterFn(torch.autograd.Function):
+    """(x, bias) -> (x - mean + bias, mean), the mean per channel over every dim but 1 (accumulated in
+    at least fp32). Backward is the projection g - mean(g) itself (two passes over g), where autograd
+    of the composite would add a negation, a broadcast division and an accumulation of full-size
+    tensors. The backward is differentiable (built from differentiable ops) and forward mode is
+    supported; ``torch.func`` transforms take the composite (see :class:`BatchCentering`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None):
+        reduce = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=reduce, dtype=torch.promote_types(x.dtype, torch.float32))
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        shift = mean.to(x.dtype) if bias is None else mean.to(x.dtype) - bias
+        ctx.reduce, ctx.x_dtype, ctx.has_bias = reduce, x.dtype, bias is not None
+        ctx.mark_non_differentiable(mean)
+        return x - shift.view(shape), mean
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_mean):
+        grad_x = (grad - grad.mean(dim=ctx.reduce, keepdim=True)).to(ctx.x_dtype)
+        grad_bias = grad.sum(dim=ctx.reduce) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias
+
+    @staticmethod
+    def jvp(ctx, tx: torch.Tensor, tbias: torch.Tensor | None):
+        out = tx - tx.mean(dim=ctx.reduce, keepdim=True)
+        if tbias is not None:
+            out = out + tbias.view([1, -1] + [1] * (tx.dim() - 2))
+        return out, None
+
+
 class BatchCentering(nn.Module):
     """x - mean + bias per channel (dim 1), mean over batch and spatial dims.
 
@@ -31,25 +62,36 @@ class BatchCentering(nn.Module):
             raise ValueError(f"BatchCentering: expected (B, {self.num_features}, ...), got {list(x.shape)}")
         return [1, self.num_features] + [1] * (x.dim() - 2)
 
+    @torch.jit.unused
+    def _centered(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _BatchCenterFn.apply(x, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = self._shape(x)
-        if self.training:
-            # accumulated in at least fp32 (bf16/fp16 inputs under autocast), kept in the buffer's dtype
-            mean = x.transpose(0, 1).reshape(self.num_features, -1).mean(
-                dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
+        if not self.training:
+            return self._subtract(x, self.running_mean, shape)
+        update = True
+        if not torch.jit.is_scripting():  # TorchScript compiles neither the Function nor the functorch query
             # under torch.func transforms (jacrev, vmap) the batch mean is a transformed tensor that
-            # cannot be written into a plain buffer: the transform computes the function, and the
-            # running statistics are left as they are
-            update = True
-            if not torch.jit.is_scripting():  # TorchScript compiles no functorch query
-                update = not _functorch_active()
+            # cannot be written into a plain buffer: the transform computes the composite function,
+            # and the running statistics are left as they are
+            update = not _functorch_active()
             if update:
+                out, mean = self._centered(x)
                 with torch.no_grad():
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-        else:
-            mean = self.running_mean
-        out = x - mean.to(x.dtype).view(shape)
-        return out if self.bias is None else out + self.bias.view(shape)
+                    self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                return out
+        # accumulated in at least fp32 (bf16/fp16 inputs under autocast), kept in the buffer's dtype
+        mean = x.mean(dim=[0] + list(range(2, x.dim())), dtype=torch.promote_types(x.dtype, torch.float32))
+        if update:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        return self._subtract(x, mean, shape)
+
+    def _subtract(self, x: torch.Tensor, mean: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        if self.bias is None:
+            return x - mean.to(x.dtype).view(shape)
+        return x - (mean.to(x.dtype) - self.bias).view(shape)  # one pass over x, not two
 
 
 class LayerCentering(nn.Module):

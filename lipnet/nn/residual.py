@@ -33,7 +33,10 @@ class ConvexResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.alpha()
-        return (1 - a) * x + a * self.f(x)
+        fx = self.f(x)
+        dtype = torch.promote_types(x.dtype, fx.dtype)
+        # lerp: x + a (f(x) - x), one pass where (1 - a) x + a f(x) takes three
+        return torch.lerp(x.to(dtype), fx.to(dtype), a.to(dtype))
 
 
 class ConcatResidual(nn.Module):
