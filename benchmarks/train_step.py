@@ -21,14 +21,14 @@ Models per network, all with the same shapes, activations and loss:
   12 Bjorck steps through autograd).
 
 A step: forward and ``LipschitzCrossEntropy`` (under ``torch.autocast("cpu", bfloat16)`` for the bf16
-rows), backward, Adam (lr ``--lr``) -- so the orthogonal factors change every step and every step
-pays for their retraction. ``--formats contiguous channels_last``: each case also on the same batch in
-channels-last memory format (what the cifar10 preset trains on). Input checks off (``set_input_checks(False)``), as ``lipnet train``
-runs. All cases of a batch size are interleaved round-robin in each repeat and reported as medians
-with ratios to the plain twin of the same run. ``--profile`` adds, for the retraction model, the
-median cost of its weights alone: retracting every factor as a real (5th) Adam step left it (no
-grad) and building every kernel forward + backward (including the tangent projection of the
-factors' gradients).
+rows), backward, Adam (lr ``--lr``) -- so the orthogonal factors change every step and every step pays
+for their retraction. ``--formats contiguous channels_last``: each case also on the same batch in
+channels-last memory format (what the cifar10 preset trains on). Input checks off
+(``set_input_checks(False)``), as ``lipnet train`` runs. All cases of a batch size are interleaved
+round-robin in each repeat and reported as medians with ratios to the plain twin of the same run.
+``--profile`` adds, for the retraction model, the median cost of its weights alone: retracting every
+factor as a real (5th) Adam step left it (no grad) and building every kernel forward + backward
+(including the tangent projection of the factors' gradients).
 """
 
 from __future__ import annotations
@@ -176,9 +176,11 @@ def run(args) -> dict:
                     profile.append(dict(net=net, batch=batch, part=name[9:], seconds=s,
                                         share_of_step=s / seconds[("retraction", "fp32", fmt)]))
                 else:
+                    # None where the contiguous twin of the case was not measured (--formats channels_last)
+                    contiguous = seconds.get((name, amp, "contiguous"))
                     rows.append(dict(net=net, batch=batch, model=name, precision=amp, format=fmt, seconds=s,
                                      ratio_to_plain=s / seconds[("plain", amp, fmt)],
-                                     ratio_to_contiguous=seconds.get((name, amp, "contiguous"), float("nan")) / s))
+                                     ratio_to_contiguous=None if contiguous is None else contiguous / s))
     info = machine_info()
     return {"cpu": info["cpu"], "threads": args.threads, "torch": info["torch"], "date": info["date"][:10],
             "repeats": args.repeats, "warmup": args.warmup, "lr": args.lr, "rows": rows, "profile": profile,
@@ -193,8 +195,9 @@ def tables(result: dict) -> str:
     for r in result["rows"]:
         fmt = r.get("format", "contiguous")  # results saved before the format axis are contiguous
         speedup = r.get("ratio_to_contiguous", 1.0)
+        speedup = "-" if speedup is None else f"{speedup:.2f}x"
         out.append(f"| {r['net']} | {r['batch']} | {r['precision']} | {fmt} | {r['model']} | {1e3 * r['seconds']:.0f} | "
-                   f"{r['ratio_to_plain']:.2f}x | {speedup:.2f}x |")
+                   f"{r['ratio_to_plain']:.2f}x | {speedup} |")
     if result["profile"]:
         out += ["", "Weights of the retraction model alone (fp32):", "",
                 "| network | batch | part | ms | share of its step |", "|---|---|---|---|---|"]

@@ -243,7 +243,11 @@ def test_gradient_matches_finite_differences():
 @given(case=well_conditioned(max_condition=50.0), method=st.sampled_from(["convergent", "bjorck"]))
 def test_polar_backward_matches_the_iteration(case, method):
     """backward="polar" (implicit derivative of the exact polar factor) equals autograd through the
-    converged iteration, in fp64, for inputs the schedule converges on."""
+    converged iteration, in fp64, for inputs the schedule converges on, relative to the derivative's
+    scale ||G|| / sigma_min(W). Not relative to ||g_iter||: for a (near-)orthogonal W and a G mostly
+    normal to the manifold g_iter is small, and the convergent schedule's own derivative keeps a
+    residual there (its composed polynomial's slope near sigma = 1 is ~1e-5, not 0; up to 1.4e-4 of
+    the scale was seen for kappa = 1.01), which the exact derivative does not have."""
     W, _ = case
     W = W.double().requires_grad_(True)
     G = torch.randn(W.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -251,7 +255,8 @@ def test_polar_backward_matches_the_iteration(case, method):
     Q = orthogonalize(W, method, backward="polar")
     (g_polar,) = torch.autograd.grad(Q, W, G)
     assert torch.equal(Q.detach(), orthogonalize(W.detach(), method))  # same forward
-    assert (g_polar - g_iter).norm() <= 1e-4 * g_iter.norm() + 1e-12
+    scale = G.norm() / torch.linalg.svdvals(W.detach()).min(dim=-1).values.min()
+    assert (g_polar - g_iter).norm() <= 1e-3 * scale
 
 
 def test_polar_backward_options():

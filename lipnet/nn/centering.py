@@ -9,6 +9,22 @@ from ..validate import unit_interval
 from ._checks import _functorch_active
 
 
+def _batch_dims(x: torch.Tensor) -> list[int]:
+    """Every dim of ``x`` but the channel dim 1: those a per-channel batch statistic reduces."""
+    return [0] + list(range(2, x.dim()))
+
+
+def _channel_shape(x: torch.Tensor) -> list[int]:
+    """The shape that broadcasts a per-channel vector against ``x``: (1, C, 1, ...)."""
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of ``x`` over batch and spatial dims, accumulated in at least fp32 (bf16 /
+    fp16 inputs under autocast would otherwise sum a whole batch in 8 mantissa bits)."""
+    return x.mean(dim=_batch_dims(x), dtype=torch.promote_types(x.dtype, torch.float32))
+
+
 class _BatchCenterFn(torch.autograd.Function):
     """(x, bias) -> (x - mean + bias, mean), the mean per channel over every dim but 1 (accumulated in
     at least fp32). Backward is the projection g - mean(g) itself (two passes over g), where autograd
@@ -18,13 +34,11 @@ class _BatchCenterFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None):
-        reduce = [0] + list(range(2, x.dim()))
-        mean = x.mean(dim=reduce, dtype=torch.promote_types(x.dtype, torch.float32))
-        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        mean = _channel_mean(x)
         shift = mean.to(x.dtype) if bias is None else mean.to(x.dtype) - bias
-        ctx.reduce, ctx.x_dtype, ctx.has_bias = reduce, x.dtype, bias is not None
+        ctx.reduce, ctx.x_dtype, ctx.has_bias = _batch_dims(x), x.dtype, bias is not None
         ctx.mark_non_differentiable(mean)
-        return x - shift.view(shape), mean
+        return x - shift.view(_channel_shape(x)), mean
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_mean):
@@ -36,7 +50,7 @@ class _BatchCenterFn(torch.autograd.Function):
     def jvp(ctx, tx: torch.Tensor, tbias: torch.Tensor | None):
         out = tx - tx.mean(dim=ctx.reduce, keepdim=True)
         if tbias is not None:
-            out = out + tbias.view([1, -1] + [1] * (tx.dim() - 2))
+            out = out + tbias.view(_channel_shape(tx))
         return out, None
 
 
@@ -60,7 +74,7 @@ class BatchCentering(nn.Module):
     def _shape(self, x: torch.Tensor) -> list[int]:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchCentering: expected (B, {self.num_features}, ...), got {list(x.shape)}")
-        return [1, self.num_features] + [1] * (x.dim() - 2)
+        return _channel_shape(x)
 
     @torch.jit.unused
     def _centered(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +95,7 @@ class BatchCentering(nn.Module):
                 with torch.no_grad():
                     self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
                 return out
-        # accumulated in at least fp32 (bf16/fp16 inputs under autocast), kept in the buffer's dtype
-        mean = x.mean(dim=[0] + list(range(2, x.dim())), dtype=torch.promote_types(x.dtype, torch.float32))
+        mean = _channel_mean(x)
         if update:
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
