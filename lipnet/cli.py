@@ -23,7 +23,7 @@ from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
 from .presets import (DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names,
                       takes_parametrization)
-from .training import AMP_DTYPES, amp_dtype, fit, native_bf16
+from .training import AMP_DTYPES, amp_dtype, fit
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                         "recipe; cifar10-gpu = the full-size network for a GPU)")
     t.add_argument("--amp", choices=[*sorted(AMP_DTYPES), "fp32"], default=None,
                    help="mixed-precision training steps under torch.autocast (bf16: CPU or CUDA; fp16: CUDA only, "
-                        "with loss scaling; fp32: none); evaluation stays fp32. Default: the preset's (cifar10: "
-                        "bf16 where the CPU or GPU has bf16 instructions, else fp32; the others fp32)")
+                        "with loss scaling; fp32: none); evaluation stays fp32. Default: the preset's (fp32 for "
+                        "every dataset preset)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--model", choices=sorted(MODELS), default=None,
@@ -293,10 +293,6 @@ def _train_config(args) -> TrainConfig:
                                      holdout=args.holdout, optimizer=args.optimizer, matrix_lr=args.matrix_lr)
     if args.amp == "fp32":
         config.amp = None
-    # a preset's bf16 is a speed choice: where bf16 is emulated it costs several times fp32's time
-    args.bf16_fallback = args.amp is None and config.amp == "bf16" and not native_bf16(args.device)
-    if args.bf16_fallback:
-        config.amp = None
     for key in ("width", "block"):
         value = getattr(args, key)
         if value is not None:
@@ -326,10 +322,7 @@ def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: C
     what = f"training {config.model} on {config.dataset}"
     if resume is not None:
         what = f"resuming {resume.path} after epoch {resume.epoch}/{config.epochs}: {what}"
-    amp = f" with {config.amp} autocast" if config.amp else ""
-    if getattr(args, "bf16_fallback", False):
-        amp = (" in fp32 (the preset's bf16 autocast is left out: this CPU has no bf16 instructions and would "
-               "emulate it several times slower; --amp bf16 forces it)")
+    amp = f" with {config.amp} autocast" if config.amp else " in fp32"
     optimizer = ("" if config.optimizer == "adam" else
                  f", {config.optimizer} at lr {config.matrix_lr:g} on the matrices and Adam at lr {config.lr:g}")
     evaluation = f"{len(test_loader.dataset)} held-out train" if config.holdout else f"{len(test_loader.dataset)} test"

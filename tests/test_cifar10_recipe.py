@@ -1,6 +1,6 @@
 """The CIFAR-10 presets: the 2-core CPU recipe (the default) trains and certifies end to end; the
-GPU-scale network stays available by name; --amp fp32 overrides the recipe's bf16, which a CPU
-without bf16 instructions leaves out unless --amp bf16 asks for it."""
+GPU-scale network stays available by name; --amp bf16 is recorded in the run (and warned about
+where the CPU would emulate it)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import lipnet.training
 from lipnet.cli import main
 from lipnet.models import build_model
 from lipnet.checkpoints import load_checkpoint
-from lipnet.presets import NAMED_PRESETS, TrainConfig, preset_names
+from lipnet.presets import DEFAULT_MATRIX_LR, NAMED_PRESETS, TrainConfig, preset_names
 
 
 def _train_one_epoch(out, data_root, *options: str):
@@ -27,12 +27,13 @@ def _train_one_epoch(out, data_root, *options: str):
 def test_the_cifar10_preset_trains_two_steps_and_certifies(tmp_path, data_root, capsys):
     out = tmp_path / "run"
     config, history = _train_one_epoch(out, data_root, "--dataset", "cifar10", "--limit", "64", "--batch-size", "32")
-    assert TrainConfig.from_preset("cifar10").amp == "bf16" and config.augment  # the recipe: bf16 steps, crop + flip
-    native = lipnet.training.native_bf16("cpu")
-    assert config.amp == ("bf16" if native else None)  # emulated bf16 is left out
+    # the recipe: fp32 steps on channels-last batches, TurboMuon on the matrices, margin 0.45, crop + flip
+    assert config.amp is None and config.channels_last and config.augment
+    assert config.optimizer == "turbomuon" and config.matrix_lr == DEFAULT_MATRIX_LR and config.offset == 0.45
     assert config.model_config["width"] == 32 and config.model_config["hidden"] == 256
     assert config.model_config["parametrization"] == "retraction"
-    assert len(history) == 1 and ("with bf16 autocast" if native else "in fp32") in capsys.readouterr().out
+    assert len(history) == 1
+    assert "in fp32, turbomuon at lr 0.05 on the matrices" in capsys.readouterr().out
     result = tmp_path / "cert.json"
     rc = main(["certify", "--checkpoint", str(out), "--limit", "64", "--pgd-steps", "2", "--pgd-points", "16",
                "--json", str(result), "--data-root", str(data_root), "--no-progress"])
@@ -44,32 +45,22 @@ def test_the_cifar10_preset_trains_two_steps_and_certifies(tmp_path, data_root, 
         assert acc <= res["clean"]
 
 
-def test_amp_fp32_overrides_the_recipes_bf16(tmp_path, data_root):
+def test_amp_bf16_is_recorded_and_kept_on_resume(tmp_path, data_root, monkeypatch):
+    monkeypatch.setattr(lipnet.training, "native_bf16", lambda device: True)
     out = tmp_path / "run"
     config, _ = _train_one_epoch(out, data_root, "--dataset", "cifar10", "--limit", "32", "--batch-size", "32",
-                                 "--amp", "fp32")
-    assert config.amp is None
-    # resuming it with --amp fp32 asks for what it is; --amp bf16 would change it
-    assert main(["train", "--resume", str(out), "--amp", "fp32", "--data-root", str(data_root), "--no-progress"]) == 0
-    assert main(["train", "--resume", str(out), "--amp", "bf16", "--data-root", str(data_root), "--no-progress"]) == 2
-
-
-def test_a_cpu_without_bf16_instructions_trains_the_recipe_in_fp32_unless_asked(tmp_path, data_root, capsys,
-                                                                                 monkeypatch):
-    monkeypatch.setattr(lipnet.cli, "native_bf16", lambda device: False)
-    monkeypatch.setattr(lipnet.training, "native_bf16", lambda device: False)
-    options = ("--dataset", "cifar10", "--limit", "32", "--batch-size", "32")
-    config, _ = _train_one_epoch(tmp_path / "default", data_root, *options)
-    assert config.amp is None
-    assert "in fp32 (the preset's bf16 autocast is left out" in capsys.readouterr().out
-    # the run is recorded as fp32: resuming it in bf16 would change it
-    assert main(["train", "--resume", str(tmp_path / "default"), "--amp", "bf16", "--data-root", str(data_root),
-                 "--no-progress"]) == 2
-    with pytest.warns(RuntimeWarning, match="no native bf16"):
-        config, _ = _train_one_epoch(tmp_path / "forced", data_root, *options, "--amp", "bf16")
+                                 "--amp", "bf16")
     assert config.amp == "bf16"
-    monkeypatch.setattr(lipnet.cli, "native_bf16", lambda device: True)
-    config, _ = _train_one_epoch(tmp_path / "native", data_root, *options)
+    # resuming it with --amp bf16 asks for what it is; --amp fp32 would change it
+    assert main(["train", "--resume", str(out), "--amp", "bf16", "--data-root", str(data_root), "--no-progress"]) == 0
+    assert main(["train", "--resume", str(out), "--amp", "fp32", "--data-root", str(data_root), "--no-progress"]) == 2
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, data_root, monkeypatch):
+    monkeypatch.setattr(lipnet.training, "native_bf16", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        config, _ = _train_one_epoch(tmp_path / "forced", data_root, "--dataset", "cifar10", "--limit", "32",
+                                     "--batch-size", "32", "--amp", "bf16")
     assert config.amp == "bf16"
 
 
