@@ -21,7 +21,7 @@ def _channel_shape(x: torch.Tensor) -> list[int]:
 
 def _channel_mean(x: torch.Tensor) -> torch.Tensor:
     """Per-channel mean of ``x`` over batch and spatial dims, accumulated in at least fp32 (bf16 /
-    fp16 inputs under autocast would otherwise sum a whole batch in 8 mantissa bits)."""
+    fp16 inputs under autocast would otherwise sum a whole batch in their own short mantissa)."""
     return x.mean(dim=_batch_dims(x), dtype=torch.promote_types(x.dtype, torch.float32))
 
 
