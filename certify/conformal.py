@@ -37,13 +37,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from lipnet.validate import class_labels as check_labels
 from lipnet.validate import finite_nonnegative, finite_positive, open_unit
 
 from ._utils import check_finite, eval_mode, split_batch
 from .attacks import pgd_l2
 from .lipschitz import network_lipschitz_bound
-# certified_radius' float-evaluation slack, one rule for both: r grows by 64 ulp (fp32) of max |z| when r > 0
-from .radius import float_evaluation_slack
+# certified_radius' float-evaluation slack, one rule for both: r grows by 64 ulp (fp32) of
+# max |z| + L ||x|| when r > 0
+from .radius import check_logits, float_evaluation_slack, input_norms
 
 SCORES = ("lac", "aps")
 MODES = ("inference", "calibration")
@@ -169,7 +171,8 @@ def score_lipschitz(score: str = "lac", temperature: float = 1.0) -> float:
 
 def score_bounds(logits: torch.Tensor, radius: torch.Tensor | float, score: str = "lac",
                  temperature: float = 1.0, u: torch.Tensor | float = 1.0,
-                 bound: str = "local") -> tuple[torch.Tensor, torch.Tensor]:
+                 bound: str = "local", *, activation_scale: torch.Tensor | float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lower, upper), each (batch, classes): sound bounds on every class's score over all logits
     within L2 distance ``radius`` of ``logits`` (radius = eps * network Lipschitz bound).
 
@@ -178,8 +181,9 @@ def score_bounds(logits: torch.Tensor, radius: torch.Tensor | float, score: str 
     p_lo_j > p_hi_k is above k for *all* of them, so
     sum_{p_lo_j > p_hi_k} p_lo_j + u p_lo_k <= s_k <= min(sum_{p_hi_j > p_lo_k} p_hi_j + u p_hi_k, 1 - (1 - u) p_lo_k).
     ``bound="lipschitz"`` (LAC only): s -/+ radius * :func:`score_lipschitz` (looser; for comparison).
-    A radius > 0 is enlarged by 64 fp32-ulp of max |z| for the logits' rounding error; radius 0
-    returns the scores themselves.
+    A radius > 0 is enlarged by 64 fp32-ulp of max |z| + ``activation_scale`` (L ||x|| per sample:
+    the float error grows with the activations) for the logits' rounding error; radius 0 returns
+    the scores themselves.
     """
     _check_score(score)
     if bound not in BOUNDS:
@@ -190,7 +194,7 @@ def score_bounds(logits: torch.Tensor, radius: torch.Tensor | float, score: str 
     if not (r > 0).any():  # exactly the scores, so that eps = 0 is vanilla CP bit for bit
         s = class_scores(logits, score, temperature, u)
         return s, s
-    r = torch.where(r > 0, r + float_evaluation_slack(logits), r)
+    r = torch.where(r > 0, r + float_evaluation_slack(logits, activation_scale=activation_scale), r)
     if bound == "lipschitz":
         s = class_scores(logits, score, temperature, u)
         width = (r * score_lipschitz(score, temperature))[:, None]
@@ -211,17 +215,19 @@ def score_bounds(logits: torch.Tensor, radius: torch.Tensor | float, score: str 
 
 def coverage_radii(logits: torch.Tensor, labels: torch.Tensor, q_hat: float, lipschitz: float,
                    score: str = "lac", temperature: float = 1.0, u: torch.Tensor | float = 1.0,
-                   max_eps: float = 1e3, iters: int = 60) -> torch.Tensor:
+                   max_eps: float = 1e3, iters: int = 60, *,
+                   activation_scale: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Per point, a lower bound on the largest eps for which the *vanilla* set {k: s(x~, k) <= q_hat}
     provably keeps the true label for every x~ with ||x~ - x|| <= eps: the upper score bound of
     the label stays <= q_hat. Batched bisection on eps (the bound is monotone in eps); returns the
     last eps known to hold (-inf if the clean set already misses the label, ``max_eps`` if never lost).
+    ``activation_scale``: as in :func:`score_bounds`.
     """
     y = labels.reshape(-1, 1).to(logits.device)
     u_t = torch.as_tensor(u, dtype=torch.float64, device=logits.device)
 
     def holds(eps: torch.Tensor) -> torch.Tensor:
-        _, upper = score_bounds(logits, eps * lipschitz, score, temperature, u_t)
+        _, upper = score_bounds(logits, eps * lipschitz, score, temperature, u_t, activation_scale=activation_scale)
         return upper.gather(1, y)[:, 0] <= q_hat
 
     n = logits.shape[0]
@@ -329,33 +335,52 @@ class ConformalClassifier:
         with eval_mode(self.model), parametrize.cached(), torch.no_grad():
             return self.model(x.to(self.device)).double()
 
-    def _collect(self, loader: Iterable, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        zs, ys = [], []
+    def _collect(self, loader: Iterable, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zs, ys, norms = [], [], []
         for batch in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
             x, y = split_batch(batch)
             if y is None:
                 raise ValueError(f"{desc} needs (inputs, labels) batches")
             zs.append(self.logits(x).cpu())
             ys.append(y.reshape(-1).long().cpu())
+            norms.append(input_norms(x, len(x)))
         if not zs:
             raise ValueError(f"{desc}: the loader is empty")
-        return torch.cat(zs), torch.cat(ys)
+        return torch.cat(zs), torch.cat(ys), torch.cat(norms)
 
     def _radius(self, eps: float) -> float:
         return _check_eps(eps) * self.lipschitz
+
+    def _activation_scale(self, logits: torch.Tensor, inputs: torch.Tensor | float | None) -> torch.Tensor | float:
+        """L ||x|| per sample for the float slack (0 where the inputs are not known)."""
+        return 0.0 if inputs is None else self.lipschitz * input_norms(inputs, logits.shape[0]).to(logits.device)
+
+    def _check_labelled(self, logits: torch.Tensor, labels: torch.Tensor, where: str) -> torch.Tensor:
+        check_logits(logits, where)
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.numel() != logits.shape[0]:
+            raise ValueError(f"{where}: {logits.shape[0]} rows of logits but {labels.numel()} labels")
+        return check_labels(labels, logits.shape[1], where)
 
     # -- calibration
     def calibrate(self, loader: Iterable) -> ConformalClassifier:
         """Score the calibration data (clean inputs, held out from training). Keeps the logits so
         that thresholds for other eps (robust calibration) cost no further forward pass."""
-        return self.calibrate_logits(*self._collect(loader, "calibrate"))
+        z, y, norms = self._collect(loader, "calibrate")
+        return self.calibrate_logits(z, y, inputs=norms)
 
-    def calibrate_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> ConformalClassifier:
-        """As :meth:`calibrate`, from precomputed (clean) logits."""
+    def calibrate_logits(self, logits: torch.Tensor, labels: torch.Tensor, *,
+                         inputs: torch.Tensor | float | None = None) -> ConformalClassifier:
+        """As :meth:`calibrate`, from precomputed (clean) logits. ``inputs``: the inputs they came
+        from, or bounds on their L2 norms, so that the float slack covers the activations (see
+        :func:`lipnet.certify.certified_radius`); without them it covers the logits' scale only."""
+        labels = self._check_labelled(logits, labels, "calibrate_logits")
         if logits.shape[0] < min_calibration_size(self.alpha):
             raise ValueError(f"calibration set too small for alpha={self.alpha}: got n={logits.shape[0]}, "
                              f"need n >= {min_calibration_size(self.alpha)}")
-        self._calibration = (logits.detach().double().cpu(), labels.reshape(-1).long().cpu(), self._u(logits.shape[0]))
+        scale = self._activation_scale(logits, inputs)
+        self._calibration = (logits.detach().double().cpu(), labels.cpu(), self._u(logits.shape[0]),
+                             torch.as_tensor(scale, dtype=torch.float64).cpu())
         self._quantiles = {}
         return self
 
@@ -367,30 +392,37 @@ class ConformalClassifier:
         eps = self.eps if eps is None else _check_eps(eps)
         key = eps if self.mode == "calibration" else 0.0
         if key not in self._quantiles:
-            z, y, u = self._calibration
-            _, upper = score_bounds(z, self._radius(key), self.score, self.temperature, u, self.bound)
+            z, y, u, scale = self._calibration
+            _, upper = score_bounds(z, self._radius(key), self.score, self.temperature, u, self.bound,
+                                    activation_scale=scale)
             self._quantiles[key] = conformal_quantile(upper.gather(1, y[:, None])[:, 0], self.alpha)
         return self._quantiles[key]
 
     # -- prediction
     def sets_from_logits(self, logits: torch.Tensor, eps: float | None = None,
-                         u: torch.Tensor | None = None) -> torch.Tensor:
-        """Boolean (batch, classes) prediction sets from logits of the (possibly attacked) inputs."""
+                         u: torch.Tensor | None = None, *, inputs: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Boolean (batch, classes) prediction sets from logits of the (possibly attacked) inputs.
+        ``inputs``: those inputs or bounds on their norms, for the float slack (as in
+        :meth:`calibrate_logits`). NaN or inf logits are refused (they would give empty sets)."""
+        check_logits(logits, "sets_from_logits")
         eps = self.eps if eps is None else _check_eps(eps)
         u = self._u(logits.shape[0]) if u is None else u
-        return self._rule_scores(logits, eps, u) <= self.quantile(eps)
+        scale = self._activation_scale(logits, inputs)
+        return self._rule_scores(logits, eps, u, scale) <= self.quantile(eps)
 
-    def _rule_scores(self, logits: torch.Tensor, eps: float, u: torch.Tensor) -> torch.Tensor:
+    def _rule_scores(self, logits: torch.Tensor, eps: float, u: torch.Tensor,
+                     activation_scale: torch.Tensor | float = 0.0) -> torch.Tensor:
         """The scores the set rule compares with q_hat: plain scores in calibration mode and at
         eps = 0, the lower score bounds over the eps-ball in inference mode."""
         u = u.to(logits.device)
         if self.mode == "calibration" or eps == 0:
             return class_scores(logits, self.score, self.temperature, u)
-        return score_bounds(logits, self._radius(eps), self.score, self.temperature, u, self.bound)[0]
+        return score_bounds(logits, self._radius(eps), self.score, self.temperature, u, self.bound,
+                            activation_scale=activation_scale)[0]
 
     def predict_sets(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
         """Prediction sets for inputs ``x`` (clean or attacked), robust to ``eps`` (default self.eps)."""
-        return self.sets_from_logits(self.logits(x), eps).cpu()
+        return self.sets_from_logits(self.logits(x), eps, inputs=x).cpu()
 
     def attack_objective(self, eps: float | None = None, u: torch.Tensor | None = None
                          ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -425,11 +457,13 @@ class ConformalClassifier:
             x, y = x.to(self.device), y.reshape(-1).long().to(self.device)
             check_finite(x)
             u = self._u(len(y))
+            if self._calibration is not None:
+                check_labels(y, self._calibration[0].shape[1], "evaluate")
             if attack == "pgd" and attack_eps > 0:
                 x = pgd_l2(self.model, x, y, attack_eps, attack_steps, loss=self.attack_objective(eps, u), clamp=clamp)
             elif callable(attack):
                 x = attack(self.model, x, y)
-            sets = self.sets_from_logits(self.logits(x), eps, u).cpu()
+            sets = self.sets_from_logits(self.logits(x), eps, u, inputs=x).cpu()
             covered.append(sets.gather(1, y.cpu()[:, None])[:, 0])
             sizes.append(sets.sum(1))
         if not sizes:
@@ -448,16 +482,22 @@ class ConformalClassifier:
         open_unit(delta, "delta")
         if self._calibration is None:
             raise RuntimeError("call calibrate(loader) first")
-        return self.fit_coverage_bound_logits(*self._collect(holdout, "hold-out"), delta=delta)
+        z, y, norms = self._collect(holdout, "hold-out")
+        return self.fit_coverage_bound_logits(z, y, delta=delta, inputs=norms)
 
     def fit_coverage_bound_logits(self, logits: torch.Tensor, labels: torch.Tensor,
-                                  delta: float = 0.05) -> ConformalClassifier:
-        """As :meth:`fit_coverage_bound`, from precomputed hold-out logits."""
+                                  delta: float = 0.05, *, inputs: torch.Tensor | float | None = None
+                                  ) -> ConformalClassifier:
+        """As :meth:`fit_coverage_bound`, from precomputed hold-out logits (``inputs`` as in
+        :meth:`calibrate_logits`)."""
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
+        labels = self._check_labelled(logits, labels, "fit_coverage_bound_logits")
         q = self.quantile(0.0)  # the vanilla threshold, in both modes
-        z, y = logits.detach().double().cpu(), labels.reshape(-1).long().cpu()
-        self._coverage_radii = coverage_radii(z, y, q, self.lipschitz, self.score, self.temperature, self._u(len(y)))
+        z, y = logits.detach().double().cpu(), labels.cpu()
+        scale = torch.as_tensor(self._activation_scale(logits, inputs), dtype=torch.float64).cpu()
+        self._coverage_radii = coverage_radii(z, y, q, self.lipschitz, self.score, self.temperature, self._u(len(y)),
+                                              activation_scale=scale)
         self._coverage_delta = float(delta)
         return self
 

@@ -11,15 +11,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from lipnet.validate import finite_positive
+from lipnet.validate import class_labels, finite_positive, nonnegative_int
 
 from ._utils import check_finite, eval_mode, split_batch
 from .attacks import pgd_l2
 from .lipschitz import network_lipschitz_bound
 
-# Relative slack on the logit margin for float evaluation error: the logits are computed in float32
-# (error ~1e-6 relative on these depths); subtracting 64 ulp of the largest |logit| keeps the
-# radius on the safe side of that error. Not a rounding-error proof, but 10-100x the observed error.
+# Slack on the logit margin for float evaluation error. The error of a float network's logits
+# scales with its activations, not with its logits (inputs in the null space of a head give tiny
+# logits from huge sums), and the activations of a network with Lipschitz bound L at input x are
+# on the scale of ||f(0)|| + L ||x||. The slack is 64 ulp of max|z| + L ||x||: measured errors of
+# a logit difference (fp32 vs fp64, benchmarks/results/README.md#float-slack) stay below 1 ulp of
+# that scale, also for 1e7-norm inputs in a head's null space. An allowance 64x the observed
+# error, not a rounding-error proof.
 _FLOAT_SLACK_ULPS = 64
 
 
@@ -33,35 +37,72 @@ def check_eps(eps_list: Sequence[float]) -> list[float]:
     return eps
 
 
-def float_evaluation_slack(logits: torch.Tensor, precision: torch.dtype | None = None) -> torch.Tensor:
-    """Per sample, ``_FLOAT_SLACK_ULPS`` ulp of max |z|: the allowance for the float error of logits
-    computed in ``precision`` -- the dtype the *model* ran in, not the one the logits are handed
-    over in (``model(x).double()`` is still fp32 arithmetic). Default: fp32, or the logits' own
-    dtype where that is coarser (bf16 / fp16 logits). Pass ``torch.float64`` for a float64 model."""
+def input_norms(inputs: torch.Tensor | float, batch: int) -> torch.Tensor:
+    """Per-sample L2 norms (float64, length ``batch``) of ``inputs``: a batch (batch, ...) of
+    inputs, or upper bounds on their norms (a float, or a (batch,) tensor)."""
+    if not isinstance(inputs, torch.Tensor):
+        norms = torch.full((batch,), abs(float(inputs)), dtype=torch.float64)
+    elif inputs.is_complex():
+        raise ValueError(f"inputs must be real, got dtype {inputs.dtype}")
+    elif inputs.dim() >= 2 and inputs.shape[0] == batch:
+        norms = inputs.detach().double().flatten(1).norm(dim=1)
+    elif inputs.dim() <= 1 and inputs.numel() in (1, batch):
+        norms = inputs.detach().double().abs().reshape(-1).expand(batch)
+    else:
+        raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not match {batch} rows of logits: pass the "
+                         "batch (batch, ...) or its norms (a float or a (batch,) tensor)")
+    if not torch.isfinite(norms).all():
+        raise ValueError("inputs contain NaN or inf (or norms beyond float64)")
+    return norms
+
+
+def float_evaluation_slack(logits: torch.Tensor, precision: torch.dtype | None = None, *,
+                           activation_scale: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Per sample, ``_FLOAT_SLACK_ULPS`` ulp of (max |z| + ``activation_scale``): the allowance for
+    the float error of logits computed in ``precision`` -- the dtype the *model* ran in, not the
+    one the logits are handed over in (``model(x).double()`` is still fp32 arithmetic). Default:
+    fp32, or the logits' own dtype where that is coarser (bf16 / fp16 logits); pass
+    ``torch.float64`` for a float64 model. ``activation_scale``: L ||x|| per sample (the scale of
+    the activations beyond the logits'; :func:`certified_radius` passes it)."""
     if precision is None:
         precision = logits.dtype if torch.finfo(logits.dtype).eps > torch.finfo(torch.float32).eps else torch.float32
-    return _FLOAT_SLACK_ULPS * torch.finfo(precision).eps * logits.detach().double().abs().amax(dim=1)
+    scale = logits.detach().double().abs().amax(dim=1) + torch.as_tensor(activation_scale, dtype=torch.float64,
+                                                                           device=logits.device)
+    return _FLOAT_SLACK_ULPS * torch.finfo(precision).eps * scale
 
 
-def certified_radius(logits: torch.Tensor, lipschitz: float, *, precision: torch.dtype | None = None) -> torch.Tensor:
+def check_logits(logits: torch.Tensor, where: str) -> None:
+    """ValueError naming ``where`` unless ``logits`` is a finite real (batch, classes >= 2) tensor."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{where}: logits must be a tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"{where}: logits must be (batch, classes >= 2), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{where}: logits must be a real floating-point tensor, got dtype {logits.dtype}")
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{where}: logits contain NaN or inf")
+
+
+def certified_radius(logits: torch.Tensor, lipschitz: float, inputs: torch.Tensor | float, *,
+                     precision: torch.dtype | None = None) -> torch.Tensor:
     """Per-sample L2 radius inside which the top-1 class provably cannot change.
 
     Guarantee: for a network f with L2 Lipschitz bound ``lipschitz`` (sound, e.g.
     :func:`network_lipschitz_bound`), each difference z_i - z_j is sqrt(2) L-Lipschitz, so the
     top-1 class of f(x + delta) equals that of f(x) for every ||delta||_2 < margin / (sqrt(2) L),
-    margin = z_top1 - z_top2. The margin is reduced by 64 ulp of max|z| for float evaluation error,
-    ulp of the precision the model ran in (:func:`float_evaluation_slack`: fp32 unless ``precision``
-    says otherwise, whatever dtype ``logits`` arrive in).
+    margin = z_top1 - z_top2. The margin is reduced by 64 ulp of max|z| + L ||x|| for float
+    evaluation error (:func:`float_evaluation_slack`), ulp of the precision the model ran in (fp32
+    unless ``precision`` says otherwise, whatever dtype ``logits`` arrive in). ``inputs``: the
+    batch x the logits were computed from, or upper bounds on its L2 norms (a float or a (batch,)
+    tensor) -- the float error grows with the activations, which the logits alone do not show.
     Radii are in the units of the model's input (raw pixels for lipnet's models). Ties -> 0.
     """
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"certified_radius: logits must be (batch, classes >= 2), got {tuple(logits.shape)}")
+    check_logits(logits, "certified_radius")
     finite_positive(lipschitz, "certified_radius: lipschitz")
-    if not torch.isfinite(logits).all():
-        raise ValueError("certified_radius: logits contain NaN or inf")
+    norms = input_norms(inputs, logits.shape[0]).to(logits.device)
     z = logits.detach().double()
     top2 = z.topk(2, dim=1).values
-    slack = float_evaluation_slack(logits, precision)
+    slack = float_evaluation_slack(logits, precision, activation_scale=lipschitz * norms)
     margin = (top2[:, 0] - top2[:, 1] - slack).clamp_min(0.0)
     return margin / (math.sqrt(2.0) * lipschitz)
 
@@ -96,6 +137,9 @@ def certified_accuracy(model: nn.Module, loader: Iterable, eps_list: Sequence[fl
     passes per point and eps, so on CPU attack a subset.
     """
     eps = check_eps(eps_list)
+    nonnegative_int(pgd_steps, "pgd_steps")
+    if pgd_points is not None:
+        nonnegative_int(pgd_points, "pgd_points")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     lip = network_lipschitz_bound(model) if lipschitz is None else float(lipschitz)
     n, correct, pgd_n = 0, 0, 0
@@ -111,8 +155,9 @@ def certified_accuracy(model: nn.Module, loader: Iterable, eps_list: Sequence[fl
             check_finite(x)
             with torch.no_grad():
                 logits = model(x)
+            y = class_labels(y, logits.shape[1], "certified_accuracy").to(device)
             ok = logits.argmax(1) == y
-            r = torch.where(ok, certified_radius(logits, lip), torch.zeros((), dtype=torch.float64, device=device))
+            r = torch.where(ok, certified_radius(logits, lip, x), torch.zeros((), dtype=torch.float64, device=device))
             radii.append(r.cpu())
             n, correct = n + len(y), correct + int(ok.sum())
             for e in eps:
@@ -128,4 +173,4 @@ def certified_accuracy(model: nn.Module, loader: Iterable, eps_list: Sequence[fl
     if n == 0:
         raise ValueError("certified_accuracy: the loader is empty")
     return CertificationReport(n=n, clean=correct / n, certified={e: c / n for e, c in cert.items()},
-                               lipschitz_bound=lip, pgd={e: c / max(pgd_n, 1) for e, c in pgd.items()}, pgd_n=pgd_n, radii=torch.cat(radii))
+                               lipschitz_bound=lip, pgd={e: c / pgd_n for e, c in pgd.items()} if pgd_n else {}, pgd_n=pgd_n, radii=torch.cat(radii))

@@ -79,5 +79,21 @@ def one_of(value: T, choices: Iterable[T], name: str) -> T:
     return value
 
 
-__all__ = ["finite_nonnegative", "finite_positive", "nonnegative_int", "one_of", "open_unit", "positive_int",
+def class_labels(labels, classes: int, name: str):
+    """``labels`` as a 1-D int64 tensor if every entry is an integer class index in [0, ``classes``):
+    a label outside that range would be scored as a silent miss (or crash an index deep inside)."""
+    import torch  # the argument checks above stay importable without torch
+
+    t = torch.as_tensor(labels)
+    if t.dtype == torch.bool or t.is_complex() or (t.is_floating_point() and not torch.equal(t, t.round())):
+        raise ValueError(f"{name}: labels must be integer class indices, got dtype {t.dtype}")
+    t = t.reshape(-1).long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= classes):
+        bad = t[(t < 0) | (t >= classes)]
+        raise ValueError(f"{name}: labels must lie in [0, {classes}), got {bad[:5].tolist()}"
+                         f"{' ...' if bad.numel() > 5 else ''} ({bad.numel()} out of range)")
+    return t
+
+
+__all__ = ["class_labels", "finite_nonnegative", "finite_positive", "nonnegative_int", "one_of", "open_unit", "positive_int",
            "unit_interval"]

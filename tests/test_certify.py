@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import lipnet.nn as ln
 from lipnet import certify
 from lipnet.data import BatchLoader, load_dataset
 from lipnet.models import mnist_convnet
@@ -34,17 +35,25 @@ def trained(data_root):
 
 def test_certified_radius_formula_and_errors():
     logits = torch.tensor([[3.0, 1.0, 0.0], [2.0, 2.0, -1.0]])
-    r = certify.certified_radius(logits, lipschitz=2.0)
+    r = certify.certified_radius(logits, lipschitz=2.0, inputs=1.0)
     assert r[0].item() == pytest.approx(2.0 / (math.sqrt(2) * 2.0), rel=1e-4)
     assert r[0].item() < 2.0 / (math.sqrt(2) * 2.0)  # the float slack only ever shrinks it
     assert r[1].item() == 0.0
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="lipschitz"):
-            certify.certified_radius(logits, bad)
+            certify.certified_radius(logits, bad, 1.0)
     with pytest.raises(ValueError, match="NaN"):
-        certify.certified_radius(torch.tensor([[float("nan"), 0.0]]), 1.0)
+        certify.certified_radius(torch.tensor([[float("nan"), 0.0]]), 1.0, 1.0)
     with pytest.raises(ValueError, match="batch, classes"):
-        certify.certified_radius(torch.zeros(3), 1.0)
+        certify.certified_radius(torch.zeros(3), 1.0, 1.0)
+    with pytest.raises(ValueError, match="real floating-point"):
+        certify.certified_radius(torch.tensor([[3, 1]]), 1.0, 1.0)
+    with pytest.raises(ValueError, match="real floating-point"):
+        certify.certified_radius(torch.tensor([[3 + 1j, 1]]), 1.0, 1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        certify.certified_radius(logits, 1.0, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        certify.certified_radius(logits, 1.0, torch.tensor([[float("nan")], [1.0]]))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -57,7 +66,7 @@ def test_attacks_inside_the_certified_radius_never_flip(trained, seed):
     with torch.no_grad():
         logits = model(x)
     pred = logits.argmax(1)
-    r = certify.certified_radius(logits, lip)
+    r = certify.certified_radius(logits, lip, x)
     keep = r > 1e-3
     assert keep.sum() >= 60, "the trained model should certify most points"
     x, pred, r = x[keep], pred[keep], r[keep].float()
@@ -92,7 +101,7 @@ def test_attack_breaks_a_false_certificate():
     with torch.no_grad():
         logits = model(x)
     pred = logits.argmax(1)
-    r = certify.certified_radius(logits, lipschitz=1.0).float()
+    r = certify.certified_radius(logits, lipschitz=1.0, inputs=x).float()
     adv = certify.pgd_l2(model, x, pred, 0.99 * r, steps=20, clamp=None)
     with torch.no_grad():
         assert (model(adv).argmax(1) != pred).float().mean() > 0.5
@@ -184,9 +193,45 @@ def test_certified_radius_slack_follows_the_models_precision_not_the_logits_dtyp
     torch.manual_seed(0)
     z = torch.randn(6, 10) * 5
     certified_radius = certify.certified_radius
-    r32 = certified_radius(z, 1.0)
-    assert torch.equal(certified_radius(z.double(), 1.0), r32)
+    r32 = certified_radius(z, 1.0, 0.0)
+    assert torch.equal(certified_radius(z.double(), 1.0, 0.0), r32)
     assert torch.equal(float_evaluation_slack(z.double()), float_evaluation_slack(z))
     assert (float_evaluation_slack(z.double(), torch.float64) < float_evaluation_slack(z) * 1e-8).all()
-    assert (certified_radius(z.double(), 1.0, precision=torch.float64) >= r32).all()
+    assert (certified_radius(z.double(), 1.0, 0.0, precision=torch.float64) >= r32).all()
     assert (float_evaluation_slack(z.bfloat16()) > float_evaluation_slack(z) * 1e4).all()
+
+
+def test_huge_inputs_in_a_heads_null_space_get_no_radius_from_rounding():
+    """An OrthoLinear head fed 1e7-norm inputs from its null space has exact logits = its bias
+    (all equal here: margin 0, radius 0); fp32 rounding of the 1e7-scale sums gives a spurious
+    margin, which the slack (scaled by L ||x||) must absorb -- a positive radius is a wrong
+    certificate."""
+    g = torch.Generator().manual_seed(0)
+    wrong = 0
+    for trial in range(200):
+        d = (16, 64, 256)[trial % 3]
+        head = ln.export(ln.OrthoLinear(d, 10, bias=False)).eval()
+        w = head.weight.detach().double()
+        x = torch.randn(8, d, generator=g, dtype=torch.float64)
+        x = x - x @ w.T @ w  # the orthogonal projector's complement: W x = 0 exactly
+        x = (x * (1e7 / x.norm(dim=1, keepdim=True))).float()
+        with torch.no_grad():
+            z = head(x)
+        assert z.abs().max() > 0  # rounding does produce spurious logits ...
+        bound = ln.lipschitz_bound(head)
+        wrong += int((certify.certified_radius(z, bound, x) > 0).sum())
+        r_float = certify.certified_radius(z, bound, float(x.norm(dim=1).max()))
+        wrong += int((r_float > 0).sum())
+    assert wrong == 0  # ... and none of it is certified
+
+
+def test_certified_accuracy_refuses_labels_outside_the_classes_and_bad_pgd_options(trained):
+    model, x, y = trained
+    bad = y[:8].clone()
+    bad[3] = 10
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        certify.certified_accuracy(model, [(x[:8], bad)], [0.5])
+    with pytest.raises(ValueError, match="pgd_steps"):
+        certify.certified_accuracy(model, [(x[:8], y[:8])], [0.5], pgd_steps=-1)
+    report = certify.certified_accuracy(model, [(x[:8], y[:8])], [0.5], pgd_steps=2, pgd_points=0)
+    assert report.pgd == {} and report.pgd_n == 0  # no point attacked: no PGD column, not 0%

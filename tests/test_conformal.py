@@ -334,3 +334,38 @@ def test_bad_input(small_model):
         clf.fit_coverage_bound([(x, y)], delta=1.0)
     with pytest.raises(ValueError, match="radius"):
         score_bounds(torch.zeros(1, 3), -1.0)
+
+
+def test_bad_logits_and_labels_are_refused_not_scored(small_model):
+    g = torch.Generator().manual_seed(0)
+    zc, yc = synthetic_logits(50, 4, g)
+    clf = ConformalClassifier(small_model, "lac", 0.2, 0.1, temperature=0.5)
+    with pytest.raises(ValueError, match="50 rows of logits but 49 labels"):
+        clf.calibrate_logits(zc, yc[:49])
+    out_of_range = yc.clone()
+    out_of_range[0] = 4
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        clf.calibrate_logits(zc, out_of_range)
+    clf.calibrate_logits(zc, yc)
+    for bad in (float("nan"), float("inf")):
+        z = torch.zeros(2, 4, dtype=torch.float64)
+        z[1, 2] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):  # an empty set would look like a prediction
+            clf.sets_from_logits(z)
+    x, y = clusters(20, g)
+    with pytest.raises(ValueError, match="labels must lie"):
+        clf.evaluate([(x, y + 4)])
+
+
+def test_the_float_slack_of_robust_sets_grows_with_the_inputs(small_model):
+    """Robust sets built with the inputs' norms are never smaller than those built from the logits
+    alone (the slack only widens the eps-ball) and grow for huge inputs."""
+    g = torch.Generator().manual_seed(1)
+    zc, yc = synthetic_logits(200, 4, g)
+    clf = ConformalClassifier(small_model, "lac", 0.1, 0.05, temperature=0.5).calibrate_logits(zc, yc)
+    z, _ = synthetic_logits(100, 4, g)
+    plain = clf.sets_from_logits(z)
+    small = clf.sets_from_logits(z, inputs=1.0)
+    huge = clf.sets_from_logits(z, inputs=1e6)
+    assert (small | ~plain).all() and (huge | ~small).all()
+    assert huge.sum() > small.sum()

@@ -54,7 +54,7 @@ def test_pgd_below_the_certified_radius_never_flips_the_shipped_cifar10_model(da
     bound = network_lipschitz_bound(model)
     with torch.no_grad():
         logits = model(x)
-    radius = certified_radius(logits, bound)
+    radius = certified_radius(logits, bound, x)
     pred = logits.argmax(1)
     certified = (radius > 0) & (pred == y)
     assert certified.sum() >= 20  # enough points for the attack to mean something

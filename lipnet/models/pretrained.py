@@ -86,7 +86,7 @@ def pretrained(name: str, map_location: str | torch.device = "cpu") -> nn.Module
     """The shipped certified model ``name`` (see :func:`pretrained_names`) in eval mode.
 
     Its inputs are raw pixels in [0, 1] (the normalization is the model's first layer), so
-    ``lipnet.certify.certified_radius(model(x), network_lipschitz_bound(model))`` is a radius in
+    ``lipnet.certify.certified_radius(model(x), network_lipschitz_bound(model), x)`` is a radius in
     pixel space. ValueError for an unknown name (listing the known ones)."""
     return load_pretrained(name, map_location)[0]
 

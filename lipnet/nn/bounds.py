@@ -29,7 +29,7 @@ from .pooling import (FirstChannels, GlobalL2NormPool2d, InvertibleDownSampling,
 from .residual import ConcatResidual, ConvexResidual, L2NormResidual, PrescaledAdditiveResidual
 from .scattering import ROUNDING_MARGIN as SCATTERING_ROUNDING_MARGIN
 from .scattering import Scattering2d, operator_norm_squared
-from .sll import ExportedSLL, SLLBlock
+from .sll import ExportedSLL, SLLBlock, residual_step_norm_squared
 
 
 @singledispatch
@@ -98,11 +98,28 @@ def _ortho_conv(m: OrthoConv2d) -> float:
     return conv_operator_norm_bound(m.weight, m.stride, m.dilation, m.groups)
 
 
-@lipschitz_bound.register(SLLBlock)
-@lipschitz_bound.register(ConvexPotentialLayer)  # a non-expansive gradient step (its theorem)
-@lipschitz_bound.register(ExportedSLL)  # both blocks with their step frozen: the same theorems
+@lipschitz_bound.register(SLLBlock)  # T is recomputed from W and q at every call (its theorem)
+@lipschitz_bound.register(ConvexPotentialLayer)  # h is recomputed from W at every call (its theorem)
 def _sll(m: nn.Module) -> float:
     return 1.0 + SAFETY_MARGIN
+
+
+@lipschitz_bound.register(ExportedSLL)
+def _exported_sll(m: ExportedSLL) -> float:
+    """x - 2 W^T D relu(W x + b) with the stored W and D = diag(t_inv), trusted for nothing.
+
+    f(x) - f(y) = (I - 2 W^T D S W)(x - y) with S = diag(secant slopes of relu) in [0, 1]. For
+    D >= 0 the matrix is I - 2 A^T S A with A = D^(1/2) W, symmetric with eigenvalues in
+    [1 - 2 ||A||^2, 1]: Lip <= max(1, 2 ||A||^2 - 1), which is 1 exactly when T = D^-1 >= W W^T
+    (the SLL / CPL condition). ||A||^2 is bounded soundly from the stored tensors
+    (``residual_step_norm_squared``). A negative entry of D: the triangle inequality,
+    1 + 2 max|D| ||W||^2."""
+    weight, t_inv = m.weight.detach(), m.t_inv.detach().flatten()
+    if not torch.isfinite(t_inv).all():
+        raise ValueError("ExportedSLL: t_inv has non-finite entries (NaN or inf)")
+    norm_sq = residual_step_norm_squared(weight, t_inv)  # max|D| ||W||^2 when D has a negative entry
+    bound = 1.0 + 2.0 * norm_sq if (t_inv < 0).any() else max(1.0, 2.0 * norm_sq - 1.0)
+    return bound * (1.0 + SAFETY_MARGIN)
 
 
 @lipschitz_bound.register(ScaledAvgPool2d)
@@ -122,8 +139,11 @@ def _scattering(m: Scattering2d) -> float:
 
 @lipschitz_bound.register(InputNormalization)
 def _input_normalization(m: InputNormalization) -> float:
-    # exact constant 1/min(std), rounded up so the float is never below it
-    return float(1.0 / m.std.detach().double().min()) * (1.0 + SAFETY_MARGIN)
+    # exact constant 1/min|std| of the stored std (a sign flips a channel, the norm stays), rounded up
+    std = m.std.detach().double()
+    if not torch.isfinite(std).all() or not (std != 0).all() or not torch.isfinite(m.mean.detach()).all():
+        raise ValueError(f"InputNormalization: mean must be finite and std finite and non-zero, got std={std.tolist()}")
+    return float(1.0 / std.abs().min()) * (1.0 + SAFETY_MARGIN)
 
 
 @lipschitz_bound.register(nn.Sequential)
@@ -133,20 +153,28 @@ def _sequential(m: nn.Sequential) -> float:
 
 @lipschitz_bound.register(ConvexResidual)
 def _convex_residual(m: ConvexResidual) -> float:
+    # (1 - a) x + a f(x) for the alpha in use, whatever its value: |1 - a| + |a| Lip(f) (triangle
+    # inequality; (1 - a) + a Lip(f) only for a in [0, 1], which a loaded buffer need not be)
     alpha = float(m.alpha().detach())
-    return (1 - alpha) + alpha * lipschitz_bound(m.f)
+    if not math.isfinite(alpha):
+        raise ValueError(f"ConvexResidual: alpha is {alpha}")
+    return abs(1 - alpha) + abs(alpha) * lipschitz_bound(m.f)
 
 
 @lipschitz_bound.register(PrescaledAdditiveResidual)
 def _prescaled_residual(m: PrescaledAdditiveResidual) -> float:  # (x + f(a x)) / (1 + |a|)
     a = abs(float(m.alpha.detach()))
+    if not math.isfinite(a):
+        raise ValueError(f"PrescaledAdditiveResidual: alpha is {a}")
     return (1.0 + a * lipschitz_bound(m.f)) / (1.0 + a) * (1 + SAFETY_MARGIN)
 
 
 @lipschitz_bound.register(nn.PReLU)
 def _prelu(m: nn.PReLU) -> float:  # slopes 1 and a per channel: max(1, max |a|)
-    slopes = m.slopes() if isinstance(m, LPReLU) else m.weight
-    return max(1.0, float(slopes.detach().abs().max()))
+    slopes = (m.slopes() if isinstance(m, LPReLU) else m.weight).detach()
+    if not torch.isfinite(slopes).all():  # max(1, nan) would be 1
+        raise ValueError(f"{type(m).__name__}: slopes have non-finite entries (NaN or inf)")
+    return max(1.0, float(slopes.abs().max()))
 
 
 @lipschitz_bound.register(ConcatResidual)

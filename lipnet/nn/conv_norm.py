@@ -132,7 +132,7 @@ def conv_operator_norm_bound(
     # Step 6: weighted Schur test on the Gram kernel's absolute tap sums. Certifies AOL-rescaled
     # kernels at 1; tight where the grid bound keeps its 1% slack.
     gram = conv_gram_kernel(k, groups).abs()
-    schur = math.sqrt(_weighted_schur_bound(gram.view(ci, groups, ci, -1).sum(-1).transpose(0, 1)))
+    schur = math.sqrt(weighted_schur_bound(gram.view(ci, groups, ci, -1).sum(-1).transpose(0, 1)))
     schur *= 1 + SAFETY_MARGIN
 
     k = k.reshape(groups, co // groups, ci, k1, k2)
@@ -149,10 +149,10 @@ def conv_operator_norm_bound(
     return min(schur, direct, near_orthogonal, *_grid_bound(k, default_grid_size((k1, k2)), margin))
 
 
-def _weighted_schur_bound(a: torch.Tensor, iters: int = 50) -> float:
+def weighted_schur_bound(a: torch.Tensor, iters: int = 50) -> float:
     """Upper bound on the spectral norm of symmetric operators with absolute tap sums ``a``
-    (groups, c, c): max_i (a q)_i / q_i for any positive q (weighted Schur test); q from power
-    iteration, so the bound approaches the Perron root of a."""
+    (groups, c, c), float64: max_i (a q)_i / q_i for any positive q (weighted Schur test); q from
+    power iteration, so the bound approaches the Perron root of a."""
     q = torch.ones(a.shape[:-1], dtype=a.dtype)
     for _ in range(iters):
         aq = (a @ q[..., None])[..., 0]

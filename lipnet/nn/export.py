@@ -87,7 +87,11 @@ def _sll(m: SLLBlock) -> ExportedSLL:
 def _cpl(m: ConvexPotentialLayer) -> ExportedSLL:
     # x - 2 W^T (t_inv * relu(W x + b)) with t_inv = 1 / h^2: the same frozen form as SLL
     h = m.norm_bound()
-    t_inv = torch.full((m.inner_features,), 1.0 / (h * h) if h else 0.0, dtype=m.weight.dtype, device=m.weight.device)
+    step = torch.tensor(1.0 / (h * h) if h else 0.0, dtype=torch.float64)
+    rounded = step.to(m.weight.dtype)
+    if rounded.double() > step:  # round the step down: the frozen block stays within 1 / h^2
+        rounded = torch.nextafter(rounded, torch.zeros_like(rounded))
+    t_inv = rounded.expand(m.inner_features).clone().to(m.weight.device)
     bias = None if m.bias is None else m.bias.detach().clone()
     return ExportedSLL(m.weight.detach().clone(), t_inv, bias, m.kernel_size is not None)
 

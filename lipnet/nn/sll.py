@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ortho import spectral_norm_bound
 from ..validate import positive_int
 from ._checks import check_input
 from ._precision import full_precision
-from .conv_norm import conv_gram_kernel
+from .conv_norm import conv_gram_kernel, conv_operator_norm_bound, weighted_schur_bound
+
+_UNIT_ROUNDOFF_FP64 = 2.0**-53
 
 # Relative inflation of T: keeps T - W^T W dominated by the diagonal despite float rounding.
 _T_INFLATION = 1e-5
@@ -74,8 +77,66 @@ class SLLBlock(nn.Module):
         return x - 2 * F.conv_transpose2d(F.relu(h) * t_inv[:, None, None], self.weight, padding=pad)
 
 
+def _inner_gram_abs(weight: torch.Tensor) -> torch.Tensor:
+    """(inner, inner) entrywise upper bound on |W W^T| (dense) or on the absolute tap sums of the
+    inner-space Gram kernel (convolution), in float64 with its rounding added: the fp32/bf16
+    products are exact in float64, a sum of n of them errs by at most gamma_n times the sum of
+    their absolute values, which is the same Gram of |W|."""
+    w = weight.double()
+    if w.dim() == 2:
+        gram, gram_of_abs, n = w @ w.mT, w.abs() @ w.abs().mT, w.shape[1]
+    else:  # the adjoint's kernel (features -> inner is conv2d with w; its Gram lives on inner)
+        adjoint = w.transpose(0, 1).flip(-1, -2)
+        gram = conv_gram_kernel(adjoint).abs().sum((-2, -1))
+        gram_of_abs = conv_gram_kernel(adjoint.abs()).sum((-2, -1))
+        n = w.shape[1] * w.shape[2] * w.shape[3]
+    nu = (n + 2) * _UNIT_ROUNDOFF_FP64
+    return gram.abs() + (nu / (1 - nu)) * gram_of_abs * (1 + nu)
+
+
+@torch.no_grad()
+def residual_step_norm_squared(weight: torch.Tensor, t_inv: torch.Tensor) -> float:
+    """Upper bound on ||D^(1/2) W||_2^2 for D = diag(t_inv) >= 0 (inner features) and the stored W
+    of x - 2 W^T D relu(W x + b): dense (inner, features) or an odd (inner, features, k, k) kernel
+    (zero padding k // 2). For entries of D below 0: max|D| ||W||^2 (the triangle inequality
+    needs no sign). Sound: the smallest of three sound bounds --
+
+    1. the weighted Gershgorin test SLL's theorem uses, on the inner-space Gram
+       sqrt(D) |W W^T| sqrt(D) with its float64 rounding bounded (:func:`weighted_schur_bound`:
+       any positive weights are sound, power iteration picks good ones);
+    2. max(D) * ||W||^2 (what CPL's constant step is built from);
+    3. ||sqrt(D) W||^2 (the core's ``spectral_norm_bound`` / ``conv_operator_norm_bound``).
+    """
+    t = t_inv.detach().double().flatten()
+    if t.numel() == 1:
+        t = t.expand(weight.shape[0])
+    if t.numel() != weight.shape[0]:
+        raise ValueError(f"t_inv has {t.numel()} entries for {weight.shape[0]} inner features")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight has non-finite entries (NaN or inf)")
+    dense = weight.dim() == 2
+
+    def norm(w: torch.Tensor) -> float:
+        return float(spectral_norm_bound(w)) if dense else conv_operator_norm_bound(w)
+
+    t_max = float(t.abs().max())
+    by_max_step = t_max * norm(weight) ** 2 * (1 + 4 * _UNIT_ROUNDOFF_FP64)
+    if (t < 0).any():
+        return by_max_step
+    root = t.sqrt()
+    a = root[:, None] * _inner_gram_abs(weight) * root[None, :]
+    by_gershgorin = weighted_schur_bound(a[None]) * (1 + 4 * weight.shape[0] * _UNIT_ROUNDOFF_FP64)
+    # sqrt(t) rounds by at most u relative, squared 2u: covered by the inflation below
+    scaled = weight.double() * root.view(-1, *([1] * (weight.dim() - 1)))
+    by_scaled = norm(scaled) ** 2 * (1 + 8 * _UNIT_ROUNDOFF_FP64)
+    return min(by_gershgorin, by_max_step, by_scaled)
+
+
 class ExportedSLL(nn.Module):
-    """SLL block with frozen weights: x - 2 W (t_inv * relu(W^T x + b)). Plain torch ops."""
+    """SLL block with frozen weights: x - 2 W (t_inv * relu(W^T x + b)). Plain torch ops.
+
+    ``lipschitz_bound`` recomputes the bound from the stored ``weight`` and ``t_inv``
+    (:func:`residual_step_norm_squared`), so a tampered buffer gets the bound it earns."""
 
     def __init__(self, weight: torch.Tensor, t_inv: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> None:
         super().__init__()
