@@ -64,17 +64,27 @@ def _stored_parameter(w: torch.Tensor) -> nn.Parameter | None:
 
 
 class _TangentGradient(torch.autograd.Function):
-    """Identity forward; backward: the gradient projected onto the tangent space at the factor."""
+    """Identity forward; backward: the gradient projected onto the tangent space at the factor.
+    Forward-mode (jvp, jacfwd) sees the identity it is; torch.func's vmap batches both rules."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, w):
-        ctx.save_for_backward(w)
+    def forward(w):
         return w.view_as(w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):
         (w,) = ctx.saved_tensors
         return tangent_projection(w.detach(), grad.to(torch.promote_types(grad.dtype, torch.float32))).to(grad.dtype)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent.view_as(tangent)
 
 
 class CoreOrthogonalizer(nn.Module):
