@@ -173,7 +173,9 @@ def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
         digest = f"{ds.info.name}-{len(ds)}-{hash_images(ds)}-J{cfg['J']}-L{cfg['L']}-r{cfg['input_radius']}"
         path = Path(FEATURE_CACHE) / f"scatter-{digest}.pt"
     if path is not None and path.is_file():
-        _FEATURES[key] = torch.load(path, weights_only=False)
+        # plain tensors and a float, loaded without unpickling code: a planted file cannot run anything
+        saved = torch.load(path, weights_only=True)
+        _FEATURES[key] = (FeatureDataset(saved["features"], saved["labels"]), float(saved["bound"]))
     else:
         start = time.perf_counter()
         c, h, _ = ds.images.shape[1:]
@@ -185,7 +187,8 @@ def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
         _FEATURES[key] = (frozen.dataset, frozen.bound)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(_FEATURES[key], path)
+            torch.save({"features": frozen.dataset.features, "labels": frozen.dataset.labels,
+                        "bound": float(frozen.bound)}, path)
         print(f"  scattering features of {len(ds)} images: {frozen.shape}, norm <= {frozen.bound:.4g} "
               f"({time.perf_counter() - start:.0f}s, computed once, shared by both sides)", flush=True)
     return _FEATURES[key]

@@ -280,11 +280,40 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return Checkpoint(file, config, raw["state_dict"], history, int(epoch), training)
 
 
+def _config_sizes(value: Any, key: str) -> list[tuple[str, int]]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, numbers.Integral):
+        return [(key, int(value))]
+    if isinstance(value, (list, tuple)):
+        return [item for i, v in enumerate(value) for item in _config_sizes(v, f"{key}[{i}]")]
+    return []
+
+
+def _check_sizes_fit(ckpt: Checkpoint) -> None:
+    """Refuse, before anything is built, a model_config whose sizes no stored tensor could hold:
+    building it first would allocate whatever a crafted file asks for (``hidden=10**9``). Every
+    size of lipnet's models (widths, classes, image sizes, block counts) is at most a few times
+    the largest dimension of its own weights."""
+    tensors = [v for v in ckpt.state_dict.values() if isinstance(v, torch.Tensor)]
+    if not tensors:
+        raise CheckpointError(f"{ckpt.path}: its state_dict holds no tensors")
+    largest = max(max(t.shape, default=1) for t in tensors)
+    limit = 8 * largest
+    too_big = [(k, v) for key, value in ckpt.config.model_config.items() for k, v in _config_sizes(value, key)
+               if v > limit]
+    if too_big:
+        listed = ", ".join(f"{k}={v}" for k, v in too_big)
+        raise CheckpointError(f"{ckpt.path}: model_config {listed} cannot describe the stored weights (their largest "
+                              f"dimension is {largest}); refusing to build it")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, list[dict]]:
     """Rebuild the model of a checkpoint written by :func:`save_checkpoint` (a directory or the
     file): ``(model in eval mode on map_location, config, history)``. Loads safely and raises as
     :func:`read_checkpoint`; weights that do not fit the configured model are a CheckpointError."""
     ckpt = read_checkpoint(path, map_location)
+    _check_sizes_fit(ckpt)
     model = build_model(ckpt.config.model, **ckpt.config.model_config)
     try:
         model.load_state_dict(ckpt.state_dict)

@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from .models import MODELS, RESIDUAL_BLOCKS, build_model, load_pretrained, pretr
 from .nn import input_checks_enabled, set_input_checks
 from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
+from .run_dir import claim_run_dir
 from .presets import (DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names,
                       takes_parametrization)
 from .training import AMP_DTYPES, amp_dtype, fit
@@ -63,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the run whose checkpoint is in DIR with its configuration and trains its "
                         "remaining epochs, writing to DIR (or --out); options that would change the result must be "
                         "left out or match the run's")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run an --out directory already holds (without it, such a directory is refused)")
     t.add_argument("--preset", choices=preset_names(), default=None,
                    help="a named preset of --dataset (default: the dataset's own, e.g. cifar10 = the 2-CPU-core "
                         "recipe; cifar10-gpu = the full-size network for a GPU)")
@@ -184,8 +188,13 @@ def _loaders(config: TrainConfig, args, world_size: int = 1):
     return train_loader, lipdata.BatchLoader(test, 500, shuffle=False)
 
 
+# Set in the processes `lipnet train --nproc N` starts: their parent holds the run directory.
+_PARENT_HOLDS_OUT = "LIPNET_PARENT_HOLDS_OUT"
+
+
 def _train_process(argv: list[str]) -> None:
     """One process of ``lipnet train --nproc N`` (started by ``lipnet.distributed.launch``)."""
+    os.environ[_PARENT_HOLDS_OUT] = "1"
     code = main(argv)
     if code:
         raise SystemExit(code)
@@ -267,16 +276,26 @@ def cmd_train(args) -> int:
     if not args.dp and config.batch_size % world_size:
         raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the number of "
                          "processes")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun: start the processes ourselves
-        lipdist.launch(_train_process, args.nproc, args=(args.argv,))
-        return 0
-    ctx = lipdist.init_distributed(args.device)
+    out = Path(args.out if args.out is not None else args.resume)
+    # one process claims the directory before any data is read: the only one, the launcher of
+    # --nproc N, or rank 0 under torchrun
+    claims = not os.environ.get(_PARENT_HOLDS_OUT) and os.environ.get("RANK", "0") == "0"
+    lock = claim_run_dir(out, resume=args.resume is not None and out == Path(args.resume),
+                         overwrite=args.overwrite) if claims else None
     try:
-        if args.dp:
-            return _train_private(args, ctx, config)
-        return _train(args, ctx, config, ckpt)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun: start the processes ourselves
+            lipdist.launch(_train_process, args.nproc, args=(args.argv,))
+            return 0
+        ctx = lipdist.init_distributed(args.device)
+        try:
+            if args.dp:
+                return _train_private(args, ctx, config)
+            return _train(args, ctx, config, ckpt)
+        finally:
+            lipdist.destroy_distributed()
     finally:
-        lipdist.destroy_distributed()
+        if lock is not None:
+            lock.release()
 
 
 def _train_config(args) -> TrainConfig:
@@ -396,6 +415,19 @@ def _plot(radii: torch.Tensor, pgd: dict[float, float], path: Path, title: str) 
     plt.close(fig)
 
 
+class OutputError(OSError):
+    """A result file (--json, the plot) that could not be written."""
+
+
+def _write_output(path: Path, what: str, write) -> None:
+    """``write(path)``, an OSError turned into an OutputError naming ``what`` and the path."""
+    try:
+        write(path)
+    except OSError as err:
+        hint = " (choose another path with --plot)" if what == "the plot" else ""
+        raise OutputError(f"cannot write {what} to {path}: {err.strerror or err}{hint}") from err
+
+
 def cmd_certify(args) -> int:
     model, config, folder = _load_model(args)
     eps = args.eps if args.eps is not None else list(config.eval_eps)
@@ -409,15 +441,16 @@ def cmd_certify(args) -> int:
     print(f"Lipschitz constant: sound upper bound {report.lipschitz_bound:.6f}, empirical lower bound {lower:.6f}")
     pgd_head = f"PGD-{args.pgd_steps} (first {report.pgd_n})"
     print(format_table(rows, ["eps", f"certified ({report.n})", pgd_head]))
-    plot = Path(args.plot) if args.plot else folder / (f"certified-{args.pretrained}.png" if args.pretrained
-                                                       else "certified.png")
-    _plot(report.radii, report.pgd, plot, f"{config.dataset}: certified accuracy vs eps")
-    print(f"plot: {plot}")
     if args.json:
         result = {"dataset": config.dataset, "n": report.n, "clean": report.clean, "certified": report.certified,
                   "pgd": report.pgd, "pgd_n": report.pgd_n, "pgd_steps": args.pgd_steps,
                   "lipschitz_bound": report.lipschitz_bound, "lipschitz_lower": lower}
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        _write_output(Path(args.json), "--json", lambda path: path.write_text(json.dumps(result, indent=2)))
+    plot = Path(args.plot) if args.plot else folder / (f"certified-{args.pretrained}.png" if args.pretrained
+                                                       else "certified.png")
+    _write_output(plot, "the plot", lambda path: _plot(report.radii, report.pgd, path,
+                                                        f"{config.dataset}: certified accuracy vs eps"))
+    print(f"plot: {plot}")
     return 0
 
 
@@ -492,14 +525,16 @@ def cmd_conformal(args) -> int:
                                f"robust cov ({pgd})"]))
     print(f"robust sets: coverage >= {1 - args.alpha:.0%} under every L2 attack of size eps (sound); "
           "vanilla guaranteed: lower bound on vanilla CP's coverage under any such attack")
+    if args.json:
+        text = json.dumps({"dataset": config.dataset, "score": args.score, "temperature": temperature,
+                           "alpha": args.alpha, "lipschitz_bound": clf.lipschitz, "n_calibration": len(cal_set),
+                           "n_test": len(test_set), "rows": rows}, indent=2)
+        _write_output(Path(args.json), "--json", lambda path: path.write_text(text))
     plot = Path(args.plot) if args.plot else folder / (f"conformal-{args.pretrained}.png" if args.pretrained
                                                        else "conformal.png")
-    _conformal_plot(rows, plot, f"{config.dataset}: conformal sets, alpha={args.alpha}")
+    _write_output(plot, "the plot", lambda path: _conformal_plot(rows, path,
+                                                                  f"{config.dataset}: conformal sets, alpha={args.alpha}"))
     print(f"plot: {plot}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"dataset": config.dataset, "score": args.score, "temperature": temperature,
-                                               "alpha": args.alpha, "lipschitz_bound": clf.lipschitz,
-                                               "n_calibration": len(cal_set), "n_test": len(test_set), "rows": rows}, indent=2))
     return 0
 
 
@@ -519,13 +554,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # `train --nproc N` re-runs the same command line in each process
     checks = input_checks_enabled()
     set_input_checks(False)  # uint8 datasets are finite; certify checks each batch itself
+    previous_term = _terminate_as_interrupt()
     try:
         return COMMANDS[args.command](args)
-    except (lipdata.DataError, ValueError, FileNotFoundError) as err:
+    except (lipdata.DataError, ValueError, FileNotFoundError, OutputError) as err:
         print(f"lipnet {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        signame = "SIGTERM" if isinstance(stop, _Terminated) else "interrupt"
+        print(f"lipnet {args.command}: stopped by {signame}. {_resume_hint(args)}".rstrip(), file=sys.stderr)
+        return 143 if isinstance(stop, _Terminated) else 130
     finally:
         set_input_checks(checks)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is so that it stops the way Ctrl-C does."""
+
+
+def _terminate_as_interrupt():
+    """Make SIGTERM raise :class:`_Terminated` in the main thread; returns the previous handler
+    (None where signals cannot be set: not the main thread)."""
+    def handler(signum, frame):
+        raise _Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _resume_hint(args) -> str:
+    """What an interrupted `lipnet train` left: its last checkpoint and the command continuing it."""
+    if args.command != "train" or getattr(args, "dp", False):
+        return ""
+    out = Path(args.out if args.out is not None else args.resume)
+    info = out / "config.json"
+    try:
+        epoch = json.loads(info.read_text())["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"No epoch was completed: {out / CHECKPOINT} was not written."
+    return f"Last checkpoint: {out / CHECKPOINT} (epoch {epoch}); continue with: lipnet train --resume {out}"
 
 
 if __name__ == "__main__":

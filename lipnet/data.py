@@ -7,6 +7,7 @@ without per-item Python, which is what the training loop and certification use.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tarfile
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .validate import open_unit, positive_int
+from .validate import class_labels, open_unit, positive_int
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DIGITS = tuple(str(i) for i in range(10))
@@ -83,7 +84,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
             raise ValueError("ImageDataset needs uint8 (N, C, H, W) images and N labels")
-        self.images, self.labels, self.info = images, labels.long(), info
+        self.images, self.labels, self.info = images, class_labels(labels, info.num_classes, info.name), info
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -205,15 +206,50 @@ def _decode_split(folder: Path, progress: bool) -> tuple[torch.Tensor, torch.Ten
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 
 
+_ARCHIVE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _archive_digest(archive: Path) -> str:
+    """SHA-256 of ``archive`` (memoized per path, size and mtime within the process): the key of
+    its decode cache, so a cache is only ever used for the very archive it was decoded from."""
+    stat = archive.stat()
+    key = (str(archive.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _ARCHIVE_DIGESTS:
+        digest = hashlib.sha256()
+        with archive.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _ARCHIVE_DIGESTS[key] = digest.hexdigest()
+    return _ARCHIVE_DIGESTS[key]
+
+
+def _read_decoded(decoded: Path, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A decode cache file's (images, labels), or None if it is missing or not a valid one (then
+    it is decoded again; a cache is never trusted past these checks)."""
+    if not decoded.is_file():
+        return None
+    try:
+        images, labels = torch.load(decoded, weights_only=True)
+    except Exception:  # truncated, corrupt, foreign: decode again
+        return None
+    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and images.dtype == torch.uint8
+            and images.dim() == 4 and tuple(images.shape[1:]) == (3, 32, 32) and labels.dim() == 1
+            and len(labels) == len(images) and not labels.is_floating_point()):
+        return None
+    return images, labels.long()
+
+
 def _load_cifar(root: Path, train: bool, cache: Path, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     split = "train" if train else "test"
-    decoded = cache / "cifar10-jpg" / f"{split}.pt"
-    if decoded.is_file():
-        return torch.load(decoded, weights_only=True)
     archive = root / CIFAR_ARCHIVE
-    if not archive.is_file() and not (cache / "cifar10-jpg" / ".complete").is_file():
+    if not archive.is_file():
         raise DatasetNotFoundError(f"missing CIFAR-10 archive {archive}")
-    folder = _extract_once(archive, cache) / "CIFAR10_jpg" / split
+    keyed = cache / f"cifar10-jpg-{_archive_digest(archive)[:16]}"
+    decoded = keyed / f"{split}.pt"
+    cached = _read_decoded(decoded)
+    if cached is not None:
+        return cached
+    folder = _extract_once(archive, keyed) / "CIFAR10_jpg" / split
     images, labels = _decode_split(folder, progress)
     tmp = decoded.with_name(f".{split}.{os.getpid()}.tmp")
     torch.save((images, labels), tmp)

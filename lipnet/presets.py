@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from .models import MODELS
 from .nn.parametrizations import DEFAULT_PARAMETRIZATION
+from .validate import finite_nonnegative, finite_positive, positive_int
 
 
 @dataclass
@@ -104,6 +105,15 @@ class TrainConfig:
     matrix_lr: float | None = None
 
     def __post_init__(self) -> None:
+        positive_int(self.epochs, "epochs")
+        positive_int(self.batch_size, "batch_size")
+        finite_positive(self.lr, "lr")
+        finite_nonnegative(self.offset, "offset")
+        finite_positive(self.temperature, "temperature")
+        if self.limit is not None:
+            positive_int(self.limit, "limit")
+        if self.holdout is not None:
+            positive_int(self.holdout, "holdout")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {list(OPTIMIZERS)}")
         if self.optimizer == "adam":

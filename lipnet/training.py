@@ -23,6 +23,7 @@ from .distributed import DistributedContext, all_gather_stack, all_reduce_mean, 
 from .modes import training_mode
 from .nn import LipschitzCrossEntropy
 from .presets import TrainConfig
+from .validate import class_labels
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
@@ -99,7 +100,11 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            loss = loss_fn(model(x), y)
+            logits = model(x)
+            # a label the model has no class for: a clear error, not an index error inside the loss
+            # (one min/max per step; the loss.item() below syncs anyway)
+            class_labels(y, logits.shape[-1], desc)
+            loss = loss_fn(logits, y)
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged: loss = {loss.item()}")
         optimizer.zero_grad(set_to_none=True)

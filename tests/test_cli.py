@@ -260,7 +260,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, d
     assert proc.returncode == -signal.SIGKILL
     killed = read_checkpoint(b)  # what the kill left is complete: it loads, with epoch 1's state
     assert killed.epoch == 1 and killed.resumable and [r["epoch"] for r in killed.history] == [1]
-    assert sorted(p.name for p in b.iterdir()) == ["checkpoint.pt", "config.json"]
+    assert sorted(p.name for p in b.iterdir()) == [".lipnet.lock", "checkpoint.pt", "config.json"]  # no temporary file
     assert json.loads((b / "config.json").read_text())["epoch"] == 1
 
     resumed = subprocess.run([sys.executable, "-m", "lipnet.cli", "train", "--resume", str(b), "--no-progress",

@@ -91,6 +91,11 @@ def _archive(path, classes, per_class=2, corrupt=False):
                     tar.addfile(info, io.BytesIO(payload))
 
 
+def _keyed(cache):
+    (folder,) = [p for p in cache.iterdir() if p.name.startswith("cifar10-jpg-")]
+    return folder
+
+
 def test_cifar10_archive_is_extracted_once_and_cached(tmp_path):
     root, cache = tmp_path / "data", tmp_path / "cache"
     root.mkdir()
@@ -98,17 +103,58 @@ def test_cifar10_archive_is_extracted_once_and_cached(tmp_path):
         D.load_dataset("cifar10", "train", root, cache_dir=cache)
     classes = list(D.CIFAR10_CLASSES)
     _archive(root / D.CIFAR_ARCHIVE, classes[::-1])  # archive order must not matter
-    (cache / "cifar10-jpg").mkdir(parents=True)  # an interrupted extraction (no marker) is redone
     ds = D.load_dataset("cifar10", "train", root, cache_dir=cache, progress=False)
     assert ds.images.shape == (20, 3, 32, 32) and sorted(ds.labels.tolist()) == [c for c in range(10) for _ in range(2)]
     assert len(set(ds.labels[:5].tolist())) > 1  # a fixed shuffle of the class-sorted archive
     shades = ds.images.float().mean((1, 2, 3))
     assert torch.allclose(shades, 20 * ds.labels.float() + 10, atol=2)  # label = canonical class index
-    assert (cache / "cifar10-jpg" / "train.pt").is_file()
-    (root / D.CIFAR_ARCHIVE).unlink()  # the decoded cache serves later calls
+    decoded = _keyed(cache) / "train.pt"
+    assert decoded.is_file()
+    stamp = decoded.stat().st_mtime_ns
     again = D.load_dataset("cifar10", "train", root, cache_dir=cache, progress=False)
-    assert torch.equal(again.images, ds.images)
+    assert torch.equal(again.images, ds.images) and decoded.stat().st_mtime_ns == stamp  # served from the cache
     assert len(D.load_dataset("cifar10", "test", root, cache_dir=cache, progress=False)) == 20
+
+
+def test_the_cifar10_cache_serves_only_its_own_archive(tmp_path):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    root.mkdir()
+    _archive(root / D.CIFAR_ARCHIVE, D.CIFAR10_CLASSES)
+    first = D.load_dataset("cifar10", "train", root, cache_dir=cache, progress=False)
+    # another archive at the same path (one image per class): decoded anew, never the old cache
+    _archive(root / D.CIFAR_ARCHIVE, D.CIFAR10_CLASSES, per_class=1)
+    second = D.load_dataset("cifar10", "train", root, cache_dir=cache, progress=False)
+    assert len(first) == 20 and len(second) == 10
+    # no archive: the data root has no CIFAR-10, whatever a cache holds
+    (root / D.CIFAR_ARCHIVE).unlink()
+    with pytest.raises(D.DatasetNotFoundError, match="cifar10-jpg.tar.gz"):
+        D.load_dataset("cifar10", "train", root, cache_dir=cache, progress=False)
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage", "truncate", "foreign"])
+def test_a_corrupt_cifar10_cache_is_decoded_again(tmp_path, damage):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    root.mkdir()
+    _archive(root / D.CIFAR_ARCHIVE, D.CIFAR10_CLASSES)
+    good = D.load_dataset("cifar10", "test", root, cache_dir=cache, progress=False)
+    decoded = _keyed(cache) / "test.pt"
+    if damage == "truncate":
+        decoded.write_bytes(decoded.read_bytes()[:200])
+    elif damage == "foreign":
+        torch.save({"not": "images"}, decoded)
+    else:
+        decoded.write_bytes(damage)
+    again = D.load_dataset("cifar10", "test", root, cache_dir=cache, progress=False)
+    assert torch.equal(again.images, good.images) and torch.equal(again.labels, good.labels)
+    assert torch.equal(torch.load(decoded, weights_only=True)[0].sort(0).values, again.images.sort(0).values)
+
+
+def test_labels_outside_the_classes_are_refused():
+    images = torch.zeros(3, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        D.ImageDataset(images, torch.tensor([0, 10, 3]), D.DATASETS["mnist"])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        D.ImageDataset(images, torch.tensor([0, -1, 3]), D.DATASETS["mnist"])
 
 
 def test_cifar10_bad_archives(tmp_path):
