@@ -29,7 +29,14 @@ from .training import AMP_DTYPES, amp_dtype, fit
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-root", default=None, help="dataset folder (default: $LIPNET_DATA)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder: torchvision's layouts (MNIST/raw, cifar-10-batches-py, ...) or the "
+                        "CIFAR-10 JPEG archive (default: $LIPNET_DATA, else ~/.cache/lipnet/data)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch a dataset missing from the data root from torchvision's sources (MD5-checked)")
+    p.add_argument("--mirror", default=None, metavar="URL",
+                   help="--download: base URL serving the dataset's files (default: torchvision's; "
+                        "$LIPNET_DATA_MIRROR)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split (smoke runs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -167,16 +174,20 @@ class _DelayedLoader:
         return getattr(self.loader, name)
 
 
+def _dataset(args, name: str, split: str, limit: int | None) -> lipdata.ImageDataset:
+    """``split`` of ``name`` from the command line's data root (downloaded there with --download)."""
+    return lipdata.load_dataset(name, split, args.data_root, limit=limit, progress=not args.no_progress,
+                                download=args.download, mirror=args.mirror)
+
+
 def _loaders(config: TrainConfig, args, world_size: int = 1):
     """(train loader, evaluation loader): the evaluation split is the test split, or with
     ``config.holdout`` that many training images left out of training (the test split is not read)."""
-    train = lipdata.load_dataset(config.dataset, "train", args.data_root, limit=config.limit,
-                                 progress=not args.no_progress)
+    train = _dataset(args, config.dataset, "train", config.limit)
     if config.holdout:
         train, test = lipdata.holdout_split(train, config.holdout)
     else:
-        test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=config.limit,
-                                    progress=not args.no_progress)
+        test = _dataset(args, config.dataset, "test", config.limit)
     if world_size > 1:  # this rank's share of the same global batches (same seed on every rank)
         train_loader = lipdist.ShardedBatchLoader(train, config.batch_size, shuffle=True, seed=config.seed)
     else:
@@ -366,8 +377,8 @@ def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -
         if not (math.isfinite(args.loss_clip) and args.loss_clip >= 0):
             raise ValueError(f"--loss-clip must be >= 0 (0: no clipping), got {args.loss_clip}")
         config.dp["loss_clip"] = args.loss_clip or None
-    train = lipdata.load_dataset(args.dataset, "train", args.data_root, limit=args.limit, progress=not args.no_progress)
-    test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
+    train = _dataset(args, args.dataset, "train", args.limit)
+    test = _dataset(args, args.dataset, "test", args.limit)
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_config).to(ctx.device)
     log, procs = _rank_log(ctx)
@@ -431,7 +442,7 @@ def _write_output(path: Path, what: str, write) -> None:
 def cmd_certify(args) -> int:
     model, config, folder = _load_model(args)
     eps = args.eps if args.eps is not None else list(config.eval_eps)
-    test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
+    test = _dataset(args, config.dataset, "test", args.limit)
     loader = lipdata.BatchLoader(test, 500, shuffle=False)
     report = certified_accuracy(model, loader, eps, pgd_steps=args.pgd_steps, pgd_points=args.pgd_points,
                                 device=args.device, progress=not args.no_progress)
@@ -485,7 +496,7 @@ def cmd_conformal(args) -> int:
         raise ValueError("--pgd-steps and --pgd-points must be >= 0")
     model, config, folder = _load_model(args)
     temperature = config.temperature if args.temperature is None else args.temperature
-    test = lipdata.load_dataset(config.dataset, "test", args.data_root, limit=args.limit, progress=not args.no_progress)
+    test = _dataset(args, config.dataset, "test", args.limit)
     cal_set, test_set = lipdata.random_split(test, args.calibration_fraction, seed=args.seed)
     cal = lipdata.BatchLoader(cal_set, 500, device=args.device)
     held = lipdata.BatchLoader(test_set, 500, device=args.device)

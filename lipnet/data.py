@@ -1,28 +1,41 @@
-"""Datasets from a local data root (never downloaded): MNIST, Fashion-MNIST, CIFAR-10 (JPEG archive).
+"""Datasets from a data root: MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100.
 
-The root comes from ``--data-root`` / the ``data_root`` argument, else ``$LIPNET_DATA``. Images are
-held as one uint8 tensor (N, C, H, W); ``BatchLoader`` slices it into float batches in [0, 1]
-without per-item Python, which is what the training loop and certification use.
+The root is ``--data-root`` / the ``data_root`` argument, else ``$LIPNET_DATA``, else
+``~/.cache/lipnet/data``. Each dataset is read from the layouts torchvision writes
+(``MNIST/raw`` with plain or gzipped idx files, ``cifar-10-batches-py``, ``cifar-100-python``) or,
+for CIFAR-10, the JPEG archive ``cifar10-jpg.tar.gz`` (``lipnet.formats``). Nothing is downloaded
+unless asked (``download=True`` / ``--download``: ``lipnet.download``). Images are held as one
+uint8 tensor (N, C, H, W); ``BatchLoader`` slices it into float batches in [0, 1] without
+per-item Python, which is what the training loop and certification use.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from .formats import (CIFAR_ARCHIVE, DataError, DatasetCorruptError, DatasetNotFoundError, idx_path,
+                      read_cifar_batches, read_idx_split, read_jpeg_archive)
 from .validate import class_labels, open_unit, positive_int
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DIGITS = tuple(str(i) for i in range(10))
+# CIFAR-100's fine labels, in their index order (alphabetical)
+CIFAR100_CLASSES = ("apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle",
+    "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear",
+    "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon",
+    "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail",
+    "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
 
@@ -42,33 +55,32 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), DIGITS),
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), FASHION_CLASSES),
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CIFAR10_CLASSES),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                            CIFAR100_CLASSES),
 }
 
 
-class DataError(Exception):
-    """Base class of the dataset errors."""
-
-
 class DataRootError(DataError, ValueError):
-    """No data root was given."""
+    """A data root that cannot be used."""
 
 
-class DatasetNotFoundError(DataError, FileNotFoundError):
-    """A dataset file or folder is missing."""
+def default_data_root() -> Path:
+    """Where datasets live when neither ``--data-root`` nor ``$LIPNET_DATA`` names a folder:
+    ``$LIPNET_CACHE/data``, by default ``~/.cache/lipnet/data`` (``--download`` fills it)."""
+    return default_cache_dir() / "data"
 
 
-class DatasetCorruptError(DataError, ValueError):
-    """A dataset file exists but cannot be read as expected."""
-
-
-def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
-    """``data_root`` if given, else ``$LIPNET_DATA``; an existing directory, or a clear error."""
-    root = data_root if data_root is not None else os.environ.get("LIPNET_DATA")
-    if not root:
-        raise DataRootError("no data root: pass --data-root DIR (data_root=...) or set LIPNET_DATA=DIR "
-                            "to the folder holding MNIST/, FashionMNIST/ and cifar10-jpg.tar.gz")
-    path = Path(root).expanduser()
-    if not path.is_dir():
+def resolve_data_root(data_root: str | os.PathLike | None = None, *, create: bool = False) -> Path:
+    """``data_root`` if given, else ``$LIPNET_DATA``, else :func:`default_data_root`. A root that
+    was named must be an existing directory (``create``: it is made, for a download)."""
+    named = data_root if data_root is not None else os.environ.get("LIPNET_DATA")
+    path = Path(named).expanduser() if named else default_data_root()
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataRootError(f"cannot create the data root {path}: {err.strerror or err}") from err
+    elif named and not path.is_dir():
         raise DatasetNotFoundError(f"data root {path} does not exist or is not a directory")
     return path
 
@@ -117,155 +129,68 @@ def random_split(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple
     return dataset.subset(perm[:k]), dataset.subset(perm[k:])
 
 
-# ----------------------------------------------------------------------------------------- MNIST
+# ------------------------------------------------------------------------------------- layouts
 _IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_CIFAR_BATCHES = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+                  "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels")}
+_IDX_FOLDERS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
+CIFAR_ORDER_SEED = 0  # the fixed order load_dataset returns a split of the class-sorted JPEG archive in
 
 
-def _check_idx(path: Path, header: int, item_bytes: int) -> None:
-    """The idx header's item count must match the file size (catches truncated copies)."""
-    if not path.is_file():
-        raise DatasetNotFoundError(f"missing dataset file {path}")
-    with path.open("rb") as f:
-        raw = f.read(header)
-    count = int.from_bytes(raw[4:8], "big") if len(raw) == header else -1
-    size = path.stat().st_size
-    if count < 0 or size != header + count * item_bytes:
-        raise DatasetCorruptError(f"corrupt dataset file {path}: size {size} bytes does not match its header "
-                                  f"({count} items of {item_bytes} bytes)")
+def layouts(name: str, root: Path) -> list[Path]:
+    """The places under ``root`` where dataset ``name`` is looked for, in order: torchvision's
+    folders (``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches-py``, ``cifar-100-python``),
+    then for CIFAR-10 the JPEG archive."""
+    if name in _IDX_FOLDERS:
+        return [root / _IDX_FOLDERS[name]]
+    found = [root / _CIFAR_BATCHES[name][0]]
+    return found + ([root / CIFAR_ARCHIVE] if name == "cifar10" else [])
 
 
-def _load_idx(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    import torchvision
-
-    cls, folder = {"mnist": (torchvision.datasets.MNIST, "MNIST"),
-                   "fashion-mnist": (torchvision.datasets.FashionMNIST, "FashionMNIST")}[name]
-    images, labels = (root / folder / "raw" / f for f in _IDX_FILES[train])
-    _check_idx(images, 16, 28 * 28)
-    _check_idx(labels, 8, 1)
-    try:
-        ds = cls(str(root), train=train, download=False)
-    except Exception as err:  # torchvision's own checks / readers
-        raise DatasetCorruptError(f"cannot read {folder} from {root / folder / 'raw'}: {err}") from err
-    return ds.data[:, None].contiguous(), ds.targets.long()
+def _present(place: Path) -> bool:
+    if place.name == CIFAR_ARCHIVE:
+        return place.is_file()
+    if place.name == "raw":  # an idx folder counts once any of its files is there
+        return any(idx_path(place, f) is not None for pair in _IDX_FILES.values() for f in pair)
+    return place.is_dir()
 
 
-# -------------------------------------------------------------------------------------- CIFAR-10
-CIFAR_ARCHIVE = "cifar10-jpg.tar.gz"
-CIFAR_ORDER_SEED = 0  # the fixed order load_dataset returns a CIFAR-10 split in
+def _read(name: str, place: Path, train: bool, cache: Path, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if name in _IDX_FOLDERS:
+        return read_idx_split(place, *_IDX_FILES[train])
+    if place.name == CIFAR_ARCHIVE:
+        images, labels = read_jpeg_archive(place, "train" if train else "test", CIFAR10_CLASSES, cache, progress)
+        # the archive is sorted by class: a fixed shuffle makes every first-N subset (PGD points,
+        # conformal attacks, smoke runs) a sample of all classes
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(CIFAR_ORDER_SEED))
+        return images[order], labels[order]
+    _, train_files, test_files, label_key = _CIFAR_BATCHES[name]
+    return read_cifar_batches(place, train_files if train else test_files, label_key)
 
 
-def _extract_once(archive: Path, cache: Path) -> Path:
-    """Extract ``archive`` into ``cache/cifar10-jpg`` once (atomic rename; a marker file says done)."""
-    target = cache / "cifar10-jpg"
-    if (target / ".complete").is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".cifar10-", dir=cache))
-    try:
-        with tarfile.open(archive) as tar:
-            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(tmp, **kw)
-        (tmp / ".complete").touch()
-        if (target / ".complete").is_file():  # another process finished first
-            return target
-        if target.exists():  # a tree without its marker: not ours to trust
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise DatasetCorruptError(f"cannot extract {archive}: {err}") from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _decode_split(folder: Path, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    import numpy as np
-    import torchvision
-    from PIL import Image
-
-    if not folder.is_dir():
-        raise DatasetCorruptError(f"the CIFAR-10 archive has no folder {folder}")
-    try:
-        ds = torchvision.datasets.ImageFolder(str(folder))
-    except FileNotFoundError as err:  # no class folders, or an empty one
-        raise DatasetCorruptError(f"{folder}: {err}") from err
-    if tuple(ds.classes) != CIFAR10_CLASSES:
-        raise DatasetCorruptError(f"{folder}: class folders {ds.classes} are not CIFAR-10's {list(CIFAR10_CLASSES)}")
-    images = torch.empty(len(ds.samples), 3, 32, 32, dtype=torch.uint8)
-    for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"decoding {folder.name}", disable=not progress)):
-        try:
-            with Image.open(path) as im:
-                arr = np.array(im.convert("RGB"))
-        except Exception as err:
-            raise DatasetCorruptError(f"cannot decode {path}: {err}") from err
-        if arr.shape != (32, 32, 3):
-            raise DatasetCorruptError(f"{path}: expected a 32x32 RGB image, got shape {arr.shape}")
-        images[i] = torch.from_numpy(arr).permute(2, 0, 1)
-    return images, torch.tensor(ds.targets, dtype=torch.int64)
-
-
-_ARCHIVE_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _archive_digest(archive: Path) -> str:
-    """SHA-256 of ``archive`` (memoized per path, size and mtime within the process): the key of
-    its decode cache, so a cache is only ever used for the very archive it was decoded from."""
-    stat = archive.stat()
-    key = (str(archive.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _ARCHIVE_DIGESTS:
-        digest = hashlib.sha256()
-        with archive.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        _ARCHIVE_DIGESTS[key] = digest.hexdigest()
-    return _ARCHIVE_DIGESTS[key]
-
-
-def _read_decoded(decoded: Path, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A decode cache file's (images, labels), or None if it is missing or not a valid one (then
-    it is decoded again; a cache is never trusted past these checks)."""
-    if not decoded.is_file():
-        return None
-    try:
-        images, labels = torch.load(decoded, weights_only=True)
-    except Exception:  # truncated, corrupt, foreign: decode again
-        return None
-    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and images.dtype == torch.uint8
-            and images.dim() == 4 and tuple(images.shape[1:]) == (3, 32, 32) and labels.dim() == 1
-            and len(labels) == len(images) and not labels.is_floating_point()):
-        return None
-    return images, labels.long()
-
-
-def _load_cifar(root: Path, train: bool, cache: Path, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    split = "train" if train else "test"
-    archive = root / CIFAR_ARCHIVE
-    if not archive.is_file():
-        raise DatasetNotFoundError(f"missing CIFAR-10 archive {archive}")
-    keyed = cache / f"cifar10-jpg-{_archive_digest(archive)[:16]}"
-    decoded = keyed / f"{split}.pt"
-    cached = _read_decoded(decoded)
-    if cached is not None:
-        return cached
-    folder = _extract_once(archive, keyed) / "CIFAR10_jpg" / split
-    images, labels = _decode_split(folder, progress)
-    tmp = decoded.with_name(f".{split}.{os.getpid()}.tmp")
-    torch.save((images, labels), tmp)
-    os.replace(tmp, decoded)
-    return images, labels
+def _not_found(name: str, root: Path) -> DatasetNotFoundError:
+    where = ", ".join(str(p) for p in layouts(name, root))
+    named = "" if root != default_data_root() else " (the default data root: --data-root or LIPNET_DATA name another)"
+    return DatasetNotFoundError(
+        f"no {name} data under {root}{named}: looked for {where}. Pass --download (load_dataset(..., "
+        f"download=True)) to fetch it from torchvision's sources into {root}, or point --data-root / LIPNET_DATA "
+        "at a folder that holds it")
 
 
 # -------------------------------------------------------------------------------------- public
 def load_dataset(name: str, split: str = "train", data_root: str | os.PathLike | None = None, *,
                  limit: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True) -> ImageDataset:
-    """The ``split`` ("train" / "test") of dataset ``name`` ("mnist", "fashion-mnist", "cifar10").
+                 progress: bool = True, download: bool = False, mirror: str | None = None) -> ImageDataset:
+    """The ``split`` ("train" / "test") of dataset ``name`` (``DATASETS``: mnist, fashion-mnist,
+    cifar10, cifar100) from the data root (:func:`resolve_data_root`), in the first layout of
+    :func:`layouts` present there.
 
     ``limit``: a fixed subset of that many examples (a seed-0 permutation, so classes are mixed;
-    the same subset on every call). Never downloads; missing / corrupt files raise
-    ``DatasetNotFoundError`` / ``DatasetCorruptError`` naming the expected path.
+    the same subset on every call). Nothing is downloaded unless ``download`` (then a dataset
+    absent from the root is fetched into it, :func:`lipnet.download.download`, ``mirror``: its
+    base URL). A dataset that is absent raises ``DatasetNotFoundError`` listing where it was
+    looked for; a damaged file ``DatasetCorruptError`` naming it.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
@@ -273,16 +198,17 @@ def load_dataset(name: str, split: str = "train", data_root: str | os.PathLike |
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if limit is not None:
         positive_int(limit, "limit")
-    root = resolve_data_root(data_root)
-    if name == "cifar10":
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        images, labels = _load_cifar(root, split == "train", cache, progress)
-        # the archive is sorted by class: a fixed shuffle makes every first-N subset (PGD points,
-        # conformal attacks, smoke runs) a sample of all classes
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(CIFAR_ORDER_SEED))
-        images, labels = images[order], labels[order]
-    else:
-        images, labels = _load_idx(name, root, split == "train")
+    root = resolve_data_root(data_root, create=download)
+    place = next((p for p in layouts(name, root) if _present(p)), None)
+    if place is None and download:
+        from .download import download as fetch
+
+        fetch(name, root, mirror=mirror, progress=progress)
+        place = next((p for p in layouts(name, root) if _present(p)), None)
+    if place is None:
+        raise _not_found(name, root)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    images, labels = _read(name, place, split == "train", cache, progress)
     if limit is not None and limit < len(labels):
         keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit]
         images, labels = images[keep], labels[keep]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import asdict, dataclass, field
 
+from .data import DATASETS
 from .models import MODELS
 from .nn.parametrizations import DEFAULT_PARAMETRIZATION
 from .validate import finite_nonnegative, finite_positive, positive_int
@@ -40,6 +41,11 @@ PRESETS: dict[str, Preset] = {
                                          "hidden": 256},
                       (36 / 255, 72 / 255, 108 / 255), 30, 256, 2e-3, 0.45, 0.125, True,
                       channels_last=True, optimizer="turbomuon"),
+    # the cifar10 recipe with CIFAR-100's statistics and 100 classes (not tuned for CIFAR-100)
+    "cifar100": Preset("cifar-liresnet", {"mean": (0.5071, 0.4865, 0.4409), "width": 32, "blocks": (1, 1, 1),
+                                          "hidden": 256, "num_classes": 100},
+                       (36 / 255, 72 / 255, 108 / 255), 30, 256, 2e-3, 0.45, 0.125, True,
+                       channels_last=True, optimizer="turbomuon"),
 }
 # The cifar10 preset is sized for 2 CPU cores: width 32, one residual block per stage and a 256-wide
 # dense head (a 512-wide one's 8192x512 orthogonal factor costs a quarter of each step), fp32 steps
@@ -147,6 +153,8 @@ class TrainConfig:
         if private:
             from .privacy.recipe import PRIVATE_PRESETS  # lazily: lipnet.privacy imports opacus
 
+            if dataset not in PRIVATE_PRESETS:
+                raise ValueError(f"no private preset for {dataset}; private presets: {sorted(PRIVATE_PRESETS)}")
             models = PRIVATE_PRESETS[dataset]
             model = model or next(iter(models))
             if model not in models:
@@ -163,6 +171,10 @@ class TrainConfig:
         elif model is not None and model != p["model"]:
             p.update(model=model, model_config={"mean": p["model_config"]["mean"]})
         p.update({k: v for k, v in overrides.items() if v is not None})
+        classes = DATASETS[dataset].num_classes  # the class count comes from the data
+        builder = inspect.signature(MODELS[p["model"]]).parameters if p["model"] in MODELS else {}
+        if "num_classes" in builder and builder["num_classes"].default != classes:
+            p["model_config"] = {"num_classes": classes, **p["model_config"]}
         if takes_parametrization(p["model"]):  # recorded, so a checkpoint always says how its factors are stored
             p["model_config"] = {"parametrization": DEFAULT_PARAMETRIZATION, **p["model_config"]}
         return cls(dataset=dataset, **p)

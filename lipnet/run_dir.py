@@ -32,16 +32,23 @@ class RunDirError(ValueError):
 class RunDirLock:
     """An exclusive claim on a run directory (see :func:`claim_run_dir`)."""
 
-    def __init__(self, path: Path, handle) -> None:
-        self.path, self._handle = path, handle
+    def __init__(self, path: Path, handle, created: bool = False) -> None:
+        self.path, self._handle, self.created = path, handle, created
 
     def release(self) -> None:
-        if self._handle is not None:
-            with contextlib.suppress(OSError):
-                if fcntl is not None:
-                    fcntl.flock(self._handle, fcntl.LOCK_UN)
-                self._handle.close()
-            self._handle = None
+        """Give the directory up. One this claim created and nothing was written to (the run failed
+        before its first checkpoint) is removed again, so a refused run leaves no trace."""
+        if self._handle is None:
+            return
+        with contextlib.suppress(OSError):
+            if self.created and [p.name for p in self.path.iterdir()] == [LOCK]:
+                (self.path / LOCK).unlink()
+                self.path.rmdir()
+        with contextlib.suppress(OSError):
+            if fcntl is not None:
+                fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+        self._handle = None
 
 
 def claim_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> RunDirLock:
@@ -52,6 +59,7 @@ def claim_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = Fa
     (its pid is named), or if it holds an earlier run's ``checkpoint.pt`` / ``config.json`` while
     neither ``resume`` (continue that run) nor ``overwrite`` (replace it) is set."""
     out = Path(out)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / LOCK, "a+")
@@ -68,7 +76,7 @@ def claim_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = Fa
                 raise RunDirError(f"{out} is in use by another lipnet train (pid {owner}); wait for it to finish or "
                                   "choose another --out") from err
             raise RunDirError(f"cannot lock {out / LOCK}: {err.strerror or err}") from err
-    lock = RunDirLock(out, handle)
+    lock = RunDirLock(out, handle, created)
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not (resume or overwrite):
         lock.release()

@@ -49,6 +49,7 @@ def test_train_then_certify(tmp_path, data_root, capsys):
 
 def test_errors_are_clear(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("LIPNET_DATA", raising=False)
+    monkeypatch.setenv("LIPNET_CACHE", str(tmp_path / "cache"))  # an empty default data root
     rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--out", str(tmp_path / "x"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "--data-root" in err and "LIPNET_DATA" in err

@@ -18,9 +18,11 @@ from lipnet import data as D
 def test_data_root_resolution(monkeypatch, tmp_path):
     assert issubclass(D.DataRootError, ValueError) and issubclass(D.DatasetNotFoundError, FileNotFoundError)
     monkeypatch.delenv("LIPNET_DATA", raising=False)
-    with pytest.raises(D.DataRootError, match="--data-root") as err:
+    monkeypatch.setenv("LIPNET_CACHE", str(tmp_path / "cache"))
+    assert D.resolve_data_root() == tmp_path / "cache" / "data"  # neither named: the default root
+    with pytest.raises(D.DatasetNotFoundError, match="--data-root") as err:
         D.load_dataset("mnist")
-    assert "LIPNET_DATA" in str(err.value)
+    assert "LIPNET_DATA" in str(err.value) and "--download" in str(err.value)
     with pytest.raises(D.DatasetNotFoundError, match="nowhere"):
         D.resolve_data_root(tmp_path / "nowhere")
     monkeypatch.setenv("LIPNET_DATA", str(tmp_path))

@@ -24,7 +24,7 @@ def _lse_direct(z, y, alpha, m, temperature, penalty):
             neg = others[0]
         else:
             t = math.log(len(others)) / (penalty * m / 2)
-            neg = torch.log(torch.exp(t * others).sum()) / t
+            neg = torch.logsumexp(t * others, 0) / t  # the formula's log-sum-exp, without exp's overflow
         pos = row[label]
         out.append((1 - alpha) * (neg - pos) + alpha * (F.relu(m / 2 - pos) + F.relu(m / 2 + neg)))
     return torch.stack(out)
