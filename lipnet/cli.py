@@ -1,4 +1,4 @@
-"""The ``lipnet`` command: ``lipnet train``, ``lipnet certify`` and ``lipnet conformal``."""
+"""The ``lipnet`` command: ``lipnet train``, ``lipnet certify``, ``lipnet conformal`` and ``lipnet download``."""
 
 from __future__ import annotations
 
@@ -147,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--json", default=None, help="write the rows as JSON here")
     k.add_argument("--plot", default=None, help="PNG path (default: CHECKPOINT/conformal.png)")
     _add_common(k)
+    d = sub.add_parser("download", help="fetch the datasets the data root lacks (torchvision's sources, MD5-checked)")
+    d.add_argument("datasets", nargs="+", choices=sorted(lipdata.DATASETS), metavar="DATASET",
+                   help=f"one or more of {', '.join(sorted(lipdata.DATASETS))}")
+    d.add_argument("--data-root", default=None, help="target folder (default: $LIPNET_DATA, else ~/.cache/lipnet/data)")
+    d.add_argument("--mirror", default=None, metavar="URL", help="base URL serving the files (default: torchvision's)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -549,7 +555,21 @@ def cmd_conformal(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "certify": cmd_certify, "conformal": cmd_conformal}
+def cmd_download(args) -> int:
+    from .download import download
+
+    root = lipdata.resolve_data_root(args.data_root, create=True)
+    for name in args.datasets:
+        present = lipdata.find_layout(name, root)
+        if present is None:
+            download(name, root, mirror=args.mirror, progress=not args.no_progress)
+            print(f"{name}: downloaded into {lipdata.find_layout(name, root)}")
+        else:
+            print(f"{name}: already there, {present}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "certify": cmd_certify, "conformal": cmd_conformal, "download": cmd_download}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

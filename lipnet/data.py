@@ -156,6 +156,11 @@ def _present(place: Path) -> bool:
     return place.is_dir()
 
 
+def find_layout(name: str, root: Path) -> Path | None:
+    """The first of :func:`layouts` present under ``root``, or None."""
+    return next((p for p in layouts(name, root) if _present(p)), None)
+
+
 def _read(name: str, place: Path, train: bool, cache: Path, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if name in _IDX_FOLDERS:
         return read_idx_split(place, *_IDX_FILES[train])
@@ -199,12 +204,12 @@ def load_dataset(name: str, split: str = "train", data_root: str | os.PathLike |
     if limit is not None:
         positive_int(limit, "limit")
     root = resolve_data_root(data_root, create=download)
-    place = next((p for p in layouts(name, root) if _present(p)), None)
+    place = find_layout(name, root)
     if place is None and download:
         from .download import download as fetch
 
         fetch(name, root, mirror=mirror, progress=progress)
-        place = next((p for p in layouts(name, root) if _present(p)), None)
+        place = find_layout(name, root)
     if place is None:
         raise _not_found(name, root)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

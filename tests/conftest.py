@@ -14,8 +14,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def data_root() -> pathlib.Path:
-    """The shared datasets: $LIPNET_DATA (CI sets it), else ../shared/datasets beside the repo."""
+    """The datasets the tests read (MNIST, Fashion-MNIST, CIFAR-10): $LIPNET_DATA (CI sets it),
+    else ../shared/datasets beside the repo, else lipnet's default data root, which
+    `lipnet download mnist fashion-mnist cifar10` fills."""
+    from lipnet.data import default_data_root
+
     env = os.environ.get("LIPNET_DATA")
-    root = pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
-    assert (root / "MNIST").is_dir(), f"MNIST not found under {root}: set LIPNET_DATA"
+    shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    root = pathlib.Path(env) if env else shared if shared.is_dir() else default_data_root()
+    assert (root / "MNIST").is_dir(), (f"MNIST not found under {root}: set LIPNET_DATA, or run "
+                                       "`lipnet download mnist fashion-mnist cifar10` once")
     return root

@@ -298,3 +298,15 @@ def test_the_real_sources_are_torchvision_s():
     assert dl.source("mnist").files == tuple(map(tuple, torchvision.datasets.MNIST.resources))
     assert dl.source("cifar100").files == (("cifar-100-python.tar.gz", torchvision.datasets.CIFAR100.tgz_md5),)
     assert dl.source("cifar10").mirrors[0] + "cifar-10-python.tar.gz" == torchvision.datasets.CIFAR10.url
+
+
+def test_the_download_command_fills_a_root_the_loaders_then_read(tmp_path, monkeypatch, capsys):
+    served, src = _served_mnist(tmp_path)
+    monkeypatch.setattr(dl, "source", lambda name: src)
+    with serve(served) as url:
+        assert main(["download", "mnist", "--data-root", str(tmp_path / "root"), "--mirror", url, "--no-progress"]) == 0
+    assert "mnist: downloaded into" in capsys.readouterr().out
+    assert len(D.load_dataset("mnist", "test", tmp_path / "root")) == 30
+    # a dataset the root already holds, in any layout, is not fetched (nothing listens on port 9)
+    assert main(["download", "mnist", "--data-root", str(tmp_path / "root"), "--mirror", "http://127.0.0.1:9/"]) == 0
+    assert "already there" in capsys.readouterr().out
