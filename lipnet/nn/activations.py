@@ -207,7 +207,11 @@ class LPReLU(nn.PReLU):
     |a| = 1). ``num_parameters``: 1 or the number of channels (dim 1), as ``nn.PReLU``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.prelu(x, self.slopes())
+        a = self.slopes()
+        if a.numel() > 1:  # one slope per channel (dim 1, or dim 0 of an unbatched 1-D input)
+            a = a.view(-1, *([1] * (x.dim() - 2))) if x.dim() >= 2 else a
+        # where() rather than F.prelu: prelu's backward has no batching rule under torch.func.vmap
+        return torch.where(x >= 0, x, a.to(x.dtype) * x)
 
     def slopes(self) -> torch.Tensor:
         """The slopes in use: the raw ones clamped to [-1, 1]."""

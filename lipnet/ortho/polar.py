@@ -146,20 +146,40 @@ class _PolarBackward(torch.autograd.Function):
     threshold, so directions the iteration has not converged on get a bounded gradient).
     One k x k eigh and ~7 matmuls instead of back-propagating through every step."""
 
+    generate_vmap_rule = True  # torch.func.vmap batches forward, backward and jvp as written
+
     @staticmethod
-    def forward(ctx, X, gram, schedule, first_fp32_step, dtype):
+    def forward(X, gram, schedule, first_fp32_step, dtype):
         if schedule is None:  # method="svd": the exact polar factor
             U, _, Vh = torch.linalg.svd(X, full_matrices=False)
-            Q = U @ Vh
-        else:
-            Q = _iterate(X, gram, schedule, first_fp32_step, dtype)
-        ctx.save_for_backward(X, Q)
-        return Q
+            return U @ Vh
+        return _iterate(X, gram, schedule, first_fp32_step, dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+        ctx.save_for_forward(inputs[0], output)
 
     @staticmethod
     def backward(ctx, G):
         with torch.autocast(G.device.type, enabled=False):
             return _PolarBackward._backward(ctx, G)
+
+    @staticmethod
+    def jvp(ctx, dX, *_):
+        """Forward mode (jvp, jacfwd): dQ = P^{-1} (dX - dP Q), with P dP + dP P = dX X^T + X dX^T
+        solved in P's eigenbasis (eigenvalues clamped as in the backward pass)."""
+        X, Q = ctx.saved_tensors
+        with torch.autocast(dX.device.type, enabled=False):
+            dX, X = dX.to(Q.dtype), X.to(Q.dtype)
+            P = Q @ X.mT
+            s, V = torch.linalg.eigh((P + P.mT) / 2)
+            s = s.clamp_min(1e-3)
+            C = dX @ X.mT
+            C = C + C.mT
+            dP = V @ ((V.mT @ C @ V) / (s.unsqueeze(-1) + s.unsqueeze(-2))) @ V.mT
+            P_inv = (V / s.unsqueeze(-2)) @ V.mT
+            return P_inv @ (dX - dP @ Q)
 
     @staticmethod
     def _backward(ctx, G):
