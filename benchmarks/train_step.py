@@ -26,7 +26,9 @@ for their retraction. ``--formats contiguous channels_last``: each case also on 
 channels-last memory format (what the cifar10 preset trains on). Input checks off
 (``set_input_checks(False)``), as ``lipnet train`` runs. All cases of a batch size are interleaved
 round-robin in each repeat and reported as medians with ratios to the plain twin of the same run.
-``--profile`` adds, for the retraction model, the median cost of its weights alone: retracting every
+``--compile`` adds the retraction model and the plain twin under ``torch.compile`` (fp32, the first
+format; fresh copies, the factors retracted after each step by ``lipnet.nn.retract_after_step``),
+each compiled model's ratio taken to the compiled twin. ``--profile`` adds, for the retraction model, the median cost of its weights alone: retracting every
 factor as a real (5th) Adam step left it (no grad) and building every kernel forward + backward
 (including the tangent projection of the factors' gradients).
 """
@@ -86,14 +88,18 @@ def orthogonium_twin(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, amp: bool):
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, amp: bool, compiled: bool = False):
     criterion = ln.LipschitzCrossEntropy(temperature=0.125, offset=0.3)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
+    forward = model
+    if compiled:  # the compiled forward uses the factors as given: retract them after each step
+        ln.retract_after_step(opt, model)
+        forward = torch.compile(model)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = criterion(model(x), y)
+            loss = criterion(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -164,6 +170,13 @@ def run(args) -> dict:
                         cases[(name, amp, fmt)], opts[(name, amp, fmt)] = make_step(model, inputs[fmt], y, args.lr,
                                                                                     amp == "bf16")
             first = args.formats[0]
+            if args.compile:  # fresh copies (compiled and eager steps must not share factors), fp32, first format
+                torch.manual_seed(args.seed)
+                compiled = {"retraction": build(net, "retraction")}
+                compiled["plain"] = ln.export(compiled["retraction"]).train()
+                for name, model in compiled.items():
+                    cases[(f"{name}+compile", "fp32", first)], _ = make_step(model, inputs[first], y, args.lr, False,
+                                                                            compiled=True)
             if args.profile:
                 for key, fn in weight_cases(models["retraction"], opts[("retraction", "fp32", first)],
                                             cases[("retraction", "fp32", first)]).items():
@@ -178,8 +191,12 @@ def run(args) -> dict:
                 else:
                     # None where the contiguous twin of the case was not measured (--formats channels_last)
                     contiguous = seconds.get((name, amp, "contiguous"))
+                    # a compiled model against the compiled plain twin, an eager one against the eager twin
+                    twin = "plain+compile" if name.endswith("+compile") else "plain"
                     rows.append(dict(net=net, batch=batch, model=name, precision=amp, format=fmt, seconds=s,
-                                     ratio_to_plain=s / seconds[("plain", amp, fmt)],
+                                     ratio_to_plain=s / seconds[(twin, amp, fmt)],
+                                     ratio_to_eager=(None if not name.endswith("+compile") else
+                                                     seconds[(name[:-len("+compile")], amp, fmt)] / s),
                                      ratio_to_contiguous=None if contiguous is None else contiguous / s))
     info = machine_info()
     return {"cpu": info["cpu"], "threads": args.threads, "torch": info["torch"], "date": info["date"][:10],
@@ -190,14 +207,21 @@ def run(args) -> dict:
 def tables(result: dict) -> str:
     out = [f"cpu: {result['cpu']}, {result['threads']} threads, torch {result['torch']}, {result['date']}; "
            f"median of {result['repeats']} interleaved repeats ({result['warmup']} warm-up), Adam lr {result['lr']}", "",
-           "| network | batch | precision | format | model | step ms | ratio to plain twin | speed-up over contiguous |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| network | batch | precision | format | model | step ms | ratio to plain twin | speed-up over contiguous |"
+           " speed-up of compiling |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         fmt = r.get("format", "contiguous")  # results saved before the format axis are contiguous
         speedup = r.get("ratio_to_contiguous", 1.0)
         speedup = "-" if speedup is None else f"{speedup:.2f}x"
+        eager = r.get("ratio_to_eager")
+        eager = "-" if eager is None else f"{eager:.2f}x"
         out.append(f"| {r['net']} | {r['batch']} | {r['precision']} | {fmt} | {r['model']} | {1e3 * r['seconds']:.0f} | "
-                   f"{r['ratio_to_plain']:.2f}x | {speedup} |")
+                   f"{r['ratio_to_plain']:.2f}x | {speedup} | {eager} |")
+    if any(r["model"].endswith("+compile") for r in result["rows"]):
+        out += ["", "`+compile`: `torch.compile(model)` (inductor), factors retracted after each step by "
+                "`lipnet.nn.retract_after_step`; its ratio is to the compiled plain twin, the last column its "
+                "eager step time over the compiled one."]
     if result["profile"]:
         out += ["", "Weights of the retraction model alone (fp32):", "",
                 "| network | batch | part | ms | share of its step |", "|---|---|---|---|---|"]
@@ -220,6 +244,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-orthogonium", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the retraction model and the plain twin under torch.compile (fp32, first format)")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)

@@ -8,7 +8,7 @@ Layers: ``OrthoLinear``, ``OrthoConv1d`` (1-D BCOP), ``OrthoConv2d`` (AOC via or
 Parametrizations of a plain ``nn.Linear`` / ``nn.Conv2d``: ``orthogonal(module)``, ``aol(module)``.
 Bounds: ``lipschitz_bound(module)``, per layer ``lipschitz_report(model, x)``; export: ``export(model)``; ``retract_(module)``: every stored
 orthogonal factor back onto the orthogonal matrices now (the layers also do it on their own after
-every change).
+every change in eager mode; ``retract_after_step(optimizer, module)`` does it for a compiled module).
 """
 
 from ._checks import input_checks_enabled, set_input_checks
@@ -25,7 +25,7 @@ from .normalization import InputNormalization, L2BallProjection
 from .hkr import (HingeMarginLoss, HKRLoss, KRLoss, LseHKRLoss, NegKRLoss, SoftHKRLoss, TauBCEWithLogitsLoss,
                   TauCrossEntropyLoss)
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
-from .parametrizations import aol, core_ortho_params, orthogonal, retract_
+from .parametrizations import aol, core_ortho_params, orthogonal, retract_, retract_after_step
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d, ScaledAvgPool2d
 from .report import LayerBound, LipschitzReport, lipschitz_report
 from .residual import ConcatResidual, ConvexResidual, L2NormResidual, PrescaledAdditiveResidual
@@ -39,5 +39,5 @@ __all__ = [
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "LseHKRLoss", "SoftHKRLoss", "TauBCEWithLogitsLoss", "OrthoConv1d", "OrthoConv2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "LayerBound", "LipschitzReport", "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound",
     "lipschitz_report", "register_exporter",
-    "aol", "input_checks_enabled", "orthogonal", "retract_", "set_input_checks",
+    "aol", "input_checks_enabled", "orthogonal", "retract_", "retract_after_step", "set_input_checks",
 ]

@@ -22,6 +22,15 @@ def _functorch_active() -> bool:
     return bool(active and active())
 
 
+def plain_eager() -> bool:
+    """True outside torch.compile tracing and torch.func transforms: where lipnet's hand-written
+    autograd Functions (faster backward passes) run. Inside either, the layers take their composite
+    form, which dynamo traces without a graph break and torch.func differentiates in both modes."""
+    if torch.compiler.is_compiling():
+        return False
+    return not _functorch_active()
+
+
 def input_checks_enabled() -> bool:
     """Whether the per-layer input checks are on (see :func:`set_input_checks`)."""
     return _enabled

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validate import positive_int
-from ._checks import _functorch_active
+from ._checks import plain_eager
 
 
 class _MaxMinFn(torch.autograd.Function):
@@ -112,10 +112,11 @@ class MaxMin(nn.Module):
         if n % 2:
             raise ValueError(f"MaxMin needs an even size along dim {self.dim}, got shape {list(x.shape)}")
         if not torch.jit.is_scripting():
-            # out= writes are not vmap-able: torch.func transforms take the split (a, b) function
-            if not _functorch_active():
+            # out= writes are neither vmap-able nor traceable by dynamo: torch.func transforms take the
+            # split (a, b) Function, torch.compile the composite below (which it fuses)
+            if plain_eager():
                 return self._whole(x)
-            if torch.is_grad_enabled() and x.requires_grad:
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() and x.requires_grad:
                 a, b = x.split(n // 2, dim=self.dim)
                 return self._with_grad(a, b)
         a, b = x.split(n // 2, dim=self.dim)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..validate import unit_interval
-from ._checks import _functorch_active
+from ._checks import plain_eager
 
 
 def _batch_dims(x: torch.Tensor) -> list[int]:
@@ -89,8 +89,10 @@ class BatchCentering(nn.Module):
             # under torch.func transforms (jacrev, vmap) the batch mean is a transformed tensor that
             # cannot be written into a plain buffer: the transform computes the composite function,
             # and the running statistics are left as they are
-            update = not _functorch_active()
-            if update:
+            # under torch.compile the composite function, with the update, which dynamo traces
+            # (the Function's custom jvp would break the graph)
+            update = torch.compiler.is_compiling() or plain_eager()
+            if plain_eager():
                 out, mean = self._centered(x)
                 with torch.no_grad():
                     self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)

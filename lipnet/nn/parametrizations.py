@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ortho import POLAR_BACKWARD_METHODS, aol_rescale, orthogonalize, retract, tangent_projection
-from ._checks import _functorch_active
+from ._checks import plain_eager
 from ._precision import full_precision
 from .conv_norm import conv_gram_kernel
 
@@ -51,8 +51,10 @@ def check_method(method: str, steps: int | None, parametrization: str = DEFAULT_
 
 def _stored_parameter(w: torch.Tensor) -> nn.Parameter | None:
     """The parameter ``w`` is (or a full contiguous view of): the stored factor a retraction may
-    overwrite. None under torch.func transforms or for any other tensor (e.g. functional_call inputs)."""
-    if _functorch_active():
+    overwrite. None under torch.func transforms and torch.compile (there the factor is used as
+    given: retract outside, :func:`retract_after_step`) or for any other tensor (e.g.
+    functional_call inputs)."""
+    if not plain_eager():
         return None
     if isinstance(w, nn.Parameter):
         return w
@@ -64,10 +66,8 @@ def _stored_parameter(w: torch.Tensor) -> nn.Parameter | None:
 
 
 class _TangentGradient(torch.autograd.Function):
-    """Identity forward; backward: the gradient projected onto the tangent space at the factor.
-    Forward-mode (jvp, jacfwd) sees the identity it is; torch.func's vmap batches both rules."""
-
-    generate_vmap_rule = True
+    """Identity forward; backward: the gradient projected onto the tangent space at the factor (the
+    plain eager path; :func:`_tangent_gradient` is the same map as composite ops)."""
 
     @staticmethod
     def forward(w):
@@ -82,9 +82,14 @@ class _TangentGradient(torch.autograd.Function):
         (w,) = ctx.saved_tensors
         return tangent_projection(w.detach(), grad.to(torch.promote_types(grad.dtype, torch.float32))).to(grad.dtype)
 
-    @staticmethod
-    def jvp(ctx, tangent):
-        return tangent.view_as(tangent)
+
+def _tangent_gradient(w: torch.Tensor) -> torch.Tensor:
+    """w, with the derivative of the tangent projection P_w: the value w + P_w(w - w) = w, the
+    derivative P_w, which is self-adjoint, so reverse mode gives P_w(grad) as the Function does and
+    forward mode P_w(tangent) -- the same linear map both ways. For torch.func transforms and
+    torch.compile (traced as ordinary ops; costs the projection's two matmuls in the forward pass)."""
+    fixed = w.detach()
+    return fixed + tangent_projection(fixed, w - fixed)
 
 
 class CoreOrthogonalizer(nn.Module):
@@ -131,7 +136,9 @@ class CoreOrthogonalizer(nn.Module):
             self._retract(w, stored)
         if self.parametrization == "polar":
             return orthogonalize(w, method=self.method, steps=self.steps, backward=self.backward)
-        return _TangentGradient.apply(w) if torch.is_grad_enabled() and w.requires_grad else w
+        if not (torch.is_grad_enabled() and w.requires_grad):
+            return w
+        return _TangentGradient.apply(w) if plain_eager() else _tangent_gradient(w)
 
     def _retract(self, w: torch.Tensor, stored: nn.Parameter) -> None:
         """Retract ``w`` (``stored``, or its full view) in place and record the state retracted."""
@@ -168,6 +175,19 @@ def retract_(module: nn.Module) -> nn.Module:
         for m in orthogonalizers:
             m._force_retraction = False
     return module
+
+
+def retract_after_step(optimizer: torch.optim.Optimizer, module: nn.Module):
+    """Retract ``module``'s stored factors after every ``optimizer.step()`` (a step post-hook);
+    returns the hook's handle (``.remove()`` ends it).
+
+    What the layers do on their own in eager mode (the first access after a step retracts the
+    changed factor), for a ``torch.compile``-d module, whose compiled forward uses the factors as
+    they are: with this hook the compiled training steps see the same retracted factors as eager
+    ones. Without it the factors drift from orthogonal under compiled training; ``lipschitz_bound``
+    (eager) still retracts before it measures, so no bound is ever wrong, but the trained function
+    is not the eager one."""
+    return optimizer.register_step_post_hook(lambda opt, args, kwargs: retract_(module))
 
 
 class NoSpectralNormalization(nn.Module):
