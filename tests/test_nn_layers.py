@@ -138,6 +138,9 @@ def test_aol_linear(fin, fout, scale, seed):
 # Found by a local (random) run: the AOL scales were computed on a wrongly dilated Gram kernel, and
 # this dilated layer was 1.134-Lipschitz (FFT of the kernel).
 @example(groups=1, cin=1, cout=1, k=3, s=1, d=2, mode="zeros", seed=72)
+# Found by the 10x-examples hunt: a grouped 1x1 AOL kernel got only the Gram-iteration bound (1.0014,
+# loose where AOL makes singular values equal), not AOL's own Schur certificate.
+@example(groups=2, cin=2, cout=2, k=1, s=1, d=1, mode="zeros", seed=1)
 def test_aol_conv(groups, cin, cout, k, s, d, mode, seed):
     torch.manual_seed(seed)
     padding = "same" if s == 1 else strided_padding(k, s, d)
