@@ -42,5 +42,8 @@ def first_batch(data: torch.Tensor | Iterable) -> torch.Tensor:
 def check_finite(x: torch.Tensor) -> None:
     if x.numel() == 0:
         raise ValueError("empty input batch")
+    if not x.is_floating_point():
+        raise ValueError(f"inputs of dtype {x.dtype}: certificates are about real-valued inputs (float pixels in "
+                         "[0, 1] for lipnet's models: convert uint8 images with x.float() / 255)")
     if not torch.isfinite(x).all():
         raise ValueError("input contains NaN or inf values; a certificate for it would be meaningless")

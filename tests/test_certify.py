@@ -235,3 +235,34 @@ def test_certified_accuracy_refuses_labels_outside_the_classes_and_bad_pgd_optio
         certify.certified_accuracy(model, [(x[:8], y[:8])], [0.5], pgd_steps=-1)
     report = certify.certified_accuracy(model, [(x[:8], y[:8])], [0.5], pgd_steps=2, pgd_points=0)
     assert report.pgd == {} and report.pgd_n == 0  # no point attacked: no PGD column, not 0%
+
+
+def test_the_empirical_lower_bound_never_exceeds_the_sound_one():
+    """lipschitz_report / lipschitz_lower_bound: ratios of real input pairs in float64 on the
+    weights in use; fp32 finite differences once put an OrthoLinear's "lower" at 1.000023 above
+    its bound 1.000001."""
+    torch.manual_seed(0)
+    model = nn.Sequential(InputNormalization([0.5]), ln.OrthoConv2d(1, 4, 3), ln.MaxMin(), ln.BatchCentering(4),
+                          ln.Flatten(), OrthoLinear(4 * 8 * 8, 32), ln.GroupSort(2), ln.SLLBlock(32, 16),
+                          ln.ConvexResidual(OrthoLinear(32, 32), 0.3), OrthoLinear(32, 10)).eval()
+    x = torch.rand(64, 1, 8, 8)
+    report = ln.lipschitz_report(model, x)
+    for row in report.rows:
+        assert row.lower is not None and row.lower <= row.bound, row
+    head = OrthoLinear(64, 64).eval()  # square orthogonal: its constant is 1 up to the retraction's 1e-7
+    lower = certify.lipschitz_lower_bound(head, torch.randn(128, 64))
+    assert 1 - 1e-6 < lower <= ln.lipschitz_bound(head)
+
+
+def test_integer_pixels_are_refused_not_scored():
+    from lipnet.models import pretrained
+
+    model = pretrained("mnist")
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"x.float\(\) / 255"):
+        model(images)
+    with pytest.raises(ValueError, match="uint8"):
+        certify.certified_accuracy(model, [(images, torch.zeros(4, dtype=torch.long))], [0.5])
+    clf = certify.ConformalClassifier(model, alpha=0.2)
+    with pytest.raises(ValueError, match="uint8"):
+        clf.logits(images)

@@ -30,6 +30,10 @@ class InputNormalization(nn.Module):
         self.register_buffer("std", std_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            # uint8 images (0-255) would run, give garbage, and be certified in the wrong units
+            raise TypeError(f"InputNormalization: expected float pixels in [0, 1], got dtype {x.dtype}; "
+                            "convert uint8 images with x.float() / 255 (radii are stated in those units)")
         if x.dim() < 2 or x.shape[1] != self.mean.numel():
             raise ValueError(f"InputNormalization: expected (B, {self.mean.numel()}, ...), got {list(x.shape)}")
         shape = [1, -1] + [1] * (x.dim() - 2)
