@@ -29,7 +29,7 @@ from .pooling import (FirstChannels, GlobalL2NormPool2d, InvertibleDownSampling,
 from .residual import ConcatResidual, ConvexResidual, L2NormResidual, PrescaledAdditiveResidual
 from .scattering import ROUNDING_MARGIN as SCATTERING_ROUNDING_MARGIN
 from .scattering import Scattering2d, operator_norm_squared
-from .sll import ExportedSLL, SLLBlock, residual_step_norm_squared
+from .sll import ExportedSLL, SLLBlock, frozen_step_lipschitz_bound
 
 
 @singledispatch
@@ -105,21 +105,11 @@ def _sll(m: nn.Module) -> float:
 
 
 @lipschitz_bound.register(ExportedSLL)
-def _exported_sll(m: ExportedSLL) -> float:
-    """x - 2 W^T D relu(W x + b) with the stored W and D = diag(t_inv), trusted for nothing.
-
-    f(x) - f(y) = (I - 2 W^T D S W)(x - y) with S = diag(secant slopes of relu) in [0, 1]. For
-    D >= 0 the matrix is I - 2 A^T S A with A = D^(1/2) W, symmetric with eigenvalues in
-    [1 - 2 ||A||^2, 1]: Lip <= max(1, 2 ||A||^2 - 1), which is 1 exactly when T = D^-1 >= W W^T
-    (the SLL / CPL condition). ||A||^2 is bounded soundly from the stored tensors
-    (``residual_step_norm_squared``). A negative entry of D: the triangle inequality,
-    1 + 2 max|D| ||W||^2."""
-    weight, t_inv = m.weight.detach(), m.t_inv.detach().flatten()
-    if not torch.isfinite(t_inv).all():
-        raise ValueError("ExportedSLL: t_inv has non-finite entries (NaN or inf)")
-    norm_sq = residual_step_norm_squared(weight, t_inv)  # max|D| ||W||^2 when D has a negative entry
-    bound = 1.0 + 2.0 * norm_sq if (t_inv < 0).any() else max(1.0, 2.0 * norm_sq - 1.0)
-    return bound * (1.0 + SAFETY_MARGIN)
+def _exported_sll(m: ExportedSLL) -> float:  # both blocks with their step frozen: from the stored tensors
+    try:
+        return frozen_step_lipschitz_bound(m.weight, m.t_inv) * (1.0 + SAFETY_MARGIN)
+    except ValueError as err:
+        raise ValueError(f"ExportedSLL: {err}") from err
 
 
 @lipschitz_bound.register(ScaledAvgPool2d)

@@ -56,11 +56,7 @@ class SLLBlock(nn.Module):
 
     def t_inverse(self) -> torch.Tensor:
         """1 / T_ii (length inner_features) for the current weights."""
-        w, q = self.weight, self.q.exp()
-        if self.kernel_size is None:
-            gram = (w @ w.mT).abs()  # W^T W in the paper's notation: (inner, inner)
-        else:  # Gram of the adjoint conv (inner space): kernel of conv_transpose's input side
-            gram = conv_gram_kernel(w.transpose(0, 1).flip(-1, -2)).abs().sum((-2, -1))
+        gram, q = inner_gram_abs(self.weight), self.q.exp()  # W^T W in the paper's notation
         t = (gram * q[None, :]).sum(-1) / q
         return 1 / (t * (1 + _T_INFLATION) + 1e-12)
 
@@ -77,66 +73,72 @@ class SLLBlock(nn.Module):
         return x - 2 * F.conv_transpose2d(F.relu(h) * t_inv[:, None, None], self.weight, padding=pad)
 
 
-def _inner_gram_abs(weight: torch.Tensor) -> torch.Tensor:
-    """(inner, inner) entrywise upper bound on |W W^T| (dense) or on the absolute tap sums of the
-    inner-space Gram kernel (convolution), in float64 with its rounding added: the fp32/bf16
-    products are exact in float64, a sum of n of them errs by at most gamma_n times the sum of
-    their absolute values, which is the same Gram of |W|."""
-    w = weight.double()
+def inner_gram_abs(w: torch.Tensor) -> torch.Tensor:
+    """(inner, inner) |W W^T| of a dense (inner, features) W, or the absolute tap sums of the
+    inner-space Gram kernel of an (inner, features, k, k) kernel (the adjoint convolution's, on
+    conv_transpose's input side): the matrix SLL's diagonal dominance is stated for."""
     if w.dim() == 2:
-        gram, gram_of_abs, n = w @ w.mT, w.abs() @ w.abs().mT, w.shape[1]
-    else:  # the adjoint's kernel (features -> inner is conv2d with w; its Gram lives on inner)
-        adjoint = w.transpose(0, 1).flip(-1, -2)
-        gram = conv_gram_kernel(adjoint).abs().sum((-2, -1))
-        gram_of_abs = conv_gram_kernel(adjoint.abs()).sum((-2, -1))
-        n = w.shape[1] * w.shape[2] * w.shape[3]
-    nu = (n + 2) * _UNIT_ROUNDOFF_FP64
-    return gram.abs() + (nu / (1 - nu)) * gram_of_abs * (1 + nu)
+        return (w @ w.mT).abs()
+    return conv_gram_kernel(w.transpose(0, 1).flip(-1, -2)).abs().sum((-2, -1))
+
+
+def _inner_gram_abs_bound(weight: torch.Tensor) -> torch.Tensor:
+    """Entrywise upper bound on :func:`inner_gram_abs` of ``weight``, computed in float64 with its
+    rounding added: the fp32/bf16 products are exact in float64, and a sum of n of them errs by at
+    most gamma_n times the sum of their absolute values -- the same Gram of |W|."""
+    w = weight.double()
+    nu = (w[0].numel() + 2) * _UNIT_ROUNDOFF_FP64
+    return inner_gram_abs(w) + (nu / (1 - nu)) * inner_gram_abs(w.abs()) * (1 + nu)
 
 
 @torch.no_grad()
-def residual_step_norm_squared(weight: torch.Tensor, t_inv: torch.Tensor) -> float:
-    """Upper bound on ||D^(1/2) W||_2^2 for D = diag(t_inv) >= 0 (inner features) and the stored W
-    of x - 2 W^T D relu(W x + b): dense (inner, features) or an odd (inner, features, k, k) kernel
-    (zero padding k // 2). For entries of D below 0: max|D| ||W||^2 (the triangle inequality
-    needs no sign). Sound: the smallest of three sound bounds --
+def frozen_step_lipschitz_bound(weight: torch.Tensor, t_inv: torch.Tensor) -> float:
+    """Upper bound on the Lipschitz constant of x - 2 W^T D relu(W x + b), D = diag(t_inv), for
+    the stored W: dense (inner, features) or an odd (inner, features, k, k) kernel (zero padding
+    k // 2), trusting neither tensor.
+
+    f(x) - f(y) = (I - 2 W^T D S W)(x - y) with S = diag(secant slopes of relu) in [0, 1]. For
+    D >= 0 the matrix is I - 2 A^T S A with A = D^(1/2) W, symmetric with eigenvalues in
+    [1 - 2 ||A||^2, 1]: Lip <= max(1, 2 ||A||^2 - 1), which is 1 exactly when T = D^-1 >= W W^T
+    (the SLL / CPL condition). ||A||^2 is the smallest of three sound bounds:
 
     1. the weighted Gershgorin test SLL's theorem uses, on the inner-space Gram
        sqrt(D) |W W^T| sqrt(D) with its float64 rounding bounded (:func:`weighted_schur_bound`:
-       any positive weights are sound, power iteration picks good ones);
+       any positive weights are sound);
     2. max(D) * ||W||^2 (what CPL's constant step is built from);
     3. ||sqrt(D) W||^2 (the core's ``spectral_norm_bound`` / ``conv_operator_norm_bound``).
+
+    An entry of D below 0: the triangle inequality, 1 + 2 max|D| ||W||^2.
     """
     t = t_inv.detach().double().flatten()
     if t.numel() == 1:
         t = t.expand(weight.shape[0])
     if t.numel() != weight.shape[0]:
         raise ValueError(f"t_inv has {t.numel()} entries for {weight.shape[0]} inner features")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight has non-finite entries (NaN or inf)")
+    if not (torch.isfinite(weight).all() and torch.isfinite(t).all()):
+        raise ValueError("weight or t_inv has non-finite entries (NaN or inf)")
     dense = weight.dim() == 2
 
     def norm(w: torch.Tensor) -> float:
         return float(spectral_norm_bound(w)) if dense else conv_operator_norm_bound(w)
 
-    t_max = float(t.abs().max())
-    by_max_step = t_max * norm(weight) ** 2 * (1 + 4 * _UNIT_ROUNDOFF_FP64)
+    by_max_step = float(t.abs().max()) * norm(weight) ** 2 * (1 + 4 * _UNIT_ROUNDOFF_FP64)
     if (t < 0).any():
-        return by_max_step
+        return 1.0 + 2.0 * by_max_step
     root = t.sqrt()
-    a = root[:, None] * _inner_gram_abs(weight) * root[None, :]
+    a = root[:, None] * _inner_gram_abs_bound(weight) * root[None, :]
     by_gershgorin = weighted_schur_bound(a[None]) * (1 + 4 * weight.shape[0] * _UNIT_ROUNDOFF_FP64)
     # sqrt(t) rounds by at most u relative, squared 2u: covered by the inflation below
     scaled = weight.double() * root.view(-1, *([1] * (weight.dim() - 1)))
     by_scaled = norm(scaled) ** 2 * (1 + 8 * _UNIT_ROUNDOFF_FP64)
-    return min(by_gershgorin, by_max_step, by_scaled)
+    return max(1.0, 2.0 * min(by_gershgorin, by_max_step, by_scaled) - 1.0)
 
 
 class ExportedSLL(nn.Module):
     """SLL block with frozen weights: x - 2 W (t_inv * relu(W^T x + b)). Plain torch ops.
 
     ``lipschitz_bound`` recomputes the bound from the stored ``weight`` and ``t_inv``
-    (:func:`residual_step_norm_squared`), so a tampered buffer gets the bound it earns."""
+    (:func:`frozen_step_lipschitz_bound`), so a tampered buffer gets the bound it earns."""
 
     def __init__(self, weight: torch.Tensor, t_inv: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> None:
         super().__init__()
