@@ -96,10 +96,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
             raise ValueError("ImageDataset needs uint8 (N, C, H, W) images and N labels")
-        # labels a model has no class for are refused here, once, rather than scored as silent misses
-        labels = torch.as_tensor(labels)
-        classes = info.num_classes if info is not None else int(labels.max()) + 1 if labels.numel() else 1
-        self.images, self.labels, self.info = images, class_labels(labels, classes, getattr(info, "name", "dataset")), info
+        if info is not None:  # labels the dataset has no class for: refused here, not scored as silent misses
+            labels = class_labels(labels, info.num_classes, info.name)
+        self.images, self.labels, self.info = images, labels.long(), info
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -88,7 +88,8 @@ def class_labels(labels, classes: int, name: str):
     if t.dtype == torch.bool or t.is_complex() or (t.is_floating_point() and not torch.equal(t, t.round())):
         raise ValueError(f"{name}: labels must be integer class indices, got dtype {t.dtype}")
     t = t.reshape(-1).long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= classes):
+    low, high = torch.stack([t.min(), t.max()]).tolist() if t.numel() else (0, 0)  # one host sync
+    if low < 0 or high >= classes:
         bad = t[(t < 0) | (t >= classes)]
         raise ValueError(f"{name}: labels must lie in [0, {classes}), got {bad[:5].tolist()}"
                          f"{' ...' if bad.numel() > 5 else ''} ({bad.numel()} out of range)")

@@ -91,8 +91,9 @@ class BatchCentering(nn.Module):
             # and the running statistics are left as they are
             # under torch.compile the composite function, with the update, which dynamo traces
             # (the Function's custom jvp would break the graph)
-            update = torch.compiler.is_compiling() or plain_eager()
-            if plain_eager():
+            eager = plain_eager()
+            update = eager or torch.compiler.is_compiling()
+            if eager:
                 out, mean = self._centered(x)
                 with torch.no_grad():
                     self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
