@@ -10,7 +10,6 @@ that replaces torchvision's for every file (``<mirror>/<file name>``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .formats import DataError
+from .formats import DataError, extract_tar, file_digest
 
 MIRROR_VAR = "LIPNET_DATA_MIRROR"
 
@@ -55,14 +54,6 @@ def source(name: str) -> Source:
     raise ValueError(f"no download source for dataset {name!r}")
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fetch(url: str, target: Path, md5: str, progress: bool) -> None:
     """``url`` into ``target`` if its MD5 is ``md5``; DownloadError otherwise, nothing left behind."""
     part = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
@@ -74,7 +65,7 @@ def _fetch(url: str, target: Path, md5: str, progress: bool) -> None:
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
-        got = _md5(part)
+        got = file_digest(part, "md5")
         if got != md5:
             raise DownloadError(f"{url}: checksum mismatch (MD5 {got}, expected {md5}); the file was removed")
         os.replace(part, target)
@@ -90,9 +81,7 @@ def _extract(archive: Path, root: Path) -> None:
     entry renamed into place, so an interrupted extraction leaves no half-written layout."""
     tmp = root / f".extract-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        with tarfile.open(archive) as tar:
-            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(tmp, **kw)
+        extract_tar(archive, tmp)
         for entry in tmp.iterdir():
             destination = root / entry.name
             if destination.exists():
@@ -122,7 +111,7 @@ def download(name: str, root: str | os.PathLike, *, mirror: str | None = None, p
         raise DownloadError(f"cannot create {folder}: {err.strerror or err}") from err
     for filename, md5 in src.files:
         target = folder / filename
-        if not (target.is_file() and _md5(target) == md5):
+        if not (target.is_file() and file_digest(target, "md5") == md5):
             failures = []
             for base in mirrors:
                 try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -36,6 +37,22 @@ class DatasetNotFoundError(DataError, FileNotFoundError):
 
 class DatasetCorruptError(DataError, ValueError):
     """A dataset file exists but cannot be read as expected."""
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest (``hashlib`` ``algorithm``: "sha256", "md5") of the file at ``path``, read in chunks."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_tar(archive: Path, into: Path) -> None:
+    """Unpack the tar archive ``archive`` into the folder ``into`` with tarfile's "data" filter
+    (no absolute paths, no links out of ``into``, no device files) where Python has it."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
 # ------------------------------------------------------------------------------------------- idx
@@ -62,9 +79,7 @@ def read_idx(path: Path, dims: int) -> torch.Tensor:
     if len(raw) < header or int.from_bytes(raw[:4], "big") != _IDX_MAGIC[dims]:
         raise DatasetCorruptError(f"corrupt dataset file {path}: not an idx file of {dims}-D uint8 data")
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    count = 1
-    for s in shape:
-        count *= s
+    count = math.prod(shape)
     if len(raw) != header + count:
         raise DatasetCorruptError(f"corrupt dataset file {path}: {len(raw)} bytes do not match its header "
                                   f"(shape {shape}: {header + count} bytes)")
@@ -145,11 +160,7 @@ def archive_digest(archive: Path) -> str:
     stat = archive.stat()
     key = (str(archive.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _ARCHIVE_DIGESTS:
-        digest = hashlib.sha256()
-        with archive.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        _ARCHIVE_DIGESTS[key] = digest.hexdigest()
+        _ARCHIVE_DIGESTS[key] = file_digest(archive, "sha256")
     return _ARCHIVE_DIGESTS[key]
 
 
@@ -161,9 +172,7 @@ def _extract_once(archive: Path, cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".cifar10-", dir=cache))
     try:
-        with tarfile.open(archive) as tar:
-            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(tmp, **kw)
+        extract_tar(archive, tmp)
         (tmp / ".complete").touch()
         if (target / ".complete").is_file():  # another process finished first
             return target
@@ -238,4 +247,4 @@ def read_jpeg_archive(archive: Path, split: str, classes: tuple[str, ...], cache
 
 
 __all__ = ["CIFAR_ARCHIVE", "DataError", "DatasetCorruptError", "DatasetNotFoundError", "archive_digest",
-           "idx_path", "read_cifar_batches", "read_idx", "read_idx_split", "read_jpeg_archive"]
+           "extract_tar", "file_digest", "idx_path", "read_cifar_batches", "read_idx", "read_idx_split", "read_jpeg_archive"]
