@@ -351,9 +351,11 @@ class ConformalClassifier:
     def _radius(self, eps: float) -> float:
         return _check_eps(eps) * self.lipschitz
 
-    def _activation_scale(self, logits: torch.Tensor, inputs: torch.Tensor | float | None) -> torch.Tensor | float:
-        """L ||x|| per sample for the float slack (0 where the inputs are not known)."""
-        return 0.0 if inputs is None else self.lipschitz * input_norms(inputs, logits.shape[0]).to(logits.device)
+    def _activation_scale(self, logits: torch.Tensor, inputs: torch.Tensor | float | None) -> torch.Tensor:
+        """L ||x|| per sample (float64, on the logits' device) for the float slack; 0 where the
+        inputs are not known."""
+        norms = input_norms(0.0 if inputs is None else inputs, logits.shape[0])
+        return (self.lipschitz * norms).to(logits.device)
 
     def _check_labelled(self, logits: torch.Tensor, labels: torch.Tensor, where: str) -> torch.Tensor:
         check_logits(logits, where)
@@ -379,8 +381,7 @@ class ConformalClassifier:
             raise ValueError(f"calibration set too small for alpha={self.alpha}: got n={logits.shape[0]}, "
                              f"need n >= {min_calibration_size(self.alpha)}")
         scale = self._activation_scale(logits, inputs)
-        self._calibration = (logits.detach().double().cpu(), labels.cpu(), self._u(logits.shape[0]),
-                             torch.as_tensor(scale, dtype=torch.float64).cpu())
+        self._calibration = (logits.detach().double().cpu(), labels.cpu(), self._u(logits.shape[0]), scale.cpu())
         self._quantiles = {}
         return self
 
@@ -495,7 +496,7 @@ class ConformalClassifier:
         labels = self._check_labelled(logits, labels, "fit_coverage_bound_logits")
         q = self.quantile(0.0)  # the vanilla threshold, in both modes
         z, y = logits.detach().double().cpu(), labels.cpu()
-        scale = torch.as_tensor(self._activation_scale(logits, inputs), dtype=torch.float64).cpu()
+        scale = self._activation_scale(logits, inputs).cpu()
         self._coverage_radii = coverage_radii(z, y, q, self.lipschitz, self.score, self.temperature, self._u(len(y)),
                                               activation_scale=scale)
         self._coverage_delta = float(delta)

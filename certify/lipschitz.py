@@ -61,8 +61,9 @@ def lipschitz_lower_bound(model: nn.Module, data: torch.Tensor | Iterable, iters
     Every reported value is the ratio of an actual pair of inputs, computed in float64 on the
     weights in use (:func:`_float64_twin`) and lowered by 1e-12 relative for that evaluation's
     rounding (~1e-15), so it stays below the true constant and never exceeds
-    ``network_lipschitz_bound``; it shows how tight that bound is (to 1e-12). ``data``: a tensor of inputs or a loader of (x, y) / x batches (its first
-    batch is used, up to ``max_points`` points).
+    ``network_lipschitz_bound``; it shows how tight that bound is (to 1e-12). ``data``: a tensor
+    of inputs or a loader of (x, y) / x batches (its first batch is used, up to ``max_points``
+    points).
     """
     x = first_batch(data)[:max_points].detach().double()
     with eval_mode(model):

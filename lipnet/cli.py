@@ -180,6 +180,11 @@ class _DelayedLoader:
         return getattr(self.loader, name)
 
 
+def _run_dir(args) -> Path:
+    """The directory `lipnet train` writes: --out, else the --resume directory."""
+    return Path(args.out if args.out is not None else args.resume)
+
+
 def _dataset(args, name: str, split: str, limit: int | None) -> lipdata.ImageDataset:
     """``split`` of ``name`` from the command line's data root (downloaded there with --download)."""
     return lipdata.load_dataset(name, split, args.data_root, limit=limit, progress=not args.no_progress,
@@ -293,7 +298,7 @@ def cmd_train(args) -> int:
     if not args.dp and config.batch_size % world_size:
         raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the number of "
                          "processes")
-    out = Path(args.out if args.out is not None else args.resume)
+    out = _run_dir(args)
     # one process claims the directory before any data is read: the only one, the launcher of
     # --nproc N, or rank 0 under torchrun
     claims = not os.environ.get(_PARENT_HOLDS_OUT) and os.environ.get("RANK", "0") == "0"
@@ -350,7 +355,7 @@ def _rank_log(ctx: lipdist.DistributedContext):
 
 def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: Checkpoint | None) -> int:
     """Train (or, with ``resume``, continue) ``config``; ``fit`` rewrites the checkpoint after every epoch."""
-    out = Path(args.out if args.out is not None else args.resume)
+    out = _run_dir(args)
     train_loader, test_loader = _loaders(config, args, ctx.world_size)
     torch.manual_seed(config.seed)  # the initialization (a resumed run then loads its weights and RNG states)
     model = build_model(config.model, **config.model_config).to(ctx.device)
@@ -432,16 +437,18 @@ def _plot(radii: torch.Tensor, pgd: dict[float, float], path: Path, title: str) 
     plt.close(fig)
 
 
+_PLOT_HINT = " (choose another path with --plot)"
+
+
 class OutputError(OSError):
     """A result file (--json, the plot) that could not be written."""
 
 
-def _write_output(path: Path, what: str, write) -> None:
-    """``write(path)``, an OSError turned into an OutputError naming ``what`` and the path."""
+def _write_output(path: Path, what: str, write, hint: str = "") -> None:
+    """``write(path)``, an OSError turned into an OutputError naming ``what``, the path and ``hint``."""
     try:
         write(path)
     except OSError as err:
-        hint = " (choose another path with --plot)" if what == "the plot" else ""
         raise OutputError(f"cannot write {what} to {path}: {err.strerror or err}{hint}") from err
 
 
@@ -466,7 +473,7 @@ def cmd_certify(args) -> int:
     plot = Path(args.plot) if args.plot else folder / (f"certified-{args.pretrained}.png" if args.pretrained
                                                        else "certified.png")
     _write_output(plot, "the plot", lambda path: _plot(report.radii, report.pgd, path,
-                                                        f"{config.dataset}: certified accuracy vs eps"))
+                                                        f"{config.dataset}: certified accuracy vs eps"), _PLOT_HINT)
     print(f"plot: {plot}")
     return 0
 
@@ -550,7 +557,8 @@ def cmd_conformal(args) -> int:
     plot = Path(args.plot) if args.plot else folder / (f"conformal-{args.pretrained}.png" if args.pretrained
                                                        else "conformal.png")
     _write_output(plot, "the plot", lambda path: _conformal_plot(rows, path,
-                                                                  f"{config.dataset}: conformal sets, alpha={args.alpha}"))
+                                                                  f"{config.dataset}: conformal sets, alpha={args.alpha}"),
+                  _PLOT_HINT)
     print(f"plot: {plot}")
     return 0
 
@@ -620,7 +628,7 @@ def _resume_hint(args) -> str:
     """What an interrupted `lipnet train` left: its last checkpoint and the command continuing it."""
     if args.command != "train" or getattr(args, "dp", False):
         return ""
-    out = Path(args.out if args.out is not None else args.resume)
+    out = _run_dir(args)
     info = out / "config.json"
     try:
         epoch = json.loads(info.read_text())["epoch"]
