@@ -421,9 +421,9 @@ def main(argv=None) -> int:
     repeats, warmup = (2, 1) if args.quick else (10, 3)
     functions = {"core": core, "optimizer": optimizer, "train_step": train_step, "soundness": soundness,
                  "epoch_time": epoch_time}
+    given = sys.argv[1:] if argv is None else list(argv)
     result = {"device": device_info(device), "quick": args.quick,
-              "command": " ".join(["python", "benchmarks/gpu_check.py"] + sys.argv[1:] if argv is None else
-                                  ["python", "benchmarks/gpu_check.py", *argv])}
+              "command": " ".join(["python", "benchmarks/gpu_check.py", *given])}
     for name in functions:
         if name in args.sections:
             print(f"gpu_check: {name} ...", flush=True)
