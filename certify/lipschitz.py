@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..nn import export, lipschitz_bound
+from ..nn import InputNormalization, export, lipschitz_bound
 from ._utils import eval_mode, first_batch
 
 
@@ -49,6 +49,9 @@ def _float64_twin(model: nn.Module) -> nn.Module:
         twin = export(model)
     except TypeError:
         twin = copy.deepcopy(model).eval()
+    for m in twin.modules():  # the pairs (x, x + h v) may leave the pixel box by h: accept any input
+        if isinstance(m, InputNormalization):
+            m.input_range = None
     return twin.double()
 
 

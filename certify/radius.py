@@ -117,7 +117,7 @@ class CertificationReport:
     lipschitz_bound: float
     pgd: dict[float, float] = field(default_factory=dict)
     pgd_n: int = 0  # points attacked (the first ``pgd_points`` of the loader)
-    radii: torch.Tensor | None = None  # per sample, 0 where misclassified
+    radii: torch.Tensor | None = field(default=None, repr=False)  # per sample, 0 where misclassified
 
     def as_dict(self) -> dict:
         return {"n": self.n, "clean": self.clean, "certified": dict(self.certified), "pgd": dict(self.pgd),

@@ -16,7 +16,7 @@ import pickletools
 import secrets
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,12 +44,12 @@ class Checkpoint:
 
     path: Path                          # the checkpoint file
     config: TrainConfig
-    state_dict: dict[str, torch.Tensor]  # the model's
-    history: list[dict]                 # one row per completed epoch (rank 0's)
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # the model's
+    history: list[dict] = field(repr=False)  # one row per completed epoch (rank 0's)
     epoch: int                          # epochs completed when it was written
     # {"optimizer", "scheduler", "scaler": state_dicts, "rng": {stream: [state per rank] | None},
     #  "world_size"}; None: weights only (not resumable)
-    training: dict | None = None
+    training: dict | None = field(default=None, repr=False)
 
     @property
     def resumable(self) -> bool:

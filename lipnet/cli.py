@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from . import data as lipdata
 from . import distributed as lipdist
 from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
@@ -61,6 +62,7 @@ def _load_model(args):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipnet", description="1-Lipschitz networks with certified robustness")
+    parser.add_argument("--version", action="version", version=f"lipnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a 1-Lipschitz CNN and save a checkpoint")
     t.add_argument("--dataset", choices=sorted(PRESETS), help="required unless --resume")
@@ -129,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--pgd-points", type=int, default=1000,
                    help="attack the first N test points (PGD is ~(steps+1)x a forward+backward per point and eps)")
     c.add_argument("--json", default=None, help="write the results as JSON here")
-    c.add_argument("--plot", default=None, help="PNG path (default: CHECKPOINT/certified.png)")
+    c.add_argument("--plot", default=None,
+                   help="PNG path (default: CHECKPOINT/certified.png; with --pretrained NAME: ./certified-NAME.png)")
     _add_common(c)
     k = sub.add_parser("conformal", help="robust conformal prediction sets: coverage and set size per eps")
     _add_model_source(k)
@@ -145,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--pgd-points", type=int, default=1000, help="attack the first N test points")
     k.add_argument("--seed", type=int, default=0, help="seed of the calibration/test split")
     k.add_argument("--json", default=None, help="write the rows as JSON here")
-    k.add_argument("--plot", default=None, help="PNG path (default: CHECKPOINT/conformal.png)")
+    k.add_argument("--plot", default=None,
+                   help="PNG path (default: CHECKPOINT/conformal.png; with --pretrained NAME: ./conformal-NAME.png)")
     _add_common(k)
     d = sub.add_parser("download", help="fetch the datasets the data root lacks (torchvision's sources, MD5-checked)")
     d.add_argument("datasets", nargs="+", choices=sorted(lipdata.DATASETS), metavar="DATASET",

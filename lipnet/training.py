@@ -336,7 +336,8 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
                          "bounds are computed for fp32")
     dp = config.dp
     if not 0 < config.batch_size <= len(train_set):
-        raise ValueError(f"expected batch size {config.batch_size} must be in [1, {len(train_set)}] (the training set)")
+        raise ValueError(f"expected batch size {config.batch_size} must be in [1, {len(train_set)}] (the training set); "
+                         f"with --limit, pass a --batch-size of at most {len(train_set)}")
     loss_fn = private_loss(config.temperature, config.offset, dp.get("loss_clip"))
     params = private_trainable(model, dp.get("trainable", "all"), dp.get("freeze_bias", False))
     if dp.get("optimizer", "adam") == "sgd":

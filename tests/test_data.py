@@ -35,6 +35,32 @@ def test_data_root_resolution(monkeypatch, tmp_path):
         D.load_dataset("mnist", data_root=tmp_path, limit=0)
 
 
+def test_a_named_root_without_the_data_is_an_error_even_where_the_default_root_has_it(data_root, tmp_path,
+                                                                                      monkeypatch, capsys):
+    # one rule for train and certify: a named root is used alone, never topped up from the default one
+    monkeypatch.setenv("LIPNET_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "data").mkdir(parents=True)
+    for folder in ("MNIST", "cifar10-jpg.tar.gz"):
+        (tmp_path / "cache" / "data" / folder).symlink_to(data_root / folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv("LIPNET_DATA", raising=False)
+    assert len(D.load_dataset("mnist", "test", limit=5)) == 5   # the default root serves it
+    for name in ("mnist", "cifar10"):
+        with pytest.raises(D.DatasetNotFoundError, match=f"no {name} data under {empty}"):
+            D.load_dataset(name, "test", data_root=empty)
+    monkeypatch.setenv("LIPNET_DATA", str(empty))
+    with pytest.raises(D.DatasetNotFoundError, match=str(empty)):
+        D.load_dataset("cifar10", "test")
+    from lipnet.cli import main
+
+    for argv in (["train", "--dataset", "cifar10", "--out", str(tmp_path / "run"), "--data-root", str(empty)],
+                 ["certify", "--pretrained", "cifar10", "--data-root", str(empty)]):
+        assert main(argv) == 2
+        assert "no cifar10 data under" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 def test_idx_datasets(data_root, name):
     train = D.load_dataset(name, "train", data_root)

@@ -112,3 +112,44 @@ def test_augment_batch_crops_and_flips_per_sample():
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
     outs = torch.stack([augment_batch(x, g, pad=2) for _ in range(20)])
     assert not all(torch.equal(o, outs[0]) for o in outs)
+
+
+SMALL = {"mnist-convnet": ({"width": 4, "hidden": 16}, (2, 1, 28, 28)),
+         "cifar-liresnet": ({"width": 4, "blocks": (1, 1, 1), "hidden": 16}, (2, 3, 32, 32)),
+         "imagenet-liresnet": ({"width": 4, "blocks": (1, 1, 1, 1), "hidden": 16}, (1, 3, 224, 224)),
+         "scatter-net": ({}, (2, 1, 28, 28))}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_refuses_inputs_outside_the_pixel_box_its_radii_are_stated_in(name):
+    config, shape = SMALL[name]
+    torch.manual_seed(0)
+    model = build_model(name, **config).eval()
+    norm = model[0]
+    assert norm.input_range == (0.0, 1.0)
+    x = torch.rand(shape)
+    with torch.no_grad():
+        model(x)
+        model(x.round())  # the box's corners are inside
+        for bad, says in ((x * 255, "divide by 255"), (x - 0.5, r"\[-0\.4"),
+                          (x.masked_fill(x > 0.9, float("nan")), "nan")):
+            with pytest.raises(ValueError, match=says):
+                model(bad)
+        with pytest.raises(TypeError, match="uint8"):
+            model((x * 255).to(torch.uint8))
+        with pytest.raises(ValueError, match="0-255"):
+            export(model)(x * 255)  # the exported model keeps the check
+        ln.set_input_checks(False)
+        try:
+            model(x * 255)  # the global switch turns every input check off
+        finally:
+            ln.set_input_checks(True)
+        norm.input_range = None
+        model(x - 0.5)  # an attack on the whole ball lifts the check
+
+
+def test_input_range_is_validated():
+    with pytest.raises(ValueError, match="input_range"):
+        InputNormalization([0.5], input_range=(1.0, 0.0))
+    with pytest.raises(ValueError, match="input_range"):
+        InputNormalization([0.5], input_range=(0.0, float("inf")))

@@ -17,6 +17,8 @@ from ..nn.parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION
 
 
 CENTERINGS = ("batch", "layer", "none")
+# the inputs every model's radii are stated for: its InputNormalization refuses anything else
+PIXEL_RANGE = (0.0, 1.0)
 # residual blocks of `liresnet`: "convex" x -> (1-a) x + a MaxMin(center(AOC conv(x))); "sll" SLLBlock
 # (Araujo et al. 2023). A convolutional ConvexPotentialLayer is not offered: its step needs a sound
 # bound on ||W|| at every forward pass, and conv_operator_norm_bound's frequency grid (one float64
@@ -73,7 +75,7 @@ def mnist_convnet(num_classes: int = 10, in_channels: int = 1, width: int = 16, 
     ``conv_bias``: whether the convolutions have a bias (default: not before ``BatchCentering``).
     """
     w, c, p, b = width, centering, parametrization, conv_bias
-    layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
+    layers: list[nn.Module] = [ln.InputNormalization(mean, std, input_range=PIXEL_RANGE)]
     if input_radius is not None:
         layers.append(ln.L2BallProjection(input_radius))
     layers += _conv_block(in_channels, w, 3, 1, method, c, p, b) + _conv_block(w, w, 3, 1, method, c, p, b)
@@ -111,7 +113,7 @@ def liresnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
     if image_size % stem_stride:
         raise ValueError(f"liresnet: image_size={image_size} is not divisible by stem_stride={stem_stride}")
     size, w = image_size // stem_stride, width
-    layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
+    layers: list[nn.Module] = [ln.InputNormalization(mean, std, input_range=PIXEL_RANGE)]
     layers += _conv_block(in_channels, w, max(3, stem_stride), stem_stride, method, centering, p, b)
     for stage, n in enumerate(blocks):
         layers += [_residual_block(w, block, method, centering, p, b) for _ in range(n)]
@@ -147,7 +149,7 @@ def scatter_net(num_classes: int = 10, in_channels: int = 1, image_size: int = 2
         raise ValueError(f"head must be 'plain' or 'ortho', got {head!r}")
     scattering = ln.Scattering2d(in_channels, image_size, J=J, L=L)
     features = math.prod(scattering.out_shape)
-    layers: list[nn.Module] = [ln.InputNormalization(mean, std)]
+    layers: list[nn.Module] = [ln.InputNormalization(mean, std, input_range=PIXEL_RANGE)]
     if input_radius is not None:
         layers.append(ln.L2BallProjection(input_radius))
     layers += [scattering, ln.Flatten()]

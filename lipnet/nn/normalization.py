@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import torch
 from torch import nn
+
+from ._checks import input_checks_enabled, plain_eager
 
 
 class InputNormalization(nn.Module):
@@ -14,10 +18,25 @@ class InputNormalization(nn.Module):
     Lipschitz constant (L2, exact): 1 / min(std). It is part of the model, so ``lipschitz_bound``
     of the whole network -- and every certified radius divided by it -- is stated for the raw
     inputs a user attacks (pixels in [0, 1]), never for the normalized ones.
+
+    ``input_range=(lo, hi)``: the inputs those radii are stated for. A batch with any value outside
+    it, or any NaN, raises ``ValueError`` (0-255 pixels in float would run, give garbage and be
+    certified in the wrong units). The models of :mod:`lipnet.models` set (0, 1); ``None`` (the
+    default here) checks nothing -- the certificate itself holds for every input, so an attack on
+    the whole ball (``pgd_l2(..., clamp=None)``) sets ``input_range = None`` first. Like the layers' other input checks it costs one host sync and
+    is skipped under ``torch.compile``, ``torch.func`` and :func:`lipnet.nn.set_input_checks`
+    ``(False)``. Integer inputs always raise ``TypeError``.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float] | None = None) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float] | None = None, *,
+                 input_range: tuple[float, float] | None = None) -> None:
         super().__init__()
+        if input_range is not None:
+            lo, hi = (float(v) for v in input_range)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"InputNormalization: input_range must be finite (lo, hi) with lo < hi, got {input_range!r}")
+            input_range = (lo, hi)
+        self.input_range = input_range
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std_t = torch.ones_like(mean_t) if std is None else torch.as_tensor(std, dtype=torch.float32).flatten()
         if mean_t.numel() == 0 or mean_t.shape != std_t.shape:
@@ -36,11 +55,25 @@ class InputNormalization(nn.Module):
                             "convert uint8 images with x.float() / 255 (radii are stated in those units)")
         if x.dim() < 2 or x.shape[1] != self.mean.numel():
             raise ValueError(f"InputNormalization: expected (B, {self.mean.numel()}, ...), got {list(x.shape)}")
+        if self.input_range is not None and input_checks_enabled() and plain_eager():
+            self._check_range(x)
         shape = [1, -1] + [1] * (x.dim() - 2)
         return (x - self.mean.view(shape)) / self.std.view(shape)
 
+    def _check_range(self, x: torch.Tensor) -> None:
+        lo, hi = self.input_range
+        if x.numel() == 0:
+            return
+        low, high = torch.stack(torch.aminmax(x.detach().float())).tolist()   # one host sync
+        if not (lo <= low and high <= hi):   # also false for NaN
+            scale = " (0-255 pixels? divide by 255)" if high > 1.5 and hi == 1.0 else ""
+            raise ValueError(f"InputNormalization: inputs must lie in [{lo:g}, {hi:g}] (the units the model's "
+                             f"radii are stated in), got values in [{low:g}, {high:g}]{scale}; an attack that "
+                             "leaves the box on purpose sets this layer's input_range = None")
+
     def extra_repr(self) -> str:
-        return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+        rng = "" if self.input_range is None else f", input_range={self.input_range}"
+        return f"mean={self.mean.tolist()}, std={self.std.tolist()}{rng}"
 
 
 class L2BallProjection(nn.Module):

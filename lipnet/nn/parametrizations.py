@@ -23,7 +23,7 @@ from ._checks import plain_eager
 from ._precision import full_precision
 from .conv_norm import conv_gram_kernel
 
-# Layers want sigma within 1e-3 of 1 (DESIGN.md): converging methods only, never the optimizer's bands.
+# Layers need every sigma within 1e-3 of 1 (a looser factor shrinks the signal it passes): converging methods only, never the optimizer's bands.
 DEFAULT_LAYER_METHOD = "convergent"
 LAYER_METHODS = POLAR_BACKWARD_METHODS
 PARAMETRIZATIONS = ("retraction", "polar")

@@ -531,8 +531,10 @@ class SchattenMuon(torch.optim.Optimizer):
         self._exponents.clear()
 
     def current_p(self) -> list[float]:
-        """p of every parameter (in param-group order): the adaptive choice of the last step (nan
-        before the first), or the group's fixed p. One host sync."""
+        """p of every parameter (in param-group order): the group's fixed p, or under adaptive p the
+        choice in force -- ``pmax`` before the first step (the criterion's starting point), then
+        the choice of the latest criterion evaluation (the first runs at the first step, before its
+        update, and one every ``p_every`` steps after). One host sync."""
         out = []
         for group in self.param_groups:
             for q in group["params"]:
@@ -540,5 +542,5 @@ class SchattenMuon(torch.optim.Optimizer):
                     out.append(float(group["p"]))
                 else:
                     v = self.state[q].get("p")
-                    out.append(math.nan if v is None else float(v))
+                    out.append(float(self.pmax) if v is None else float(v))
         return out

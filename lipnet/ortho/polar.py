@@ -16,7 +16,7 @@ Methods (``orthogonalize(W, method=...)``):
                  recomputed, so the first step costs two matmuls, not three. Then 4 steps of our derived
                  minimax schedule (``schedules.TURBO_SCHEDULE``).
 ``"convergent"`` AOL preconditioning + 7 steps converging to the fp32 floor for AOL-scaled singular values
-                 >= 1e-3 (``schedules.CONVERGENT_SCHEDULE``). For layers: sigma within 1e-3 of 1.
+                 >= 1e-3 (``schedules.CONVERGENT_SCHEDULE``). For layers: sigma within 1e-6 of 1 in fp32.
 ``"bjorck"``     AOL preconditioning + cubic Bjorck / Newton-Schulz steps X = 1.5 X - 0.5 A X. Slower,
                  but monotone: singular values never exceed 1 in exact arithmetic.
 ``"svd"``        exact reference, ``torch.linalg.svd``.
@@ -216,7 +216,7 @@ def orthogonalize(
       * ``"ns5"``: in [0.68, 1.14] for every singular value of G / ||G||_F that is >= 1e-2.
       * ``"turbo"``: in [0.778, 1.222] for every singular value of ``aol_rescale(G)`` >= 3e-3.
       * ``"convergent"``: within 1e-7 of 1 for every singular value of ``aol_rescale(G)`` >= 1e-3
-        (in fp32, ||Q^T Q - I|| <= 1e-3 in practice for such inputs).
+        (in fp32, rounding leaves every sigma within about 1e-6 of 1 for such inputs).
       * ``"bjorck"``: in [0, 1]; converges to 1 (quadratically once past 0.5) for nonzero values.
     Singular values below the stated thresholds end in [0, 1.21] (ns5), [0, 1.222] (turbo),
     [0, 1 + 1e-7] (convergent), not necessarily near 1.
