@@ -35,7 +35,7 @@ import torch
 from scipy.stats import beta as beta_dist
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
+from lipnet.progress import progress_bar
 
 from lipnet.validate import class_labels as check_labels
 from lipnet.validate import finite_nonnegative, finite_positive, open_unit
@@ -337,7 +337,7 @@ class ConformalClassifier:
 
     def _collect(self, loader: Iterable, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         zs, ys, norms = [], [], []
-        for batch in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
+        for batch in progress_bar(loader, desc=desc, enabled=self.progress, leave=False):
             x, y = split_batch(batch)
             if y is None:
                 raise ValueError(f"{desc} needs (inputs, labels) batches")
@@ -451,7 +451,7 @@ class ConformalClassifier:
         if attack not in (None, "pgd") and not callable(attack):
             raise ValueError(f"attack must be None, 'pgd' or a callable, got {attack!r}")
         covered, sizes = [], []
-        for batch in tqdm(loader, desc="conformal", disable=not self.progress, leave=False):
+        for batch in progress_bar(loader, desc="conformal", enabled=self.progress, leave=False):
             x, y = split_batch(batch)
             if y is None:
                 raise ValueError("evaluate needs (inputs, labels) batches")

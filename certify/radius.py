@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
+from lipnet.progress import progress_bar
 
 from lipnet.validate import class_labels, finite_positive, nonnegative_int
 
@@ -147,7 +147,7 @@ def certified_accuracy(model: nn.Module, loader: Iterable, eps_list: Sequence[fl
     pgd = {e: 0 for e in eps} if pgd_steps > 0 else {}
     radii = []
     with eval_mode(model), parametrize.cached():
-        for batch in tqdm(loader, desc="certify", disable=not progress, leave=False):
+        for batch in progress_bar(loader, desc="certify", enabled=progress, leave=False):
             x, y = split_batch(batch)
             if y is None:
                 raise ValueError("certified_accuracy needs (inputs, labels) batches")

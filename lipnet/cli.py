@@ -464,11 +464,11 @@ def cmd_certify(args) -> int:
     report = certified_accuracy(model, loader, eps, pgd_steps=args.pgd_steps, pgd_points=args.pgd_points,
                                 device=args.device, progress=not args.no_progress)
     lower = lipschitz_lower_bound(model, next(iter(loader))[0][:128].to(args.device))
-    rows = [[f"{e:.4g}", f"{report.certified[e]:.2%}", f"{report.pgd[e]:.2%}" if report.pgd else "-"] for e in eps]
+    rows = [[f"{e:.4g}", f"{report.certified[e]:.2%}"] + ([f"{report.pgd[e]:.2%}"] if report.pgd else []) for e in eps]
     print(f"{config.model} on {config.dataset} test ({report.n} images): clean accuracy {report.clean:.2%}")
     print(f"Lipschitz constant: sound upper bound {report.lipschitz_bound:.6f}, empirical lower bound {lower:.6f}")
-    pgd_head = f"PGD-{args.pgd_steps} (first {report.pgd_n})"
-    print(format_table(rows, ["eps", f"certified ({report.n})", pgd_head]))
+    head = ["eps", f"certified ({report.n})"] + ([f"PGD-{args.pgd_steps} (first {report.pgd_n})"] if report.pgd else [])
+    print(format_table(rows, head))
     if args.json:
         result = {"dataset": config.dataset, "n": report.n, "clean": report.clean, "certified": report.certified,
                   "pgd": report.pgd, "pgd_n": report.pgd_n, "pgd_steps": args.pgd_steps,

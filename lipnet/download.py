@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .formats import DataError, extract_tar, file_digest
 
@@ -60,8 +60,8 @@ def _fetch(url: str, target: Path, md5: str, progress: bool) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, part.open("xb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}",
-                      disable=not progress, leave=False) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}",
+                              enabled=progress, leave=False) as bar:
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     f.write(chunk)
                     bar.update(len(chunk))

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 
 class DataError(Exception):
@@ -201,7 +201,7 @@ def _decode_split(folder: Path, classes: tuple[str, ...], progress: bool) -> tup
     if tuple(ds.classes) != classes:
         raise DatasetCorruptError(f"{folder}: class folders {ds.classes} are not CIFAR-10's {list(classes)}")
     images = torch.empty(len(ds.samples), 3, 32, 32, dtype=torch.uint8)
-    for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"decoding {folder.name}", disable=not progress)):
+    for i, (path, _) in enumerate(progress_bar(ds.samples, desc=f"decoding {folder.name}", enabled=progress)):
         try:
             with Image.open(path) as im:
                 arr = np.array(im.convert("RGB"))

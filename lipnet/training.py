@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .certify import certified_accuracy, network_lipschitz_bound
 from .checkpoints import Checkpoint, CheckpointError, save_checkpoint
@@ -92,7 +92,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         raise ValueError("amp='fp16' needs an enabled torch.amp.GradScaler (fp16 gradients underflow unscaled)")
     model.train()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(loader, desc=desc, enabled=progress, leave=False)
     for x, y in bar:
         if augment:
             x = augment_batch(x, generator)

@@ -41,7 +41,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
+from lipnet.progress import progress_bar
 
 from lipnet.data import ImageDataset
 from lipnet.distributed import world
@@ -261,7 +261,7 @@ class PrivateTrainer:
         """One epoch = ``len(loader)`` Poisson steps; returns the privacy report so far."""
         self.model.train()
         start, total, count = time.perf_counter(), 0.0, 0
-        bar = tqdm(self.loader, desc=f"private epoch {self.epochs_done + 1}", disable=not self.progress, leave=False)
+        bar = progress_bar(self.loader, desc=f"private epoch {self.epochs_done + 1}", enabled=self.progress, leave=False)
         for x, y in bar:
             total += self.step(x, y)  # summed over ranks
             count += len(y)

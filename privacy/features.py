@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
+from lipnet.progress import progress_bar
 
 from lipnet.data import ImageDataset
 from lipnet.distributed import world
@@ -81,7 +81,7 @@ def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bou
     # (the prefix is a new container over the model's layers, so its own flag says nothing about theirs).
     chunks = []
     with training_mode(prefix, True):
-        for start in tqdm(range(0, len(data), batch_size), desc="frozen features", disable=not progress, leave=False):
+        for start in progress_bar(range(0, len(data), batch_size), desc="frozen features", enabled=progress, leave=False):
             x = data.images[start:start + batch_size].to(device, dtype=dtype).div_(255)
             chunks.append(prefix(project(x)))
     return FrozenFeatures(head, FeatureDataset(torch.cat(chunks), data.labels), float(bound))

@@ -78,6 +78,7 @@ def test_certify_pretrained_from_the_command_line(tmp_path, data_root, capsys):
     assert rc == 0
     res = json.loads(result.read_text())
     assert res["dataset"] == "cifar10" and res["n"] == 100 and res["lipschitz_bound"] <= 1 + 1e-4
-    assert "sound upper bound" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sound upper bound" in out and "PGD" not in out  # no attack run, no attack column
     with pytest.raises(SystemExit):  # one model source, not both
         main(["certify", "--pretrained", "cifar10", "--checkpoint", str(tmp_path)])
