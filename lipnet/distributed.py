@@ -6,6 +6,8 @@
 * :func:`launch` -- run a function in N local processes with that same environment (what
   ``torchrun --nproc-per-node N`` does), for ``lipnet train --nproc N`` and the tests.
 * :class:`ShardedBatchLoader` -- every rank's share of the same global batches.
+* :func:`shard_bounds` / :func:`compute_sharded` -- this rank's share of a stack of matrices,
+  computed here and all-gathered (the optimizers' sharded steps).
 * :func:`wrap_ddp`, :func:`all_gather_stack`, :func:`all_reduce_mean`, :func:`world`.
 """
 
@@ -122,6 +124,25 @@ def all_gather_stack(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def shard_bounds(count: int) -> tuple[int, int, int]:
+    """(chunk, lo, hi): this rank computes matrices lo .. hi - 1 of a stack of ``count``, rank r the
+    r-th run of chunk = ceil(count / world_size) (the last ranks' runs may be short or empty)."""
+    rank, world_size = world()
+    chunk = -(-count // world_size)
+    return chunk, min(rank * chunk, count), min((rank + 1) * chunk, count)
+
+
+def compute_sharded(U: torch.Tensor, dtype: torch.dtype, compute: Callable) -> torch.Tensor:
+    """``compute(part, lo, hi)`` (results in ``dtype``) on this rank's share U[lo:hi] of the stack U
+    (B, m, n), the shares all-gathered in rank order: every rank gets all B results."""
+    chunk, lo, hi = shard_bounds(len(U))
+    # a rank with nothing to compute still takes part in the collective gather
+    part = compute(U[lo:hi], lo, hi).to(dtype) if hi > lo else U.new_zeros(0, *U.shape[1:], dtype=dtype)
+    if len(part) < chunk:
+        part = torch.cat([part, part.new_zeros(chunk - len(part), *part.shape[1:])])
+    return all_gather_stack(part)[:len(U)]
+
+
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenation along dim 0 of ``x`` from every rank, in rank order, where the ranks' ``x`` may
     differ in their first dimension only (``x`` itself when not distributed)."""
@@ -184,5 +205,5 @@ class ShardedBatchLoader:
             yield x, self.dataset.labels[idx].to(self.device, non_blocking=True)
 
 
-__all__ = ["DistributedContext", "ShardedBatchLoader", "all_gather_rows", "all_gather_stack", "all_reduce_mean", "destroy_distributed",
-           "init_distributed", "launch", "world", "wrap_ddp"]
+__all__ = ["DistributedContext", "ShardedBatchLoader", "all_gather_rows", "all_gather_stack", "all_reduce_mean",
+           "compute_sharded", "destroy_distributed", "init_distributed", "launch", "shard_bounds", "world", "wrap_ddp"]

@@ -4,7 +4,9 @@ formulas, SchattenMuon against hand-written loops and TurboMuon."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import pathlib
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lipnet.optim import SchattenMuon, TurboMuon, schatten_update
+from lipnet.optim import KappaPin, SchattenMuon, TurboMuon, schatten_update
 from lipnet.optim.schatten import (activation_log_norms, alignment_ratio, choose_p, layer_features, p_grid,
                                    _gram_eigh)
 from lipnet.ortho import orthogonalize
@@ -104,12 +106,22 @@ def test_monotone_in_p():
     assert all(a > b for a, b in zip(dists, dists[1:])) and dists[-1] < 1e-3
 
 
+def _optim_benchmark():
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "optim.py"
+    spec = importlib.util.spec_from_file_location("lipnet_benchmark_optim", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("p", [2, 3, 5])
-def test_newton_root_agrees(p):
+def test_benchmark_newton_root_agrees(p):
+    """The coupled Newton route that benchmarks/optim.py --roots measures against the eigh."""
     M = matrix_with_spectrum(6, 15, torch.logspace(0, -1, 6), seed=p).float()
     ref = _svd_power(M.double(), p)
-    out = schatten_update(M, p, root="newton")
-    assert (out.double() - ref).norm() <= 1e-3 * ref.norm()
+    for X, R in ((M, ref), (M.mT, ref.mT)):
+        out = _optim_benchmark().newton_power(X, p)
+        assert (out.double() - R).norm() <= 1e-3 * R.norm()
 
 
 def test_schatten_update_bad_input():
@@ -121,10 +133,6 @@ def test_schatten_update_bad_input():
         schatten_update(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), 2.0)
     with pytest.raises(ValueError, match="every p"):
         schatten_update(M, torch.tensor(0.9))
-    with pytest.raises(ValueError, match="root"):
-        schatten_update(M, 2.0, root="svd")
-    with pytest.raises(ValueError, match="integer p"):
-        schatten_update(M, 2.5, root="newton")
     with pytest.raises(ValueError, match="floor"):
         schatten_update(M, 2.0, floor=1.0)
     with pytest.raises(ValueError, match="2 dims"):
@@ -362,7 +370,7 @@ def test_optimizer_bad_arguments():
     bad = [dict(p=0.5), dict(p="fast"), dict(p=float("nan")), dict(lr=-1.0), dict(momentum=1.0),
            dict(pmin=5.0, pmax=2.0), dict(pmin=0.5), dict(p_points=1), dict(act_every=0), dict(floor=-0.1),
            dict(p_every=3, act_every=10), dict(p_every=0),
-           dict(precondition="shampoo"), dict(adjust_lr="x"), dict(weight_decay=-1.0)]
+           dict(precondition="shampoo"), dict(adjust_lr="x"), dict(weight_decay=-1.0), dict(ns_steps=0)]
     for kw in bad:
         kw = {"lr": 0.1, **kw}
         with pytest.raises(ValueError):
@@ -381,7 +389,7 @@ def test_kappa_pin_matches_the_hand_written_step(p, regime):
     params = _params()
     ref = [q.detach().clone() for q in params]
     lr, adam_lr = 0.05, 3e-3
-    opt = SchattenMuon(params, lr=lr, p=p, momentum=0.0, pin="kappa", adam_lr=adam_lr, adam_regime=regime)
+    opt = SchattenMuon(params, lr=lr, p=p, momentum=0.0, pin=KappaPin(adam_lr, regime=regime))
     _drive(opt, params, 1)
     for q, r, g in zip(params, ref, _grads(ref, 0)):
         m, n = len(r), r[0].numel()
@@ -406,7 +414,7 @@ def test_kappa_pin_with_adaptive_p_uses_each_matrix_p():
     params = _params([(6, 10), (5, 5)])
     ref = [q.detach().clone() for q in params]
     lr, adam_lr = 0.05, 1e-3
-    opt = SchattenMuon(params, lr=lr, p="adaptive", momentum=0.0, pin="kappa", adam_lr=adam_lr, p_every=1)
+    opt = SchattenMuon(params, lr=lr, p="adaptive", momentum=0.0, pin=KappaPin(adam_lr), p_every=1)
     _drive(opt, params, 1)
     for q, r, p in zip(params, ref, opt.current_p()):
         m, n = len(r), r[0].numel()
@@ -416,10 +424,15 @@ def test_kappa_pin_with_adaptive_p_uses_each_matrix_p():
 
 def test_kappa_pin_bad_arguments():
     w = [nn.Parameter(torch.randn(3, 4))]
-    for kw in (dict(pin="spectral"), dict(pin="kappa"), dict(pin="kappa", adam_lr=-1.0),
-               dict(pin="kappa", adam_lr=1e-3, adam_beta1=1.0), dict(adam_regime="calm")):
-        with pytest.raises(ValueError):
-            SchattenMuon(w, lr=0.1, **kw)
+    for pin in ("spectral", "kappa", None):
+        with pytest.raises(ValueError, match="KappaPin"):
+            SchattenMuon(w, lr=0.1, pin=pin)
+    for kw, name in ((dict(adam_lr=-1.0), "adam_lr"), (dict(adam_lr=math.inf), "adam_lr"),
+                     (dict(adam_lr=1e-3, beta1=1.0), "beta1"), (dict(adam_lr=1e-3, regime="calm"), "regime")):
+        with pytest.raises(ValueError, match=name):
+            KappaPin(**kw)
+    assert KappaPin(2e-3, regime="determ").adam_step == 2e-3
+    assert KappaPin(2e-3).adam_step == pytest.approx(2e-3 * math.sqrt(0.1 / 1.9), rel=1e-15)
 
 
 @pytest.mark.parametrize("kind", ["adam", "muadam"])

@@ -14,7 +14,7 @@ kernel (out, in, k, k) is (out, in*k*k)) with gradient G:
 
 Matrices of the same (m, n) are stacked and orthogonalized in one batched call; under
 ``torch.distributed`` each rank orthogonalizes its share of every stack and the results are
-all-gathered (see :func:`lipnet.distributed.all_gather_stack`).
+all-gathered (see :func:`lipnet.distributed.compute_sharded`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..distributed import all_gather_stack, world
+from ..distributed import compute_sharded, world
 from ..ortho import orthogonalize
 from ..validate import finite_nonnegative, positive_int, unit_interval
 
@@ -157,30 +157,11 @@ class TurboMuon(torch.optim.Optimizer):
 
     def _orthogonalize(self, U: torch.Tensor, steps: int, shard: bool) -> torch.Tensor:
         """The core's turbo polar factor of each matrix of the stack U (B, m, n); sharded: each rank
-        computes its share (:func:`shard_bounds`) and the results are all-gathered."""
+        computes its share (:func:`lipnet.distributed.shard_bounds`) and the results are all-gathered."""
         ortho = lambda X: orthogonalize(X, "turbo", steps, low_precision=self.low_precision, validate=False)
         if not shard:
             return ortho(U)
         return compute_sharded(U, U.dtype, lambda part, lo, hi: ortho(part))
-
-
-def shard_bounds(count: int) -> tuple[int, int, int]:
-    """(chunk, lo, hi): this rank computes matrices lo .. hi - 1 of a stack of ``count``, rank r the
-    r-th run of chunk = ceil(count / world_size) (the last ranks' runs may be short or empty)."""
-    rank, world_size = world()
-    chunk = -(-count // world_size)
-    return chunk, min(rank * chunk, count), min((rank + 1) * chunk, count)
-
-
-def compute_sharded(U: torch.Tensor, dtype: torch.dtype, compute) -> torch.Tensor:
-    """``compute(part, lo, hi)`` (results in ``dtype``) on this rank's share U[lo:hi] of the stack U
-    (B, m, n), the shares all-gathered in rank order: every rank gets all B results."""
-    chunk, lo, hi = shard_bounds(len(U))
-    # a rank with nothing to compute still takes part in the collective gather
-    part = compute(U[lo:hi], lo, hi).to(dtype) if hi > lo else U.new_zeros(0, *U.shape[1:], dtype=dtype)
-    if len(part) < chunk:
-        part = torch.cat([part, part.new_zeros(chunk - len(part), *part.shape[1:])])
-    return all_gather_stack(part)[:len(U)]
 
 
 def _layer_name(param_name: str) -> str:

@@ -11,13 +11,12 @@ an SVD of M: with X the wide orientation of M (k <= n rows) and A = X X^T = W di
 k x k ``eigh``), U S^(1/p) V^T = A^((1/p - 1)/2) X. Singular values below ``floor * sigma_max``
 (where fp32 Gram eigenvalues are noise) are continued linearly: g(s) = s * tau^(1/p - 1), tau =
 floor * sigma_max, so the map stays bounded and monotone. p = inf goes to the ``lipnet.ortho`` core
-(Turbo-Muon). ``root="newton"`` computes the same power with the coupled Newton inverse-root
-iteration (Guo & Higham 2006) for integer p -- kept for the measurement in benchmarks/optim.py
-(``--roots``): on CPU eigh is both faster and more accurate. Why not Q = orthogonalize(M) and
-Q (Q^T M)^(1/p): that identity needs Q = U V^T exactly, but the core's converging methods
+(Turbo-Muon). benchmarks/optim.py (``--roots``) measures the alternatives: the coupled Newton
+inverse-root iteration (Guo & Higham 2006) is slower and less accurate than the eigh on CPU, and
+Q (Q^T M)^(1/p) with Q = orthogonalize(M) needs Q = U V^T exactly, but the core's converging methods
 (turbo/convergent/bjorck) return the polar factor of the AOL-rescaled diag(s) M, and ns5 does not
-converge; measured (``--roots``), that route is off by 3e-2 (convergent) to 2e-1 (turbo) relative
-error and slower than the one Gram eigh.
+converge: that route is off by 3e-2 (convergent) to 2e-1 (turbo) relative error and slower than
+the one Gram eigh.
 
 Adaptive p (the paper's criterion, as implemented in its repository, smuon/svs/momentum_exact.py):
 view the layer as a random-feature regression y = W a on its input features A (rows = samples, the
@@ -42,22 +41,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_rows, all_gather_stack, world
+from ..distributed import all_gather_rows, all_gather_stack, compute_sharded, shard_bounds, world
 from ..ortho import orthogonalize
 from ..ortho.validation import check_matrices
-from ..validate import finite_nonnegative, finite_positive, unit_interval
-from .muon import (ADJUST_LR, apply_updates, compute_sharded, lr_scale, momentum_directions, same_shape_stacks,
-                   shard_bounds)
+from ..validate import finite_nonnegative, finite_positive, one_of, positive_int, unit_interval
+from .muon import ADJUST_LR, apply_updates, lr_scale, momentum_directions, same_shape_stacks
 
-ROOTS = ("eigh", "newton")
 PRECONDITIONERS = (None, "adam", "muadam")
-PINS = ("frobenius", "kappa")
-ADAM_REGIMES = ("noisy", "determ")
+KAPPA_REGIMES = ("noisy", "determ")
+CENTER = (True, False, "batchnorm")
 
 
 def _check_p(p) -> float:
@@ -80,34 +78,23 @@ def _gram_eigh(X: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tenso
     return lam, lam_c, W
 
 
-def _inverse_root_newton(A: torch.Tensor, r: int, iters: int) -> torch.Tensor:
-    """A^(-1/r) of SPD matrices (..., k, k) by the coupled Newton iteration (Guo & Higham 2006):
-    X <- X T, N <- T^r N with T = ((r+1) I - N) / r, from X = I / c, N = A / c^r, c^r = trace(A)
-    (so N's spectrum is in (0, 1] and the iteration converges: X -> A^(-1/r), N -> I)."""
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    trace = A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    X, N = eye / trace ** (1 / r), A / trace
-    for _ in range(iters):
-        T = ((r + 1) * eye - N) / r
-        X, N = X @ T, torch.linalg.matrix_power(T, r) @ N
-    return X
+def _gram_power(X: torch.Tensor, lam_c: torch.Tensor, W: torch.Tensor, exponent) -> torch.Tensor:
+    """(W diag(lam_c^exponent) W^T) X, i.e. A^exponent X for A = X X^T = W diag(lam) W^T; ``exponent``
+    broadcasts against lam_c (..., k). The k x k product first: one pass over the long side, not two."""
+    return ((W * lam_c.pow(exponent).unsqueeze(-2)) @ W.mT) @ X
 
 
-def schatten_update(M: torch.Tensor, p: float | torch.Tensor, *, root: str = "eigh", polar: str = "turbo",
-                    floor: float = 1e-3, newton_iters: int = 30, validate: bool = True) -> torch.Tensor:
+def schatten_update(M: torch.Tensor, p: float | torch.Tensor, *, polar: str = "turbo", floor: float = 1e-3,
+                    validate: bool = True) -> torch.Tensor:
     """U g(S) V^T for each matrix M = U S V^T of a stack (..., m, n), g(s) = s^(1/p).
 
-    Guarantees (exact arithmetic; ``root="eigh"``): g(s) = s^(1/p) for every singular value
-    s >= floor * sigma_max(M), g(s) = s * (floor * sigma_max)^(1/p - 1) below (bounded, monotone);
-    p = 1 returns M itself; a float p = inf returns ``orthogonalize(M, polar)`` (the core's polar
-    factor; singular values in the method's band, see ``lipnet.ortho.orthogonalize``). A zero matrix
-    maps to zero. ``p`` may be a tensor broadcasting against the batch dims (one p per matrix; then
-    every p, inf included, goes through the eigh route). ``root="newton"`` (integer p only) replaces
-    the eigh by the coupled Newton iteration on A + (floor sigma_max)^2 I. Output dtype = input dtype;
-    computation in fp32 (fp64 for fp64 inputs).
+    Guarantees (exact arithmetic): g(s) = s^(1/p) for every singular value s >= floor * sigma_max(M),
+    g(s) = s * (floor * sigma_max)^(1/p - 1) below (bounded, monotone); p = 1 returns M itself; a
+    float p = inf returns ``orthogonalize(M, polar)`` (the core's polar factor; singular values in
+    the method's band, see ``lipnet.ortho.orthogonalize``). A zero matrix maps to zero. ``p`` may be
+    a tensor broadcasting against the batch dims (one p per matrix; then every p, inf included, goes
+    through the eigh route). Output dtype = input dtype; computation in fp32 (fp64 for fp64 inputs).
     """
-    if root not in ROOTS:
-        raise ValueError(f"unknown root {root!r}; expected one of {ROOTS}")
     unit_interval(floor, "floor")
     if validate:
         check_matrices(M, "M", allow_zero=True)
@@ -116,8 +103,6 @@ def schatten_update(M: torch.Tensor, p: float | torch.Tensor, *, root: str = "ei
     if isinstance(p, torch.Tensor):
         if validate and (torch.isnan(p).any() or (p < 1).any()):
             raise ValueError("every p must be in [1, inf]")
-        if root != "eigh":
-            raise ValueError("a tensor p needs root='eigh'")
     else:
         p = _check_p(p)
         if p == 1:
@@ -126,22 +111,9 @@ def schatten_update(M: torch.Tensor, p: float | torch.Tensor, *, root: str = "ei
             return orthogonalize(M, polar, validate=False)
     dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
     X, transposed = _wide(M.to(dtype))
-    if root == "newton":
-        if p != int(p):
-            raise ValueError(f"root='newton' needs an integer p, got {p}")
-        A = X @ X.mT
-        lam_max = A.diagonal(dim1=-2, dim2=-1).amax(-1)                     # <= sigma_max^2 <= k lam_max
-        eye = torch.eye(A.shape[-1], dtype=dtype, device=A.device)
-        A = A + (floor ** 2 * lam_max[..., None, None]).clamp_min(torch.finfo(dtype).tiny) * eye
-        S = torch.linalg.matrix_power(_inverse_root_newton(A, 2 * int(p), newton_iters), int(p) - 1) @ X
-    else:
-        _, lam_c, W = _gram_eigh(X, floor)
-        p_t = torch.as_tensor(p, dtype=dtype, device=X.device)
-        exponent = (1 / p_t - 1) / 2
-        if exponent.ndim:
-            exponent = exponent[..., None]
-        # (W diag W^T) X: one k x k product and one pass over the long side, not two
-        S = ((W * lam_c.pow(exponent).unsqueeze(-2)) @ W.mT) @ X
+    _, lam_c, W = _gram_eigh(X, floor)
+    p = torch.as_tensor(p, dtype=dtype, device=X.device)
+    S = _gram_power(X, lam_c, W, ((1 / p - 1) / 2)[..., None])   # a tensor p: one exponent per matrix
     return (S.mT if transposed else S).to(M.dtype)
 
 
@@ -210,6 +182,34 @@ def layer_features(module: nn.Module, x: torch.Tensor, max_rows: int) -> torch.T
 
 # ---- the optimizer ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class KappaPin:
+    """``SchattenMuon(pin=KappaPin(adam_lr))``: the paper repository's step size, which follows p from
+    Muon's step at p = inf to the per-entry step of the AdamW (lr ``adam_lr``, first-moment decay
+    ``beta1``) that trains the other parameters at p = 1: ||dW||_F = lr sqrt(min(m, n)) kappa^(1/p),
+    kappa = adam_step sqrt(max(m, n)) / lr, adam_step = adam_lr rho_adam.
+
+    ``regime`` sets rho_adam, the RMS of Adam's per-entry direction m / sqrt(v): ``"noisy"``
+    sqrt((1 - beta1) / (1 + beta1)) (zero-mean noise gradients: the RMS of their beta1-EMA relative to
+    theirs), ``"determ"`` 1 (consistent gradients: |m / sqrt(v)| = 1).
+    """
+
+    adam_lr: float
+    beta1: float = 0.9
+    regime: str = "noisy"
+
+    def __post_init__(self) -> None:
+        finite_positive(self.adam_lr, "adam_lr")
+        unit_interval(self.beta1, "beta1")
+        one_of(self.regime, KAPPA_REGIMES, "regime")
+
+    @property
+    def adam_step(self) -> float:
+        """adam_lr rho_adam: Adam's per-entry step, the target of the step at p = 1."""
+        rho_adam = 1.0 if self.regime == "determ" else math.sqrt((1 - self.beta1) / (1 + self.beta1))
+        return self.adam_lr * rho_adam
+
+
 class SchattenMuon(torch.optim.Optimizer):
     """Schatten-p descent with momentum; p fixed or chosen per layer by the paper's criterion.
 
@@ -222,11 +222,9 @@ class SchattenMuon(torch.optim.Optimizer):
 
     ``pin="frobenius"`` (default): the Frobenius norm is pinned to that of U V^T, sqrt(min(m, n)), so
     one lr serves every p; p = inf is exactly :class:`TurboMuon` (the core's turbo polar factor, not
-    pinned). ``pin="kappa"`` (the paper repository's default): sqrt(min(m, n)) kappa^(1/p) with
-    kappa = (adam_lr rho_adam) sqrt(max(m, n)) / lr, rho_adam = sqrt((1 - adam_beta1) / (1 + adam_beta1))
-    (``adam_regime="noisy"``) or 1 (``"determ"``), so the step is Muon's at p = inf and Adam's
-    per-entry step adam_lr rho_adam at p = 1; ``adjust_lr``'s factor is then not applied (kappa
-    already carries the shape), as in the repository.
+    pinned). ``pin=KappaPin(adam_lr)`` (the paper repository's default): sqrt(min(m, n)) kappa^(1/p),
+    so the step is Muon's at p = inf and Adam's per-entry step at p = 1 (see :class:`KappaPin`);
+    ``adjust_lr``'s factor is then not applied (kappa already carries the shape), as in the repository.
     ``precondition``: ``"adam"`` (e = 1/(2(p+1)): p = 1 is Adam's direction m / sqrt(v + eps), p -> inf
     Muon) or ``"muadam"`` (e = 1/4: p = 1 Adam, p -> inf MuAdam); both from the paper's repository
     (moments "padam" / "adam"). With adaptive p, D takes e from the p in force when the step starts
@@ -235,8 +233,9 @@ class SchattenMuon(torch.optim.Optimizer):
     Adaptive p (``p="adaptive"``): at steps 1, 1 + p_every, ... each matrix takes the grid p
     maximizing the module docstring's f(p) (its ``<G, S_p>`` ratio averaged over evaluations with
     ``stat_beta``; activation spectra recorded by :meth:`watch` every ``act_every`` steps, a multiple
-    of ``p_every``, else white activations); the p is kept in between. Starts at ``pmax``. Guarantees: p stays in [pmin, pmax] (a grid value); no host synchronization in
-    ``step``; same-shape matrices share one batched eigh.
+    of ``p_every``, else white activations); the p is kept in between. Starts at ``pmax``.
+    Guarantees: p stays in [pmin, pmax] (a grid value); no host synchronization in ``step``;
+    same-shape matrices share one batched eigh.
 
     Under ``torch.distributed`` (``distributed=None``: whenever more than one rank is initialized),
     *given gradients identical on every rank* (as after DDP's all-reduce): each rank computes its
@@ -252,10 +251,9 @@ class SchattenMuon(torch.optim.Optimizer):
                  momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
                  adjust_lr: str = "spectral", *, pmin: float = 1.02, pmax: float = 10.0, p_points: int = 32,
                  p_every: int = 50, stat_beta: float = 0.9, act_every: int = 200, act_rows: int = 256,
-                 floor: float = 1e-3,
-                 precondition: str | None = None, beta2: float = 0.999, eps: float = 1e-8, ns_steps: int = 4,
-                 low_precision: bool | None = None, distributed: bool | None = None, pin: str = "frobenius",
-                 adam_lr: float | None = None, adam_beta1: float = 0.9, adam_regime: str = "noisy") -> None:
+                 floor: float = 1e-3, precondition: str | None = None, beta2: float = 0.999, eps: float = 1e-8,
+                 ns_steps: int = 4, low_precision: bool | None = None, distributed: bool | None = None,
+                 pin: str | KappaPin = "frobenius") -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         if p != "adaptive":
@@ -266,33 +264,25 @@ class SchattenMuon(torch.optim.Optimizer):
             unit_interval(v, name)
         finite_nonnegative(weight_decay, "weight_decay")
         finite_nonnegative(eps, "eps")
-        if adjust_lr not in ADJUST_LR:
-            raise ValueError(f"unknown adjust_lr {adjust_lr!r}; expected one of {ADJUST_LR}")
+        one_of(adjust_lr, ADJUST_LR, "adjust_lr")
         if not (1 <= pmin < pmax < math.inf):
             raise ValueError(f"need 1 <= pmin < pmax < inf, got pmin={pmin!r}, pmax={pmax!r}")
         for name, v in dict(p_points=p_points, p_every=p_every, act_every=act_every, act_rows=act_rows,
                             ns_steps=ns_steps).items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "p_points" else 1):
-                raise ValueError(f"{name} must be a positive int (p_points >= 2), got {v!r}")
+            positive_int(v, name)
+        if p_points < 2:
+            raise ValueError(f"p_points must be >= 2, got {p_points!r}")
         if act_every % p_every:
             raise ValueError(f"act_every ({act_every}) must be a multiple of p_every ({p_every})")
         unit_interval(floor, "floor")
-        if precondition not in PRECONDITIONERS:
-            raise ValueError(f"unknown precondition {precondition!r}; expected one of {PRECONDITIONERS}")
-        if pin not in PINS:
-            raise ValueError(f"unknown pin {pin!r}; expected one of {PINS}")
-        if pin == "kappa":
-            if adam_lr is None:
-                raise ValueError("pin='kappa' interpolates towards Adam's step: give adam_lr (the lr of the "
-                                 "AdamW that trains the other parameters)")
-            finite_positive(adam_lr, "adam_lr")
-        if not (isinstance(adam_beta1, (int, float)) and 0 <= adam_beta1 < 1):
-            raise ValueError(f"adam_beta1 must be in [0, 1), got {adam_beta1!r}")
-        if adam_regime not in ADAM_REGIMES:
-            raise ValueError(f"unknown adam_regime {adam_regime!r}; expected one of {ADAM_REGIMES}")
+        one_of(precondition, PRECONDITIONERS, "precondition")
+        kappa = isinstance(pin, KappaPin)
+        if not (kappa or (isinstance(pin, str) and pin == "frobenius")):
+            raise ValueError(f"pin must be 'frobenius' or a KappaPin(adam_lr=...), got {pin!r}")
+        # the param groups hold plain values: a state_dict loads with torch.load(weights_only=True)
         defaults = dict(lr=lr, p=p, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        adjust_lr=adjust_lr, precondition=precondition, beta2=beta2, eps=eps, pin=pin,
-                        adam_lr=adam_lr, adam_beta1=adam_beta1, adam_regime=adam_regime)
+                        adjust_lr=adjust_lr, precondition=precondition, beta2=beta2, eps=eps,
+                        pin="kappa" if kappa else "frobenius", adam_step=pin.adam_step if kappa else None)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for param in group["params"]:
@@ -324,8 +314,7 @@ class SchattenMuon(torch.optim.Optimizer):
         W's response to the mean feature, so the mean direction carries no curvature of the loss;
         uncentered, that one direction (large after a ReLU) dominates ||A||_{S_k} and drives p to
         pmax. ``True``: every watched layer; ``False``: none (the paper repository's choice)."""
-        if center not in (True, False, "batchnorm"):
-            raise ValueError(f"center must be True, False or 'batchnorm', got {center!r}")
+        one_of(center, CENTER, "center")
         adaptive = {param for g in self.param_groups if g["p"] == "adaptive" for param in g["params"]}
         handles = []
         for module in model.modules():
@@ -393,12 +382,12 @@ class SchattenMuon(torch.optim.Optimizer):
             self._probing, self._outputs = False, {}
         if self._pending and world()[1] > 1:
             self._gather_pending()
+        shard = world()[1] > 1 and self.distributed is not False
         for group in self.param_groups:
             params = [q for q in group["params"] if q.grad is not None]
             if not params:
                 continue
             beta, lr, wd, p = group["momentum"], group["lr"], group["weight_decay"], group["p"]
-            shard = world()[1] > 1 and self.distributed is not False
             grads = [q.grad for q in params]
             updates = momentum_directions(self.state, params, grads, beta, group["nesterov"])
             for q in params:
@@ -420,9 +409,11 @@ class SchattenMuon(torch.optim.Optimizer):
                     if D is not None:
                         O = O * torch.stack([D[i].reshape(m, n) for i in idx]).to(O.dtype)
                     O = O * (math.sqrt(min(m, n)) / (torch.linalg.matrix_norm(O, keepdim=True) + 1e-12))
-                if group["pin"] == "kappa":
+                if group["pin"] == "kappa":       # kappa carries the shape: no adjust_lr factor
                     O = O * self._kappa_power(group, m, n, p, stack, O.dtype)
-                scale = 1.0 if group["pin"] == "kappa" else lr_scale(m, n, group["adjust_lr"])
+                    scale = 1.0
+                else:
+                    scale = lr_scale(m, n, group["adjust_lr"])
                 apply_updates([params[i] for i in idx], O, lr, wd, scale)
         self._pending.clear()  # inputs of matrices another rank computed: consumed there
         return loss
@@ -455,14 +446,12 @@ class SchattenMuon(torch.optim.Optimizer):
                     state[key] = row[col:col + g].clone()
 
     def _kappa_power(self, group: dict, m: int, n: int, p, stack: list, dtype: torch.dtype):
-        """kappa^(1/p) per matrix, kappa = (adam_lr rho_adam) / (lr rho_muon), rho_muon = 1/sqrt(max(m, n)),
-        rho_adam = sqrt((1 - beta1) / (1 + beta1)) ("noisy") or 1 ("determ"): the update's Frobenius
-        norm moves from Muon's sqrt(min(m, n)) at p = inf to Adam's per-entry step at p = 1."""
+        """kappa^(1/p) per matrix, kappa = adam_step / (lr rho_muon), rho_muon = 1/sqrt(max(m, n))
+        (:class:`KappaPin`): the update's Frobenius norm moves from Muon's sqrt(min(m, n)) at p = inf
+        to Adam's per-entry step at p = 1."""
         if group["lr"] <= 0:
             return 1.0
-        b1 = group["adam_beta1"]
-        rho_adam = 1.0 if group["adam_regime"] == "determ" else math.sqrt((1 - b1) / (1 + b1))
-        kappa = max(group["adam_lr"] * rho_adam * math.sqrt(max(m, n)) / group["lr"], 1e-12)
+        kappa = max(group["adam_step"] * math.sqrt(max(m, n)) / group["lr"], 1e-12)
         if p == "adaptive":
             p_vec = torch.stack([self.state[q]["p"] for q in stack]).to(dtype)
             return torch.pow(kappa, 1 / p_vec)[:, None, None]
@@ -519,11 +508,11 @@ class SchattenMuon(torch.optim.Optimizer):
                 self._exponents.pop(key, None)
             if key not in self._exponents:                 # p only changes at the criterion's steps
                 p_vec = torch.stack([s["p"].to(dtype) for s in states])
-                self._exponents[key] = ((1 / p_vec - 1) / 2)[:, None, None]
+                self._exponents[key] = ((1 / p_vec - 1) / 2)[:, None]
             exponent = self._exponents[key]
         else:
             exponent = (1 / p - 1) / 2
-        S = ((W * lam_c.unsqueeze(-2).pow(exponent)) @ W.mT) @ X     # k x k first: one pass over the long side
+        S = _gram_power(X, lam_c, W, exponent)
         return S.mT if transposed else S
 
     def load_state_dict(self, state_dict: dict) -> None:
