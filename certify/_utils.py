@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..modes import training_mode
-from ..nn._precision import full_precision
+from ..nn.precision import full_precision
 
 
 @contextmanager

@@ -76,11 +76,11 @@ def private_trainable(model: nn.Module, trainable: str = "dense", freeze_bias: b
     nothing, so they need no gradient bound and no noise."""
     if trainable not in ("dense", "all"):
         raise ValueError(f"trainable must be 'dense' or 'all', got {trainable!r}")
-    from lipnet.nn import OrthoConv2d
+    from lipnet.nn import OrthoConv2d, OrthoConvTranspose2d
 
     if trainable == "dense":
         for m in model.modules():
-            if isinstance(m, (OrthoConv2d, nn.Conv2d, nn.ConvTranspose2d)):
+            if isinstance(m, (OrthoConv2d, OrthoConvTranspose2d, nn.Conv2d, nn.ConvTranspose2d)):
                 m.requires_grad_(False)
     if freeze_bias:
         for name, p in model.named_parameters():

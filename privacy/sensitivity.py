@@ -52,8 +52,8 @@ from functools import lru_cache, singledispatch
 import torch
 from torch import nn
 
-from lipnet.nn import (BatchCentering, ConvexResidual, L2BallProjection, LayerCentering, OrthoConv2d, SLLBlock,
-                       lipschitz_bound)
+from lipnet.nn import (BatchCentering, ConvexResidual, L2BallProjection, LayerCentering, OrthoConv2d,
+                       OrthoConvTranspose2d, SLLBlock, lipschitz_bound)
 from lipnet.validate import finite_positive
 
 # Relative slack on every bound: the bounds are computed in float64 from the weights, the per-sample
@@ -266,7 +266,8 @@ def _(m: nn.Module, a: _Analysis, name: str, b: float, shape, g: float):
 
 
 @_visit.register(OrthoConv2d)
-def _(m: OrthoConv2d, a: _Analysis, name: str, b: float, shape, g: float):
+@_visit.register(OrthoConvTranspose2d)
+def _(m: OrthoConv2d | OrthoConvTranspose2d, a: _Analysis, name: str, b: float, shape, g: float):
     reuse, positions = conv_reuse(m.conv, shape)  # the orthogonium conv holds stride/padding/dilation
     return _weighted(m, a, name, b, shape, g, math.sqrt(reuse), positions)
 

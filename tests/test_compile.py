@@ -34,6 +34,21 @@ def test_the_forward_pass_compiles_into_one_graph(name, mode):
     assert explanation.graph_break_count == 0, reasons
 
 
+def test_the_orthogonal_transposed_convolution_compiles_into_one_graph():
+    """No model preset holds an OrthoConvTranspose2d: a down-up pair of its own (default
+    parametrization, as the presets), in training mode."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ln.OrthoConv2d(2, 8, 2, stride=2, padding=0), ln.MaxMin(),
+                                ln.OrthoConvTranspose2d(8, 2, 3, stride=2, padding=1, output_padding=1))
+    x = torch.rand(4, 2, 8, 8)
+    dynamo.reset()
+    explanation = dynamo.explain(model)(x)
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, reasons
+    dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x))
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "turbomuon"])
 def test_compiled_training_steps_match_eager_ones(optimizer):
     torch.manual_seed(0)

@@ -36,6 +36,8 @@ LAYERS = [
     (lambda: ln.OrthoConv2d(4, 16, 2, stride=2, padding=0), (2, 4, 8, 8)),
     (lambda: ln.OrthoConv2d(4, 8, 3, groups=2, dilation=2, padding_mode="zeros"), (2, 4, 8, 8)),
     (lambda: ln.OrthoConv2d(8, 4, 3, stride=2, padding=1, transposed=True, output_padding=1), (2, 8, 4, 4)),
+    (lambda: ln.OrthoConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1), (2, 8, 4, 4)),
+    (lambda: ln.OrthoConvTranspose2d(8, 4, 2, stride=2, padding=0, parametrization="polar"), (2, 8, 4, 4)),
     (lambda: ln.AOLConv2d(4, 6, 3, stride=2, padding=1), (2, 4, 8, 8)),
     (lambda: ln.SLLBlock(6, 4), (3, 6)), (lambda: ln.SLLBlock(4, 6, kernel_size=3), (2, 4, 5, 5)),
     (lambda: ln.ConvexResidual(ln.OrthoLinear(4, 4), 0.3, learnable=True), (3, 4)),

@@ -21,6 +21,10 @@ LAYERS = [
     *[(f"OrthoConv2d-{p}", lambda p=p: ln.OrthoConv2d(2, 4, 3, parametrization=p), (2, 5, 5)) for p in P],
     *[(f"OrthoConv2d-strided-{p}", lambda p=p: ln.OrthoConv2d(2, 8, 2, stride=2, padding=0, parametrization=p),
        (2, 4, 4)) for p in P],
+    *[(f"OrthoConvTranspose2d-{p}", lambda p=p: ln.OrthoConvTranspose2d(4, 2, 3, parametrization=p), (4, 5, 5))
+      for p in P],
+    *[(f"OrthoConvTranspose2d-strided-{p}",
+       lambda p=p: ln.OrthoConvTranspose2d(8, 2, 2, stride=2, padding=0, parametrization=p), (8, 2, 2)) for p in P],
     *[(f"OrthoConv1d-{p}", lambda p=p: ln.OrthoConv1d(2, 4, 3, parametrization=p), (2, 6)) for p in P],
     *[(f"orthogonal(nn.Linear)-{p}", lambda p=p: ln.orthogonal(nn.Linear(4, 4), parametrization=p), (4,)) for p in P],
     ("AOLLinear", lambda: ln.AOLLinear(5, 4), (5,)),

@@ -423,6 +423,7 @@ def test_bad_inputs_raise_clear_errors():
     (dict(kernel_size=3, groups=3), "divisible by groups"),
     (dict(kernel_size=3, transposed=True, padding_mode="circular"), "zero padding only"),
     (dict(kernel_size=3, padding_mode="reflect"), "padding_mode"),
+    (dict(kernel_size=3, padding=(0, 1)), "square"),
     (dict(kernel_size=3, method="qr"), "unknown orthogonalization method"),
     (dict(kernel_size=0), "positive int"),
 ])
@@ -459,6 +460,62 @@ def test_output_padding_is_validated_at_construction():
         ln.OrthoConv2d(4, 4, 3, output_padding=1)
     up = ln.OrthoConv2d(8, 4, 2, stride=2, padding=0, transposed=True, output_padding=1)
     assert up(torch.randn(1, 8, 4, 4)).shape[-1] == 9
+
+
+@pytest.mark.parametrize("kwargs,keys", [
+    (dict(in_channels=8, out_channels=4, kernel_size=3, stride=2, padding=1, output_padding=1),
+     ["conv.bias", "conv.parametrizations.weight_1.original", "conv.parametrizations.weight_2.original"]),
+    (dict(in_channels=4, out_channels=4, kernel_size=3), ["conv.bias", "conv.parametrizations.weight.original"]),
+    (dict(in_channels=8, out_channels=4, kernel_size=2, stride=2, padding=0, parametrization="polar"),
+     ["conv.bias", "conv.parametrizations.weight.original"]),
+    (dict(in_channels=4, out_channels=8, kernel_size=3, groups=2, dilation=2),
+     ["conv.bias", "conv.parametrizations.weight.original"]),
+])
+def test_ortho_conv_transpose_is_the_transposed_flag_s_layer(kwargs, keys):
+    """OrthoConv2d(..., transposed=True) builds an OrthoConvTranspose2d: the same state_dict keys
+    (checkpoints load), the same parameters for one seed, bound and plain nn.ConvTranspose2d export."""
+    torch.manual_seed(0)
+    flagged = ln.OrthoConv2d(**kwargs, transposed=True)
+    torch.manual_seed(0)
+    layer = ln.OrthoConvTranspose2d(**kwargs)
+    assert type(flagged) is ln.OrthoConvTranspose2d and layer.transposed and not isinstance(layer, ln.OrthoConv2d)
+    sd = flagged.state_dict()
+    assert list(sd) == list(layer.state_dict()) == keys
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in sd.items())
+    fresh = ln.OrthoConvTranspose2d(**kwargs)
+    with torch.no_grad():
+        sd = {k: v + 0.1 * torch.randn_like(v) for k, v in sd.items()}  # away from the shared init
+    flagged.load_state_dict(sd)
+    fresh.load_state_dict(sd)
+    flagged.eval(), fresh.eval()
+    x = torch.randn(2, kwargs["in_channels"], 5, 5)
+    torch.testing.assert_close(fresh(x), flagged(x), rtol=0, atol=0)
+    assert ln.lipschitz_bound(fresh) == ln.lipschitz_bound(flagged) <= 1 + 1e-3
+    exported = ln.export(fresh)
+    op = kwargs.get("output_padding", 0)
+    assert type(exported) is nn.ConvTranspose2d and exported.output_padding == (op, op)
+    torch.testing.assert_close(exported(x), fresh(x), rtol=1e-5, atol=1e-6)
+    assert ln.lipschitz_bound(exported) == pytest.approx(ln.lipschitz_bound(fresh), rel=1e-9)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(padding_mode="circular"), "zero padding only"),
+    (dict(padding=2, output_padding=1), "smaller than the stride"),
+    (dict(kernel_size=2), "odd dilated kernel"),
+    (dict(padding=(0, 1)), "square"),
+])
+def test_impossible_ortho_conv_transpose_configs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ln.OrthoConvTranspose2d(8, 4, **{"kernel_size": 3, **kwargs})
+
+
+def test_a_subclass_of_ortho_conv2d_refuses_transposed():
+    class Sub(ln.OrthoConv2d):
+        pass
+
+    with pytest.raises(ValueError, match="OrthoConvTranspose2d"):
+        Sub(4, 4, 3, transposed=True)
+    assert type(Sub(4, 4, 3)) is Sub
 
 
 def test_batch_centering_in_training_mode_runs_under_torch_func():

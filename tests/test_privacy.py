@@ -16,7 +16,7 @@ import lipnet.nn as ln
 from lipnet.data import DATASETS, BatchLoader, ImageDataset
 from lipnet.models import mnist_convnet
 from lipnet.privacy import (BOUND_MARGIN, PoissonBatchLoader, PrivateTrainer, conv_reuse, gradient_norm_bounds, make_private,
-                            noise_stds, per_sample_gradient_norms)
+                            noise_stds, per_sample_gradient_norms, private_trainable)
 
 TOL = 1e-6  # the bounds carry BOUND_MARGIN = 1e-4; the audit is float64-normed float32 gradients
 
@@ -200,6 +200,20 @@ def test_conv_reuse_counts():
     # circular padding on a 2x2 map: a 3x3 window reads pixels twice through the wrap-around
     assert conv_reuse(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"), (2, 2))[0] == 9
     assert conv_reuse(nn.ConvTranspose2d(1, 1, 3, stride=2, padding=1), (4, 4))[0] == 4
+
+
+def test_orthogonal_transposed_convs_get_a_gradient_bound_and_freeze_as_convs():
+    model = nn.Sequential(ln.OrthoConv2d(1, 4, 2, stride=2, padding=0, padding_mode="zeros"), ln.MaxMin(),
+                          ln.OrthoConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1), ln.MaxMin(),
+                          ln.Flatten(), ln.OrthoLinear(2 * 8 * 8, 3))
+    model = _perturb(model, 0.1, 0)
+    x = _on_sphere((1, 8, 8), 2.0, 0, 12)
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(0))
+    ratios = _check(model, ln.LipschitzCrossEntropy(temperature=0.1), x, y, 2.0)
+    assert any(name.startswith("2.") for name in ratios), ratios
+    trainable = private_trainable(model)  # "dense": every convolution frozen, biases too
+    assert {id(p) for p in trainable} == {id(p) for p in model[5].parameters() if p.requires_grad}
+    assert not any(p.requires_grad for p in model[2].parameters())
 
 
 def test_unsupported_layers_and_losses_are_refused():

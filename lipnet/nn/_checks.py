@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..validate import positive_int
+
 _enabled = True
 
 
@@ -34,6 +36,15 @@ def plain_eager() -> bool:
 def input_checks_enabled() -> bool:
     """Whether the per-layer input checks are on (see :func:`set_input_checks`)."""
     return _enabled
+
+
+def check_channels(in_channels: int, out_channels: int, groups: int) -> None:
+    """Raise ValueError unless the three are positive ints and ``groups`` divides both channel counts
+    (the convolutions' construction-time check)."""
+    for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        positive_int(v, name)
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
 
 
 def check_input(x: torch.Tensor, layer: str, *, channels: int, ndims: tuple[int, ...]) -> None:

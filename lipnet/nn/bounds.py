@@ -19,7 +19,7 @@ from torch import nn
 from ..ortho import SAFETY_MARGIN, spectral_norm_bound
 from .activations import Abs, FullSort, GroupSort, HouseHolder, LPReLU, MaxMin
 from .centering import BatchCentering, LayerCentering
-from .conv import OrthoConv2d
+from .conv import OrthoConv2d, OrthoConvTranspose2d
 from .conv1d import OrthoConv1d
 from .conv_norm import conv_operator_norm_bound
 from .cpl import ConvexPotentialLayer
@@ -94,7 +94,8 @@ def _ortho_conv1d(m: OrthoConv1d) -> float:
 
 
 @lipschitz_bound.register(OrthoConv2d)
-def _ortho_conv(m: OrthoConv2d) -> float:
+@lipschitz_bound.register(OrthoConvTranspose2d)  # the adjoint of a conv: same norm
+def _ortho_conv(m: OrthoConv2d | OrthoConvTranspose2d) -> float:
     return conv_operator_norm_bound(m.weight, m.stride, m.dilation, m.groups)
 
 

@@ -19,10 +19,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..validate import positive_int
-from ._checks import check_input
-from ._precision import full_precision
-from .conv import _check_channels
+from ._checks import check_channels, check_input
 from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, CoreOrthogonalizer, retract_
+from .precision import full_precision
 
 PADDING_MODES = ("circular", "zeros")
 
@@ -76,7 +75,7 @@ class OrthoConv1d(nn.Module):
                  parametrization: str = DEFAULT_PARAMETRIZATION) -> None:
         super().__init__()
         name = "OrthoConv1d"
-        _check_channels(in_channels, out_channels, groups)
+        check_channels(in_channels, out_channels, groups)
         for label, v in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
             positive_int(v, f"{name}: {label}")
         channels = max(in_channels, out_channels) // groups

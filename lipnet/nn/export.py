@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..modes import training_mode
-from .conv import AOLConv2d, OrthoConv2d
+from .conv import AOLConv2d, OrthoConv2d, OrthoConvTranspose2d
 from .conv1d import OrthoConv1d
 from .cpl import ConvexPotentialLayer
 from .linear import AOLLinear, OrthoLinear
@@ -45,7 +45,7 @@ def _copy_param(p: torch.Tensor | None) -> nn.Parameter | None:
 def _plain_layer(m: nn.Module) -> nn.Module:
     """The plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d`` computing what ``m`` computes,
     with ``m``'s current (constrained) weight and bias: OrthoLinear, AOLLinear, OrthoConv2d,
-    AOLConv2d and every ``nn.Linear`` / ``nn.Conv2d`` constrained by :func:`lipnet.nn.orthogonal` /
+    OrthoConvTranspose2d, AOLConv2d and every ``nn.Linear`` / ``nn.Conv2d`` constrained by :func:`lipnet.nn.orthogonal` /
     :func:`lipnet.nn.aol`."""
     factory = dict(device=m.weight.device, dtype=m.weight.dtype)
     if isinstance(m, nn.Linear):
@@ -62,7 +62,7 @@ def _plain_layer(m: nn.Module) -> nn.Module:
     return out
 
 
-for _cls in (OrthoLinear, AOLLinear, OrthoConv2d, AOLConv2d):
+for _cls in (OrthoLinear, AOLLinear, OrthoConv2d, OrthoConvTranspose2d, AOLConv2d):
     register_exporter(_cls)(_plain_layer)
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validate import finite_nonnegative, finite_positive, one_of, positive_int, unit_interval
-from .losses import REDUCTIONS, LipschitzCrossEntropy, _reduce, class_indices
+from .losses import REDUCTIONS, LipschitzCrossEntropy, class_indices, reduce_loss
 
 FREQUENCIES = ("balanced", "batch")
 
@@ -124,7 +124,7 @@ class KRLoss(_LogitLoss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_classes(logits, type(self).__name__)
         value = _kr_terms(logits, _signs(logits, target, type(self).__name__), self.frequencies)
-        return _reduce(self._sign * value, self.reduction)
+        return reduce_loss(self._sign * value, self.reduction)
 
 
 class NegKRLoss(KRLoss):
@@ -150,7 +150,7 @@ class HingeMarginLoss(_LogitLoss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_classes(logits, "HingeMarginLoss")
         value = _hinge_terms(logits, _signs(logits, target, "HingeMarginLoss"), self.min_margin)
-        return _reduce(value, self.reduction)
+        return reduce_loss(value, self.reduction)
 
 
 class HKRLoss(_LogitLoss):
@@ -178,7 +178,7 @@ class HKRLoss(_LogitLoss):
         signs = _signs(logits, target, "HKRLoss")
         value = (self.alpha * _hinge_terms(logits, signs, self.min_margin)
                  - (1 - self.alpha) * _kr_terms(logits, signs, self.frequencies))
-        return _reduce(value, self.reduction)
+        return reduce_loss(value, self.reduction)
 
 
 class TauCrossEntropyLoss(LipschitzCrossEntropy):
@@ -242,7 +242,7 @@ class LseHKRLoss(_SingleLabelHKR):
             negative = torch.logsumexp(t * masked, dim=1) / t
         m = self.min_margin
         hinge = F.relu(m / 2 - true) + F.relu(m / 2 + negative)
-        return _reduce((1 - self.alpha) * (negative - true) + self.alpha * hinge, self.reduction)
+        return reduce_loss((1 - self.alpha) * (negative - true) + self.alpha * hinge, self.reduction)
 
 
 class SoftHKRLoss(_SingleLabelHKR):
@@ -276,7 +276,7 @@ class SoftHKRLoss(_SingleLabelHKR):
         m = self.min_margin
         kr = (weights * logits).sum(dim=1) - true
         hinge = F.relu(m / 2 - true) + (weights * F.relu(m / 2 + logits)).sum(dim=1)
-        return _reduce((1 - self.alpha) * kr + self.alpha * hinge, self.reduction)
+        return reduce_loss((1 - self.alpha) * kr + self.alpha * hinge, self.reduction)
 
 
 class TauBCEWithLogitsLoss(_LogitLoss):
@@ -305,7 +305,7 @@ class TauBCEWithLogitsLoss(_LogitLoss):
                              f"{tuple(target.shape)}")
         positive = (target.reshape(logits.shape) > 0).to(logits.dtype)
         per_logit = F.binary_cross_entropy_with_logits(self.tau * logits, positive, reduction="none") / self.tau
-        return _reduce(per_logit.mean(dim=1), self.reduction)
+        return reduce_loss(per_logit.mean(dim=1), self.reduction)
 
 
 __all__ = ["FREQUENCIES", "HKRLoss", "HingeMarginLoss", "KRLoss", "LseHKRLoss", "NegKRLoss", "SoftHKRLoss",

@@ -19,7 +19,9 @@ from ..validate import finite_nonnegative, finite_positive, one_of
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_loss(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-sample loss ``values`` reduced as ``reduction`` (one of :data:`REDUCTIONS`) says: their
+    mean, their sum, or the values themselves (``"none"``)."""
     if reduction == "mean":
         return values.mean()
     if reduction == "sum":
@@ -90,7 +92,7 @@ class MultiMarginHinge(nn.Module):
         target = class_indices(logits, target, "MultiMarginHinge")
         true = logits.gather(1, target[:, None])[:, 0]
         others = logits.scatter(1, target[:, None], float("-inf")).amax(dim=1)
-        return _reduce(F.relu(self.margin - (true - others)), self.reduction)
+        return reduce_loss(F.relu(self.margin - (true - others)), self.reduction)
 
 
 class ClippedLossGradient(nn.Module):
@@ -138,7 +140,7 @@ class ClippedLossGradient(nn.Module):
         clipped = (g * (self.clip / g.norm(dim=1, keepdim=True).clamp_min(self.clip))).detach()
         # the value; d out_i / d z = clipped_i exactly
         out = values.detach() + (clipped * (logits - logits.detach())).sum(dim=1)
-        return _reduce(out, self.reduction)
+        return reduce_loss(out, self.reduction)
 
     def extra_repr(self) -> str:
         return f"clip={self.clip:g}"

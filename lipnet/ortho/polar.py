@@ -6,7 +6,7 @@ one), on a flattened batch ``(B, k, N)``, with one ``baddbmm`` per term:
     A = X X^T;   B = b A + c A A;   X = a X + B X        (one step, coefficients from schedules.py)
 
 or, for clearly wide matrices in the optimizer's methods, the same steps on the k x k side only
-(``form="gram"``, see ``_iterate_gram``): ~2 k^2 N + 13 k^3 flops for turbo instead of 8 k^2 N + 4 k^3.
+(``form="gram"``, see ``iterate_gram``): ~2 k^2 N + 13 k^3 flops for turbo instead of 8 k^2 N + 4 k^3.
 
 Methods (``orthogonalize(W, method=...)``):
 
@@ -104,8 +104,13 @@ def aol_rescale(W: torch.Tensor) -> torch.Tensor:
     return X.mT if transpose else X
 
 
-def _iterate(X: torch.Tensor, gram: torch.Tensor | None, schedule: Sequence[Coefficients],
+def iterate(X: torch.Tensor, gram: torch.Tensor | None, schedule: Sequence[Coefficients],
              first_fp32_step: int, dtype: torch.dtype) -> torch.Tensor:
+    """The polynomial steps X <- a X + (b A + c A^2) X, A = X X^T, one per ``(a, b, c)`` of
+    ``schedule``, on a short-side (B, k, N) stack X; ``gram``: the first step's A if already known
+    (None: computed). Steps before ``first_fp32_step`` run in bf16, the others in ``dtype``. X is
+    used as given (no validation, no preconditioning): :func:`orthogonalize` preconditions it, the
+    retraction hands in factors already near orthogonal."""
     for i, (a, b, c) in enumerate(schedule):
         step_dtype = torch.bfloat16 if i < first_fp32_step else dtype
         X = X.to(step_dtype)
@@ -116,8 +121,8 @@ def _iterate(X: torch.Tensor, gram: torch.Tensor | None, schedule: Sequence[Coef
     return X
 
 
-def _iterate_gram(X: torch.Tensor, gram: torch.Tensor | None, schedule: Sequence[Coefficients]) -> torch.Tensor:
-    """The steps of ``_iterate`` (fp32/fp64) without touching the long side until the end.
+def iterate_gram(X: torch.Tensor, gram: torch.Tensor | None, schedule: Sequence[Coefficients]) -> torch.Tensor:
+    """The steps of ``iterate`` (fp32/fp64) without touching the long side until the end.
 
     With A_t = X_t X_t^T and P_t = a I + b A_t + c A_t^2, a step is X_{t+1} = P_t X_t, hence
     A_{t+1} = P_t A_t P_t, and after T steps X_T = (P_{T-1} ... P_0) X_0: every step is k x k
@@ -153,7 +158,7 @@ class _PolarBackward(torch.autograd.Function):
         if schedule is None:  # method="svd": the exact polar factor
             U, _, Vh = torch.linalg.svd(X, full_matrices=False)
             return U @ Vh
-        return _iterate(X, gram, schedule, first_fp32_step, dtype)
+        return iterate(X, gram, schedule, first_fp32_step, dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -300,9 +305,9 @@ def _orthogonalize(W: torch.Tensor, method: str, steps: int | None, low_precisio
     if backward == "polar" and torch.is_grad_enabled() and X.requires_grad:
         X = _PolarBackward.apply(X, gram.detach(), schedule, first_fp32_step, dtype)
     elif form == "gram":
-        X = _iterate_gram(X, gram, schedule)
+        X = iterate_gram(X, gram, schedule)
     else:
-        X = _iterate(X, gram, schedule, first_fp32_step, dtype)
+        X = iterate(X, gram, schedule, first_fp32_step, dtype)
 
     X = X.reshape(*batch_shape, k, n)
     return (X.mT if transpose else X).to(W.dtype)

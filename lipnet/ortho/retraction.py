@@ -29,7 +29,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .polar import POLAR_BACKWARD_METHODS, _iterate, _iterate_gram, orthogonalize
+from .polar import POLAR_BACKWARD_METHODS, iterate, iterate_gram, orthogonalize
 from .schedules import CONVERGENT_SCHEDULE, NEWTON_SCHULZ_QUINTIC, apply_scalar_map
 from .validation import check_matrices
 
@@ -101,12 +101,12 @@ def _gram_residual(A: torch.Tensor, squarings: int = 5) -> float:
 
 def _iterate_short_side(X: torch.Tensor, A: torch.Tensor, schedule: tuple) -> torch.Tensor:
     """The core's polynomial steps on a (B, k, N) stack whose Gram matrices are A: on the k x k
-    Gram side for wide matrices (``polar._iterate_gram``), directly otherwise (``polar._iterate``)."""
+    Gram side for wide matrices (``polar.iterate_gram``), directly otherwise (``polar.iterate``)."""
     if not schedule:
         return X
     if X.shape[-1] >= _GRAM_MIN_ASPECT * X.shape[-2]:
-        return _iterate_gram(X, A, schedule)
-    return _iterate(X, A, schedule, 0, X.dtype)
+        return iterate_gram(X, A, schedule)
+    return iterate(X, A, schedule, 0, X.dtype)
 
 
 def _quintic_steps(X: torch.Tensor, A: torch.Tensor, steps: int) -> torch.Tensor:

@@ -17,3 +17,6 @@ def full_precision(device_type: str) -> AbstractContextManager:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
+
+
+__all__ = ["full_precision"]
