@@ -19,12 +19,13 @@ from . import __version__
 from . import data as lipdata
 from . import distributed as lipdist
 from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
-from .models import MODELS, RESIDUAL_BLOCKS, build_model, load_pretrained, pretrained_names
+from .models import MODELS, RESIDUAL_BLOCKS, build_model
+from .pretrained import load_pretrained, pretrained_names
 from .nn import input_checks_enabled, set_input_checks
 from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
 from .run_dir import claim_run_dir
-from .presets import (DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names,
+from .presets import (ACCOUNTANTS, DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names,
                       takes_parametrization)
 from .training import AMP_DTYPES, amp_dtype, fit
 
@@ -47,7 +48,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="directory written by `lipnet train --out`")
     source.add_argument("--pretrained", choices=pretrained_names(),
-                        help="a certified model shipped with lipnet (lipnet.models.pretrained); its bound is "
+                        help="a certified model shipped with lipnet (lipnet.pretrained); its bound is "
                              "recomputed from its weights")
 
 
@@ -105,13 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dp", action="store_true",
                    help="differentially private training (clipping-free DP-SGD, lipnet.privacy)")
     t.add_argument("--epsilon", type=float, default=None, help="--dp: privacy budget spent by the end of training")
-    t.add_argument("--delta", type=float, default=1e-5, help="--dp: delta (must be < 1/n)")
+    t.add_argument("--delta", type=float, default=None, help="--dp: delta (must be < 1/n; default 1e-5)")
     t.add_argument("--input-bound", type=float, default=None,
                    help="--dp: inputs are projected onto the L2 ball of this radius (raw pixels; default: preset)")
     t.add_argument("--loss-clip", type=float, default=None,
                    help="--dp: clip each sample's loss gradient w.r.t. the logits to this norm and calibrate the "
                         "noise to it (lipnet.nn.ClippedLossGradient; default: the preset's; 0: off)")
-    t.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="--dp: opacus accountant")
+    t.add_argument("--accountant", choices=list(ACCOUNTANTS), default=None, help="--dp: opacus accountant (default: rdp)")
     t.add_argument("--noise", choices=["global", "per_layer"], default=None,
                    help="--dp: noise calibration (default: the preset's, per_layer)")
     t.add_argument("--dp-train", choices=["dense", "all"], default=None,
@@ -160,30 +161,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Test-only: seconds to sleep before each training batch, so that tests/test_cli.py can kill a run
-# in the middle of an epoch (the results do not depend on it). Not an option for users.
-_STEP_DELAY_VAR = "LIPNET_TEST_STEP_DELAY"
-
-
-class _DelayedLoader:
-    """The wrapped loader, each batch handed out ``delay`` seconds late (see ``_STEP_DELAY_VAR``);
-    every other attribute (len, dataset, generator) is the wrapped loader's."""
-
-    def __init__(self, loader, delay: float) -> None:
-        self.loader, self.delay = loader, delay
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            time.sleep(self.delay)
-            yield batch
-
-    def __getattr__(self, name: str):
-        return getattr(self.loader, name)
-
-
 def _run_dir(args) -> Path:
     """The directory `lipnet train` writes: --out, else the --resume directory."""
     return Path(args.out if args.out is not None else args.resume)
@@ -208,9 +185,6 @@ def _loaders(config: TrainConfig, args, world_size: int = 1):
     else:
         train_loader = lipdata.BatchLoader(train, config.batch_size, shuffle=True,
                                            generator=torch.Generator().manual_seed(config.seed))
-    delay = float(os.environ.get(_STEP_DELAY_VAR) or 0)
-    if delay > 0:
-        train_loader = _DelayedLoader(train_loader, delay)
     return train_loader, lipdata.BatchLoader(test, 500, shuffle=False)
 
 
@@ -233,11 +207,6 @@ _RESULT_OPTIONS = (("--dataset", "dataset"), ("--epochs", "epochs"), ("--batch-s
                    ("--matrix-lr", "matrix_lr"))
 
 
-def _amp_option(args) -> str | None:
-    """--amp as a TrainConfig.amp override: None when not given or "fp32" (which _train_config applies)."""
-    return None if args.amp == "fp32" else args.amp
-
-
 def _model_default(model: str, key: str):
     """The default of ``MODELS[model]``'s keyword ``key`` (what a checkpoint without it was built with), or None."""
     parameter = inspect.signature(MODELS[model]).parameters.get(key)
@@ -248,13 +217,12 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
     """The configuration of the run to resume; ValueError if the command line asks for another one
     (an option given with a different value) or the checkpoint cannot be resumed."""
     config = ckpt.config
-    if config.dp is not None:
+    if config.private:
         raise ValueError(f"--resume is not supported with --dp yet: {ckpt.path} is a private run (the privacy "
                          "accountant's state is not checkpointed)")
-    if not ckpt.resumable:
-        raise ValueError(f"--resume: {ckpt.path} holds weights only, no training state (written by an older lipnet?)")
+    ckpt.check_resumable(world_size)
     given = {attr: getattr(args, attr) for _, attr in _RESULT_OPTIONS}
-    if args.amp == "fp32":
+    if args.amp == "fp32":  # "no autocast": a conflict only with a run that had one
         given["amp"] = "fp32" if config.amp is not None else None
     conflicts = [f"{flag} {given[attr]} (the run's: {getattr(config, attr)})" for flag, attr in _RESULT_OPTIONS
                  if given[attr] is not None and given[attr] != getattr(config, attr)]
@@ -265,13 +233,11 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
         value, run_value = getattr(args, key), run_block if key == "block" else config.model_config.get(key)
         if value is not None and value != run_value:
             conflicts.append(f"{flag} {value} (the run's: {run_value})")
+    if args.dp:
+        conflicts.append("--dp (the run is not private)")
     if conflicts:
         raise ValueError(f"--resume {args.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps "
                          "its configuration (leave these options out, or start a new run with --out)")
-    trained_by = ckpt.training.get("world_size", 1)
-    if trained_by != world_size:
-        raise ValueError(f"--resume {args.resume}: the run was trained by {trained_by} process(es), resume it with "
-                         f"--nproc {trained_by} (got {world_size})")
     return config
 
 
@@ -280,14 +246,8 @@ def cmd_train(args) -> int:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.dp and args.epsilon is None:
         raise ValueError("--dp needs --epsilon (the privacy budget), e.g. --dp --epsilon 1.0 --delta 1e-5")
-    if not args.dp and args.epsilon is not None:
-        raise ValueError("--epsilon is only meaningful with --dp")
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.dp and args.resume is not None:
-        raise ValueError("--resume is not supported with --dp yet (the privacy accountant's state is not checkpointed)")
-    if args.dp and args.amp not in (None, "fp32"):
-        raise ValueError("--amp is not supported with --dp (private training's gradient bounds are computed for fp32)")
     world_size = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
     if args.resume is not None:
         ckpt = read_checkpoint(args.resume)
@@ -299,7 +259,7 @@ def cmd_train(args) -> int:
     else:
         ckpt, config = None, _train_config(args)
     amp_dtype(config.amp, args.device)
-    if not args.dp and config.batch_size % world_size:
+    if not config.private and config.batch_size % world_size:
         raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the number of "
                          "processes")
     out = _run_dir(args)
@@ -314,7 +274,7 @@ def cmd_train(args) -> int:
             return 0
         ctx = lipdist.init_distributed(args.device)
         try:
-            if args.dp:
+            if config.private:
                 return _train_private(args, ctx, config)
             return _train(args, ctx, config, ckpt)
         finally:
@@ -325,30 +285,17 @@ def cmd_train(args) -> int:
 
 
 def _train_config(args) -> TrainConfig:
-    """The dataset's preset (the private one with --dp) with the command line's overrides."""
-    if args.dp and (args.optimizer not in (None, "adam") or args.matrix_lr is not None):
-        raise ValueError("--optimizer / --matrix-lr do not apply to --dp (private training uses the private preset's "
-                         "optimizer)")
-    if args.holdout is not None and args.dp:
-        raise ValueError("--holdout is not available with --dp (benchmarks/privacy.py --tune searches private "
-                         "recipes on a held-out split)")
-    config = TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, preset=args.preset,
-                                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, offset=args.offset,
-                                     seed=args.seed, limit=args.limit, amp=_amp_option(args),
-                                     holdout=args.holdout, optimizer=args.optimizer, matrix_lr=args.matrix_lr)
-    if args.amp == "fp32":
-        config.amp = None
-    for key in ("width", "block"):
-        value = getattr(args, key)
-        if value is not None:
-            if key not in inspect.signature(MODELS[config.model]).parameters:
-                raise ValueError(f"--{key} does not apply to {config.model}")
-            config.model_config = {**config.model_config, key: value}
-    if args.parametrization is not None:
-        if not takes_parametrization(config.model):
-            raise ValueError(f"--parametrization does not apply to {config.model}")
-        config.model_config = {**config.model_config, "parametrization": args.parametrization}
-    return config
+    """The dataset's preset (the private one with --dp) with the command line's overrides; every
+    rule between options is TrainConfig's."""
+    privacy = {"epsilon": args.epsilon, "delta": args.delta, "accountant": args.accountant,
+               "input_bound": args.input_bound, "noise": args.noise, "trainable": args.dp_train,
+               "loss_clip": args.loss_clip}
+    return TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, preset=args.preset,
+                                   model_overrides={"width": args.width, "block": args.block,
+                                                    "parametrization": args.parametrization},
+                                   privacy=privacy, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                   offset=args.offset, seed=args.seed, limit=args.limit, amp=args.amp,
+                                   holdout=args.holdout, optimizer=args.optimizer, matrix_lr=args.matrix_lr)
 
 
 def _rank_log(ctx: lipdist.DistributedContext):
@@ -385,28 +332,22 @@ def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -
     (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and writes the checkpoint after every epoch."""
     from .training import fit_private
 
-    config.dp.update(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
-    config.dp.update({k: v for k, v in (("input_bound", args.input_bound), ("noise", args.noise),
-                                        ("trainable", args.dp_train)) if v is not None})
-    if args.loss_clip is not None:
-        if not (math.isfinite(args.loss_clip) and args.loss_clip >= 0):
-            raise ValueError(f"--loss-clip must be >= 0 (0: no clipping), got {args.loss_clip}")
-        config.dp["loss_clip"] = args.loss_clip or None
     train = _dataset(args, args.dataset, "train", args.limit)
     test = _dataset(args, args.dataset, "test", args.limit)
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_config).to(ctx.device)
     log, procs = _rank_log(ctx)
     log(f"private training of {config.model} on {args.dataset} ({len(train)} train / {len(test)} test) for "
-        f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={args.epsilon:g}, delta={args.delta:g})")
+        f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={config.privacy.epsilon:g}, "
+        f"delta={config.privacy.delta:g})")
     start = time.perf_counter()
     history = fit_private(model, train, lipdata.BatchLoader(test, 500), config, device=ctx.device,
                           progress=not args.no_progress and ctx.is_main, log=log, evaluate=ctx.is_main,
                           checkpoint_dir=args.out if ctx.is_main else None)
     if not ctx.is_main:
         return 0
-    print(f"privacy: ({history[-1]['epsilon']:.3f}, {args.delta:g})-DP after {history[-1]['steps']} steps "
-          f"(accountant {args.accountant}); saved {Path(args.out) / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
+    print(f"privacy: ({history[-1]['epsilon']:.3f}, {config.privacy.delta:g})-DP after {history[-1]['steps']} steps "
+          f"(accountant {config.privacy.accountant}); saved {Path(args.out) / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 

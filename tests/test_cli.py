@@ -144,7 +144,8 @@ def test_train_dp_reports_epsilon_per_epoch(tmp_path, data_root, capsys):
     assert "-DP after 8 steps" in text
     model, config, history = load_checkpoint(out)
     assert config.model == "scatter-net" and isinstance(model[2], Scattering2d)
-    assert config.dp["epsilon"] == 2.0 and config.dp["epsilon_spent"] == pytest.approx(spent[1], abs=1e-3)
+    assert config.privacy.epsilon == 2.0 and config.privacy.delta == 1e-4
+    assert config.optimizer == "sgd" and config.privacy.momentum == 0.9   # what the run trained with
     assert [h["epsilon"] for h in history] == pytest.approx(spent, abs=1e-3)
 
 
@@ -157,7 +158,7 @@ def test_train_dp_loss_clip_calibrates_the_noise_to_the_clip(tmp_path, data_root
     assert re.search(r"loss Lipschitz 0\.2\b", text)
     sensitivity = float(re.findall(r"C=([0-9.e+-]+)", text)[0])
     _, config, _ = load_checkpoint(out)
-    assert config.dp["loss_clip"] == 0.2
+    assert config.privacy.loss_clip == 0.2
     # one linear head on scattering features of norm <= 8: C = 8 * 0.2 (not 8 * sqrt(2)), up to BOUND_MARGIN
     assert sensitivity == pytest.approx(8 * 0.2, rel=2e-3)
 
@@ -169,19 +170,19 @@ def test_cifar10_private_default_is_the_measured_scatter_recipe():
     from lipnet.nn import ClippedLossGradient, LipschitzCrossEntropy
     from lipnet.privacy import gradient_norm_bounds, split_frozen_prefix
 
-    config = TrainConfig.from_preset("cifar10", private=True)
+    config = TrainConfig.from_preset("cifar10", private=True, privacy={"epsilon": 3.0})
     assert config.model == "scatter-net" and (config.lr, config.temperature, config.offset) == (1.0, 1.0, 0.0)
-    assert config.dp["loss_clip"] == 0.25
+    assert config.privacy.loss_clip == 0.25
     model = build_model(config.model, **config.model_config)
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, 10)
     # raw pixels in [0, 1]^3072 lie in the input ball (the trainer's projection is a no-op) and the
     # scattering is the frozen prefix: only the linear head is trained, with a finite bound
-    assert config.dp["input_bound"] >= x[0].numel() ** 0.5
+    assert config.privacy.input_bound >= x[0].numel() ** 0.5
     prefix, head = split_frozen_prefix(model)
     assert isinstance(prefix[2], Scattering2d) and len(head) == 1
-    loss = ClippedLossGradient(LipschitzCrossEntropy(config.temperature, config.offset), config.dp["loss_clip"])
-    report = gradient_norm_bounds(model, config.dp["input_bound"], loss, (3, 32, 32))
+    loss = ClippedLossGradient(LipschitzCrossEntropy(config.temperature, config.offset), config.privacy.loss_clip)
+    report = gradient_norm_bounds(model, config.privacy.input_bound, loss, (3, 32, 32))
     assert set(report.as_dict()) == {"4.weight", "4.bias"} and 0 < report.total < float("inf")
 
 
@@ -190,10 +191,14 @@ def test_train_dp_errors(tmp_path, data_root, capsys):
             "--batch-size", "50"]
     for extra, message in ((["--dp"], "--dp needs --epsilon"),
                            (["--dp", "--epsilon", "1", "--delta", "0.01", "--no-progress"], "1/n"),
-                           (["--dp", "--epsilon", "0", "--no-progress"], "target_epsilon"),
+                           (["--dp", "--epsilon", "0", "--no-progress"], "epsilon must be"),
                            (["--dp", "--epsilon", "1", "--batch-size", "500"], "training set"),
-                           (["--epsilon", "1"], "only meaningful with --dp"),
-                           (["--dp", "--epsilon", "1", "--loss-clip", "-1"], "--loss-clip must be >= 0"),
+                           (["--epsilon", "1"], "need private training (--dp)"),
+                           (["--dp", "--epsilon", "1", "--loss-clip", "-1"], "loss_clip must be"),
+                           (["--dp", "--epsilon", "1", "--amp", "bf16"], "not supported with private training"),
+                           (["--dp", "--epsilon", "1", "--optimizer", "turbomuon"], "private training trains with"),
+                           (["--dp", "--epsilon", "1", "--holdout", "50"], "holdout is not available"),
+                           (["--accountant", "prv"], "need private training"),
                            (["--dp", "--epsilon", "1", "--width", "4"], "--width does not apply to scatter-net")):
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
@@ -207,8 +212,8 @@ def test_train_dp_with_two_processes(tmp_path, data_root, capsys):
                  "--out", str(out),
                  "--data-root", str(data_root), "--no-progress"]) == 0
     model, config, history = load_checkpoint(out)
-    assert len(history) == 1 and 0 < config.dp["epsilon_spent"] <= 3.0 + 0.011 and history[0]["steps"] == 4
-    assert config.model == "mnist-convnet" and config.dp["trainable"] == "dense" and config.model_config["width"] == 2
+    assert len(history) == 1 and 0 < history[-1]["epsilon"] <= 3.0 + 0.011 and history[0]["steps"] == 4
+    assert config.model == "mnist-convnet" and config.privacy.trainable == "dense" and config.model_config["width"] == 2
 
 
 def test_dp_example_runs(tmp_path, data_root):
@@ -327,14 +332,14 @@ def test_resume_keeps_the_run_configuration(tmp_path, data_root, capsys):
     for extra, message in ((["--lr", "0.5"], "--lr 0.5 (the run's: 0.002) would change the run"),
                            (["--epochs", "5", "--width", "8"], "--epochs 5 (the run's: 1), --width 8 (the run's: 2)"),
                            (["--amp", "bf16"], "--amp bf16 (the run's: None)"),
-                           (["--nproc", "2"], "trained by 1 process(es), resume it with --nproc 1"),
-                           (["--dp", "--epsilon", "1"], "--resume is not supported with --dp yet")):
+                           (["--nproc", "2"], "trained by 1 process(es); resume it with --nproc 1"),
+                           (["--dp", "--epsilon", "1"], "--dp (the run is not private) would change the run")):
         assert main(["train", "--resume", str(out), *extra, *common]) == 2
         assert message in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing"), *common]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     # a private run's checkpoint, and a weights-only one, cannot be resumed
-    private = TrainConfig.from_preset("mnist", private=True)
+    private = TrainConfig.from_preset("mnist", private=True, privacy={"epsilon": 1.0, "delta": 1e-5})
     save_checkpoint(tmp_path / "dp", build_model("mnist-convnet", width=2, hidden=16), private)
     assert main(["train", "--resume", str(tmp_path / "dp"), *common]) == 2
     assert "--resume is not supported with --dp yet" in capsys.readouterr().err
@@ -366,8 +371,8 @@ def test_train_with_bf16_autocast(tmp_path, data_root, capsys):
 
 def test_amp_runs_the_training_forward_under_autocast_and_evaluation_in_fp32(data_root):
     """Depends on the layers being autocast-safe (lipnet/nn, lipnet/ortho under torch.autocast)."""
-    config = TrainConfig.from_preset("mnist", epochs=1, batch_size=32, limit=64, amp="bf16")
-    config.model_config = {**config.model_config, "width": 2, "hidden": 16}
+    config = TrainConfig.from_preset("mnist", epochs=1, batch_size=32, limit=64, amp="bf16",
+                                     model_overrides={"width": 2, "hidden": 16})
     torch.manual_seed(0)
     model = build_model(config.model, **config.model_config)
     seen = []
@@ -421,4 +426,4 @@ def test_train_with_a_holdout_evaluates_on_training_images_left_out(tmp_path, da
     assert "no training examples" in capsys.readouterr().err
     assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "1", "--holdout", "10", "--out",
                  str(tmp_path / "y"), *common]) == 2
-    assert "not available with --dp" in capsys.readouterr().err
+    assert "holdout is not available with private training" in capsys.readouterr().err
