@@ -25,3 +25,14 @@ def data_root() -> pathlib.Path:
     assert (root / "MNIST").is_dir(), (f"MNIST not found under {root}: set LIPNET_DATA, or run "
                                        "`lipnet download mnist fashion-mnist cifar10` once")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _input_checks_stay_on():
+    """A test that turns the layers' input checks off must turn them on again: later tests rely on them."""
+    yield
+    import lipnet.nn as ln
+
+    if not ln.input_checks_enabled():
+        ln.set_input_checks(True)
+        pytest.fail("the test left lipnet.nn's input checks off (set_input_checks(False) without restoring)")

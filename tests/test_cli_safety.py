@@ -106,7 +106,10 @@ def test_a_signal_prints_the_last_checkpoint_and_the_resume_command(tmp_path, da
     argv = [sys.executable, "-m", "lipnet.cli", "train", "--dataset", "mnist", "--epochs", "3", "--limit", "128",
             "--width", "4", "--batch-size", "32", "--no-progress", "--out", str(out), "--data-root", str(data_root)]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "LIPNET_TEST_STEP_DELAY": "0.3"}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a run started from a background job inherits SIGINT ignored, so Python would install no
+    # KeyboardInterrupt handler: give the child the default disposition a terminal gives it
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not (out / "config.json").is_file():
