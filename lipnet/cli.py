@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import os
 import signal
 import sys
@@ -24,9 +23,9 @@ from .pretrained import load_pretrained, pretrained_names
 from .nn import input_checks_enabled, set_input_checks
 from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
+from .output import PLOT_HINT, OutputError, format_table, plot_certified, plot_conformal, write_output
 from .run_dir import claim_run_dir
-from .presets import (ACCOUNTANTS, DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names,
-                      takes_parametrization)
+from .presets import ACCOUNTANTS, DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names
 from .training import AMP_DTYPES, amp_dtype, fit
 
 
@@ -351,52 +350,6 @@ def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -
     return 0
 
 
-def format_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
-    """Plain-text table (right-aligned numbers)."""
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _plot(radii: torch.Tensor, pgd: dict[float, float], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    top = max(float(radii.max()) if radii.numel() else 0.0, max(pgd, default=0.0)) * 1.1 or 1.0
-    grid = torch.linspace(0, top, 200, dtype=torch.float64)
-    curve = [(radii > e).double().mean().item() if e > 0 else (radii > 0).double().mean().item() for e in grid]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(grid.numpy(), curve, label="certified (sound)")
-    if pgd:
-        ax.plot(list(pgd), list(pgd.values()), "o", label="PGD (empirical)")
-    ax.set_xlabel("L2 radius eps (pixels in [0, 1])")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-_PLOT_HINT = " (choose another path with --plot)"
-
-
-class OutputError(OSError):
-    """A result file (--json, the plot) that could not be written."""
-
-
-def _write_output(path: Path, what: str, write, hint: str = "") -> None:
-    """``write(path)``, an OSError turned into an OutputError naming ``what``, the path and ``hint``."""
-    try:
-        write(path)
-    except OSError as err:
-        raise OutputError(f"cannot write {what} to {path}: {err.strerror or err}{hint}") from err
-
-
 def cmd_certify(args) -> int:
     model, config, folder = _load_model(args)
     eps = args.eps if args.eps is not None else list(config.eval_eps)
@@ -414,39 +367,13 @@ def cmd_certify(args) -> int:
         result = {"dataset": config.dataset, "n": report.n, "clean": report.clean, "certified": report.certified,
                   "pgd": report.pgd, "pgd_n": report.pgd_n, "pgd_steps": args.pgd_steps,
                   "lipschitz_bound": report.lipschitz_bound, "lipschitz_lower": lower}
-        _write_output(Path(args.json), "--json", lambda path: path.write_text(json.dumps(result, indent=2)))
+        write_output(Path(args.json), "--json", lambda path: path.write_text(json.dumps(result, indent=2)))
     plot = Path(args.plot) if args.plot else folder / (f"certified-{args.pretrained}.png" if args.pretrained
                                                        else "certified.png")
-    _write_output(plot, "the plot", lambda path: _plot(report.radii, report.pgd, path,
-                                                        f"{config.dataset}: certified accuracy vs eps"), _PLOT_HINT)
+    write_output(plot, "the plot", lambda path: plot_certified(report.radii, report.pgd, path,
+                                                        f"{config.dataset}: certified accuracy vs eps"), PLOT_HINT)
     print(f"plot: {plot}")
     return 0
-
-
-def _conformal_plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    eps = [r["eps"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(eps, [r["vanilla_size"] for r in rows], "o-", label="vanilla CP")
-    left.plot(eps, [r["robust_size"] for r in rows], "s-", label="robust CP (sound)")
-    left.set_xlabel("L2 budget eps (pixels in [0, 1])")
-    left.set_ylabel("mean set size")
-    right.plot(eps, [r["vanilla_coverage_bound"] for r in rows], "o--", label="vanilla: guaranteed (lower bound)")
-    if rows[0].get("vanilla_attacked_coverage") is not None:
-        right.plot(eps, [r["vanilla_attacked_coverage"] for r in rows], "o-", label="vanilla under PGD")
-        right.plot(eps, [r["robust_attacked_coverage"] for r in rows], "s-", label="robust under PGD")
-    right.axhline(1 - rows[0]["alpha"], color="gray", lw=0.8, label="1 - alpha")
-    right.set_xlabel("L2 budget eps (pixels in [0, 1])")
-    right.set_ylabel("coverage")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cmd_conformal(args) -> int:
@@ -498,12 +425,12 @@ def cmd_conformal(args) -> int:
         text = json.dumps({"dataset": config.dataset, "score": args.score, "temperature": temperature,
                            "alpha": args.alpha, "lipschitz_bound": clf.lipschitz, "n_calibration": len(cal_set),
                            "n_test": len(test_set), "rows": rows}, indent=2)
-        _write_output(Path(args.json), "--json", lambda path: path.write_text(text))
+        write_output(Path(args.json), "--json", lambda path: path.write_text(text))
     plot = Path(args.plot) if args.plot else folder / (f"conformal-{args.pretrained}.png" if args.pretrained
                                                        else "conformal.png")
-    _write_output(plot, "the plot", lambda path: _conformal_plot(rows, path,
+    write_output(plot, "the plot", lambda path: plot_conformal(rows, path,
                                                                   f"{config.dataset}: conformal sets, alpha={args.alpha}"),
-                  _PLOT_HINT)
+                  PLOT_HINT)
     print(f"plot: {plot}")
     return 0
 

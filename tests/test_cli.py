@@ -23,18 +23,18 @@ from lipnet.presets import TrainConfig
 from lipnet.training import fit
 
 
-def test_train_then_certify(tmp_path, data_root, capsys):
+def test_train_then_certify(tmp_path, data_root, capsys, lipnet_cli):
     out = tmp_path / "run"
-    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--width", "4",
-               "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    rc = lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--width", "4",
+               "--out", str(out))
     assert rc == 0
     assert (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()
     model, config, history = load_checkpoint(out)
     assert config.dataset == "mnist" and config.model_config["width"] == 4 and len(history) == 1
     assert "clean" in capsys.readouterr().out
     result = tmp_path / "cert.json"
-    rc = main(["certify", "--checkpoint", str(out), "--eps", "0.5", "1.0", "--limit", "200", "--pgd-steps", "3",
-               "--json", str(result), "--data-root", str(data_root), "--no-progress"])
+    rc = lipnet_cli("certify", "--checkpoint", str(out), "--eps", "0.5", "1.0", "--limit", "200", "--pgd-steps", "3",
+               "--json", str(result))
     assert rc == 0
     text = capsys.readouterr().out
     assert "certified" in text and "sound upper bound" in text and "PGD-3" in text
@@ -75,10 +75,10 @@ def test_example_runs(tmp_path, data_root):
     assert "sound bound" in res.stdout and "certified" in res.stdout and plot.stat().st_size > 1000
 
 
-def test_conformal_command(tmp_path, data_root, capsys):
+def test_conformal_command(tmp_path, data_root, capsys, lipnet_cli):
     out = tmp_path / "run"
-    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "400", "--width", "4",
-                 "--out", str(out), "--data-root", str(data_root), "--no-progress"]) == 0
+    assert lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "400", "--width", "4",
+                 "--out", str(out)) == 0
     result = tmp_path / "conformal.json"
     rc = main(["conformal", "--checkpoint", str(out), "--alpha", "0.2", "--eps", "0", "0.3", "--limit", "300",
                "--pgd-steps", "3", "--pgd-points", "60", "--json", str(result), "--data-root", str(data_root),
@@ -111,10 +111,10 @@ def test_robust_conformal_example_runs(tmp_path, data_root):
     assert "robust sets size" in res.stdout and "guaranteed" in res.stdout and plot.stat().st_size > 1000
 
 
-def test_train_with_two_processes(tmp_path, data_root, capsys):
+def test_train_with_two_processes(tmp_path, data_root, capsys, lipnet_cli):
     out = tmp_path / "ddp"
-    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "256", "--width", "4", "--batch-size", "64",
-               "--nproc", "2", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    rc = lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "256", "--width", "4", "--batch-size", "64",
+               "--nproc", "2", "--out", str(out))
     assert rc == 0 and (out / "checkpoint.pt").is_file()
     model, config, history = load_checkpoint(out)
     assert len(history) == 1 and config.batch_size == 64
@@ -127,8 +127,8 @@ def test_train_with_two_processes(tmp_path, data_root, capsys):
     assert "resume it with --nproc 2" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--nproc", "2", *common]) == 0
     assert "all 1 epochs are done" in capsys.readouterr().out
-    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--batch-size", "63", "--nproc", "2",
-                 "--out", str(tmp_path / "bad"), "--data-root", str(data_root), "--no-progress"]) == 2
+    assert lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--batch-size", "63", "--nproc", "2",
+                 "--out", str(tmp_path / "bad")) == 2
     assert "divisible" in capsys.readouterr().err
 
 
@@ -227,8 +227,11 @@ def test_dp_example_runs(tmp_path, data_root):
 
 
 # --------------------------------------------------------------------------- resumable runs, --amp
-def _train_argv(out, data_root, *extra) -> list[str]:
-    return [sys.executable, "-m", "lipnet.cli", "train", "--dataset", "mnist", "--epochs", "3", "--limit", "256",
+SLOW_TRAIN = os.path.join(os.path.dirname(__file__), "slow_train.py")  # lipnet with late training batches
+
+
+def _train_argv(out, data_root, *extra, slow: bool = False) -> list[str]:
+    return [sys.executable, *([SLOW_TRAIN] if slow else ["-m", "lipnet.cli"]), "train", "--dataset", "mnist", "--epochs", "3", "--limit", "256",
             "--width", "4", "--batch-size", "32", "--no-progress", "--out", str(out), "--data-root", str(data_root),
             *extra]
 
@@ -245,9 +248,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, d
     a, b = tmp_path / "A", tmp_path / "B"
     done = subprocess.run(_train_argv(a, data_root), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    # 8 steps per epoch, each handed its batch 0.25 s late (test-only hook): epoch 2 lasts > 2 s,
+    # 8 steps per epoch, each handed its batch 0.25 s late (tests/slow_train.py): epoch 2 lasts > 2 s,
     # so the kill 0.6 s after epoch 1's checkpoint lands inside it
-    proc = subprocess.Popen(_train_argv(b, data_root), env=_env(LIPNET_TEST_STEP_DELAY="0.25"),
+    proc = subprocess.Popen(_train_argv(b, data_root, slow=True), env=_env(SLOW_TRAIN_DELAY="0.25"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -286,15 +289,15 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, d
     assert config.epochs == 3 and len(history) == 3 and not model.training
 
 
-def test_a_two_process_run_resumes_to_the_same_weights(tmp_path, data_root):
+def test_a_two_process_run_resumes_to_the_same_weights(tmp_path, data_root, lipnet_cli):
     """--nproc 2: rank 0 checkpoints every rank's random streams; resuming epoch 1's checkpoint with
     2 processes ends where the uninterrupted run does."""
     run, copy = tmp_path / "run", tmp_path / "copy"
-    argv = [sys.executable, "-m", "lipnet.cli", "train", "--dataset", "mnist", "--epochs", "2", "--limit", "128",
+    argv = [sys.executable, SLOW_TRAIN, "train", "--dataset", "mnist", "--epochs", "2", "--limit", "128",
             "--width", "2", "--batch-size", "32", "--nproc", "2", "--no-progress", "--out", str(run),
             "--data-root", str(data_root)]
-    # 4 steps per epoch, 0.3 s late each (test-only hook): epoch 1's checkpoint stays current for > 1 s
-    proc = subprocess.Popen(argv, env=_env(LIPNET_TEST_STEP_DELAY="0.3"), stdout=subprocess.DEVNULL,
+    # 4 steps per epoch, 0.3 s late each (tests/slow_train.py): epoch 1's checkpoint stays current for > 1 s
+    proc = subprocess.Popen(argv, env=_env(SLOW_TRAIN_DELAY="0.3"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -311,7 +314,7 @@ def test_a_two_process_run_resumes_to_the_same_weights(tmp_path, data_root):
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
     assert read_checkpoint(copy).epoch == 1
-    assert main(["train", "--resume", str(copy), "--nproc", "2", "--no-progress", "--data-root", str(data_root)]) == 0
+    assert lipnet_cli("train", "--resume", str(copy), "--nproc", "2") == 0
     full, resumed = read_checkpoint(run), read_checkpoint(copy)
     assert resumed.epoch == full.epoch == 2 and resumed.training["world_size"] == 2
     for name, tensor in full.state_dict.items():
@@ -386,12 +389,12 @@ def test_amp_runs_the_training_forward_under_autocast_and_evaluation_in_fp32(dat
     assert {dtype for training, dtype in seen if not training} == {torch.float32}
 
 
-def test_train_parametrization_option(tmp_path, data_root):
+def test_train_parametrization_option(tmp_path, data_root, lipnet_cli):
     from lipnet.nn.parametrizations import CoreOrthogonalizer
 
     out = tmp_path / "polar"
-    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--width", "2", "--batch-size", "32",
-                 "--parametrization", "polar", "--out", str(out), "--data-root", str(data_root), "--no-progress"]) == 0
+    assert lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--width", "2", "--batch-size", "32",
+                 "--parametrization", "polar", "--out", str(out)) == 0
     model, config, _ = load_checkpoint(out)
     assert config.model_config["parametrization"] == "polar"
     kinds = {m.parametrization for m in model.modules() if isinstance(m, CoreOrthogonalizer)}
@@ -401,11 +404,11 @@ def test_train_parametrization_option(tmp_path, data_root):
                  "--data-root", str(data_root)]) == 2
 
 
-def test_train_with_a_holdout_evaluates_on_training_images_left_out(tmp_path, data_root, capsys):
+def test_train_with_a_holdout_evaluates_on_training_images_left_out(tmp_path, data_root, capsys, lipnet_cli):
     from lipnet import data as lipdata
     out = tmp_path / "held"
-    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--holdout", "100", "--width", "4",
-               "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    rc = lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--holdout", "100", "--width", "4",
+               "--out", str(out))
     assert rc == 0
     assert "200 train / 100 held-out train" in capsys.readouterr().out
     model, config, history = load_checkpoint(out)
