@@ -25,7 +25,7 @@ from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
 from .output import PLOT_HINT, OutputError, format_table, plot_certified, plot_conformal, write_output
 from .run_dir import claim_run_dir
-from .presets import ACCOUNTANTS, DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names
+from .presets import DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names
 from .training import AMP_DTYPES, amp_dtype, fit
 
 
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-clip", type=float, default=None,
                    help="--dp: clip each sample's loss gradient w.r.t. the logits to this norm and calibrate the "
                         "noise to it (lipnet.nn.ClippedLossGradient; default: the preset's; 0: off)")
-    t.add_argument("--accountant", choices=list(ACCOUNTANTS), default=None, help="--dp: opacus accountant (default: rdp)")
+    t.add_argument("--accountant", choices=["rdp", "prv"], default=None, help="--dp: opacus accountant (default: rdp)")
     t.add_argument("--noise", choices=["global", "per_layer"], default=None,
                    help="--dp: noise calibration (default: the preset's, per_layer)")
     t.add_argument("--dp-train", choices=["dense", "all"], default=None,

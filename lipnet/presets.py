@@ -67,9 +67,6 @@ NAMED_PRESETS: dict[str, tuple[str, Preset]] = {
 OPTIMIZERS = ("adam", "turbomuon", "schatten")
 PRIVATE_OPTIMIZERS = ("sgd", "adam")   # private training: on the trainable parameters, noisy gradients
 DEFAULT_MATRIX_LR = 0.05
-ACCOUNTANTS = ("rdp", "prv")
-NOISE_CALIBRATIONS = ("global", "per_layer", "min_energy")
-PRIVATE_TRAINABLE = ("dense", "all")
 AMP_SETTINGS = ("bf16", "fp16")
 
 
@@ -113,12 +110,15 @@ class PrivacyConfig:
     precompute: bool = True
 
     def __post_init__(self) -> None:
+        from .privacy.engine import ACCOUNTANTS, NOISE_MODES  # lazily: lipnet.privacy imports opacus
+        from .privacy.recipe import TRAINABLE
+
         finite_positive(self.epsilon, "epsilon")
         open_unit(self.delta, "delta")
         finite_positive(self.input_bound, "input_bound")
         one_of(self.accountant, ACCOUNTANTS, "accountant")
-        one_of(self.noise, NOISE_CALIBRATIONS, "noise")
-        one_of(self.trainable, PRIVATE_TRAINABLE, "trainable")
+        one_of(self.noise, NOISE_MODES, "noise")
+        one_of(self.trainable, TRAINABLE, "trainable")
         unit_interval(self.momentum, "momentum")
         if self.loss_clip is not None:
             finite_nonnegative(self.loss_clip, "loss_clip")
@@ -278,6 +278,6 @@ def _model_config(model: str, config: dict, dataset: str, overrides: Mapping) ->
     return config
 
 
-__all__ = ["ACCOUNTANTS", "AMP_SETTINGS", "DEFAULT_MATRIX_LR", "NAMED_PRESETS", "NOISE_CALIBRATIONS", "OPTIMIZERS",
-           "PRESETS", "PRIVATE_OPTIMIZERS", "PRIVATE_TRAINABLE", "Preset", "PrivacyConfig", "TrainConfig", "amp_setting",
+__all__ = ["AMP_SETTINGS", "DEFAULT_MATRIX_LR", "NAMED_PRESETS", "OPTIMIZERS",
+           "PRESETS", "PRIVATE_OPTIMIZERS", "Preset", "PrivacyConfig", "TrainConfig", "amp_setting",
            "preset_names", "takes_parametrization"]
