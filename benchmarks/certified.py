@@ -68,9 +68,8 @@ def main() -> None:
         args.dataset, args.limit = config.dataset, config.limit
     else:
         config = TrainConfig.from_preset(args.dataset, epochs=args.epochs, offset=args.offset, lr=args.lr,
-                                         batch_size=args.batch_size, limit=args.limit)
-        if args.width is not None:
-            config.model_config = {**config.model_config, "width": args.width}
+                                         batch_size=args.batch_size, limit=args.limit,
+                                         model_overrides={"width": args.width})
     eps = args.eps or list(config.eval_eps)
     torch.manual_seed(config.seed)
     test = lipdata.load_dataset(args.dataset, "test", args.data_root, limit=args.limit)

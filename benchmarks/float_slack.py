@@ -23,7 +23,7 @@ from _harness import describe, machine_info, write_outputs  # noqa: E402
 
 import lipnet.nn as ln  # noqa: E402
 from lipnet.certify import network_lipschitz_bound  # noqa: E402
-from lipnet.models import pretrained  # noqa: E402
+from lipnet.pretrained import pretrained  # noqa: E402
 
 ULP = torch.finfo(torch.float32).eps
 

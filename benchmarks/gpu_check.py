@@ -237,7 +237,7 @@ def _matrices(count: int, quick: bool, g: torch.Generator) -> list[torch.Tensor]
 
 def soundness(device: torch.device, quick: bool, repeats: int, warmup: int) -> dict:
     from lipnet.certify import certified_radius, network_lipschitz_bound, pgd_l2
-    from lipnet.models import pretrained
+    from lipnet.pretrained import pretrained
 
     g = torch.Generator().manual_seed(0)
     mats = _matrices(40 if quick else 200, quick, g)

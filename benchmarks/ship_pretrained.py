@@ -1,4 +1,4 @@
-"""Turn a trained run into a shipped model (lipnet/models/weights/NAME.pt, lipnet.models.pretrained).
+"""Turn a trained run into a shipped model (lipnet/models/weights/NAME.pt, lipnet.pretrained).
 
     python benchmarks/ship_pretrained.py --checkpoint runs/cifar10-cpu --name cifar10 \\
         --json benchmarks/results/pretrained_cifar10.json
@@ -8,7 +8,7 @@ certified accuracy at the run's radii, each copy's bound recomputed from its own
 the fp16 copy only if no number moves by more than --max-change (default 0.1 point), the fp32
 weights otherwise. Prints the clean accuracy of the shipped file on the 500 test images
 ``load_dataset(..., limit=500)`` returns (those ``lipnet certify --limit 500`` certifies), the value
-lipnet.models.pretrained.PRETRAINED records and the tests reproduce.
+lipnet.pretrained.PRETRAINED records and the tests reproduce.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from lipnet import data as lipdata
 from lipnet.certify import certified_accuracy
-from lipnet.models.pretrained import WEIGHTS_DIR
+from lipnet.pretrained import WEIGHTS_DIR
 from lipnet.nn import set_input_checks
 from lipnet.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 

@@ -29,7 +29,8 @@ from .presets import TrainConfig, takes_parametrization
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "lipnet.checkpoint"
-CHECKPOINT_VERSION = 2  # 1: {config, state_dict, history}, pickled without restriction; 2: + epoch, training
+CHECKPOINT_VERSION = 3  # 1: {config, state_dict, history}, pickled without restriction; 2: + epoch, training;
+# 3: config["privacy"] (PrivacyConfig fields) and the private optimizer in config["optimizer"], instead of config["dp"]
 
 
 class CheckpointError(ValueError):
@@ -55,6 +56,19 @@ class Checkpoint:
     def resumable(self) -> bool:
         """True if it holds the training state :func:`fit` needs to continue the run."""
         return self.training is not None
+
+    def check_resumable(self, world_size: int) -> None:
+        """Raise unless :func:`lipnet.training.fit` can continue this run with ``world_size``
+        processes: a training state must be stored, and the run must have had as many processes
+        (the per-rank random streams and batch statistics depend on it)."""
+        if self.training is None:
+            raise CheckpointError(f"{self.path} holds weights only (no optimizer / scheduler / RNG states): it cannot "
+                                  "be resumed (written by an older lipnet, by save_checkpoint without training state, "
+                                  "or by private training)")
+        trained_by = self.training.get("world_size", 1)
+        if trained_by != world_size:
+            raise ValueError(f"{self.path} was trained by {trained_by} process(es); resume it with --nproc {trained_by} "
+                             f"(got {world_size})")
 
 
 _PLAIN_SCALARS = (type(None), bool, int, float, str)
@@ -233,8 +247,21 @@ def _safe_load(file: Path, map_location: str | torch.device) -> Any:
                                   f"({type(err).__name__})") from err
 
 
+def _privacy_from_dp(dp: dict | None) -> dict:
+    """The fields of a version-2 config's ``dp`` dict as ``privacy`` and ``optimizer`` (which it
+    named for private runs, while the config's own ``optimizer`` said "adam")."""
+    if dp is None:
+        return {"privacy": None}
+    mechanism = {k: dp[k] for k in ("epsilon", "delta", "input_bound", "accountant", "noise", "momentum", "trainable",
+                                    "freeze_bias", "loss_clip", "precompute") if k in dp}
+    optimizer = dp.get("optimizer", "adam")
+    if optimizer != "sgd":
+        mechanism.pop("momentum", None)
+    return {"privacy": mechanism, "optimizer": optimizer}
+
+
 def _config_from_dict(cfg: dict, file: Path, version: int) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(TrainConfig)} | ({"dp"} if version < 3 else set())
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise CheckpointError(f"{file}: unknown config fields {unknown} (written by a newer lipnet?)")
@@ -246,10 +273,14 @@ def _config_from_dict(cfg: dict, file: Path, version: int) -> TrainConfig:
         # hold cifar/imagenet-liresnet factors of the default "retraction" layers)
         cfg["model_config"] = {**model_config, "parametrization": "polar", "conv_bias": True}
     cfg["eval_eps"] = tuple(cfg.get("eval_eps", ()))  # version-1 files and JSON round trips may hold a list
+    if version < 3 and "dp" in cfg:
+        cfg.update(_privacy_from_dp(cfg.pop("dp")))
     try:
         return TrainConfig(**cfg)
     except TypeError as err:
         raise CheckpointError(f"{file}: incomplete config ({err})") from err
+    except ValueError as err:
+        raise CheckpointError(f"{file}: invalid config ({err})") from err
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:

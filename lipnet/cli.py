@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import os
 import signal
 import sys
@@ -19,13 +18,14 @@ from . import __version__
 from . import data as lipdata
 from . import distributed as lipdist
 from .certify import ConformalClassifier, certified_accuracy, lipschitz_lower_bound
-from .models import MODELS, RESIDUAL_BLOCKS, build_model, load_pretrained, pretrained_names
+from .models import MODELS, RESIDUAL_BLOCKS, build_model
+from .pretrained import load_pretrained, pretrained_names
 from .nn import input_checks_enabled, set_input_checks
 from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
+from .output import PLOT_HINT, OutputError, format_table, plot_certified, plot_conformal, write_output
 from .run_dir import claim_run_dir
-from .presets import (DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names,
-                      takes_parametrization)
+from .presets import DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names
 from .training import AMP_DTYPES, amp_dtype, fit
 
 
@@ -47,7 +47,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="directory written by `lipnet train --out`")
     source.add_argument("--pretrained", choices=pretrained_names(),
-                        help="a certified model shipped with lipnet (lipnet.models.pretrained); its bound is "
+                        help="a certified model shipped with lipnet (lipnet.pretrained); its bound is "
                              "recomputed from its weights")
 
 
@@ -105,13 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dp", action="store_true",
                    help="differentially private training (clipping-free DP-SGD, lipnet.privacy)")
     t.add_argument("--epsilon", type=float, default=None, help="--dp: privacy budget spent by the end of training")
-    t.add_argument("--delta", type=float, default=1e-5, help="--dp: delta (must be < 1/n)")
+    t.add_argument("--delta", type=float, default=None, help="--dp: delta (must be < 1/n; default 1e-5)")
     t.add_argument("--input-bound", type=float, default=None,
                    help="--dp: inputs are projected onto the L2 ball of this radius (raw pixels; default: preset)")
     t.add_argument("--loss-clip", type=float, default=None,
                    help="--dp: clip each sample's loss gradient w.r.t. the logits to this norm and calibrate the "
                         "noise to it (lipnet.nn.ClippedLossGradient; default: the preset's; 0: off)")
-    t.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="--dp: opacus accountant")
+    t.add_argument("--accountant", choices=["rdp", "prv"], default=None, help="--dp: opacus accountant (default: rdp)")
     t.add_argument("--noise", choices=["global", "per_layer"], default=None,
                    help="--dp: noise calibration (default: the preset's, per_layer)")
     t.add_argument("--dp-train", choices=["dense", "all"], default=None,
@@ -160,30 +160,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Test-only: seconds to sleep before each training batch, so that tests/test_cli.py can kill a run
-# in the middle of an epoch (the results do not depend on it). Not an option for users.
-_STEP_DELAY_VAR = "LIPNET_TEST_STEP_DELAY"
-
-
-class _DelayedLoader:
-    """The wrapped loader, each batch handed out ``delay`` seconds late (see ``_STEP_DELAY_VAR``);
-    every other attribute (len, dataset, generator) is the wrapped loader's."""
-
-    def __init__(self, loader, delay: float) -> None:
-        self.loader, self.delay = loader, delay
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            time.sleep(self.delay)
-            yield batch
-
-    def __getattr__(self, name: str):
-        return getattr(self.loader, name)
-
-
 def _run_dir(args) -> Path:
     """The directory `lipnet train` writes: --out, else the --resume directory."""
     return Path(args.out if args.out is not None else args.resume)
@@ -208,9 +184,6 @@ def _loaders(config: TrainConfig, args, world_size: int = 1):
     else:
         train_loader = lipdata.BatchLoader(train, config.batch_size, shuffle=True,
                                            generator=torch.Generator().manual_seed(config.seed))
-    delay = float(os.environ.get(_STEP_DELAY_VAR) or 0)
-    if delay > 0:
-        train_loader = _DelayedLoader(train_loader, delay)
     return train_loader, lipdata.BatchLoader(test, 500, shuffle=False)
 
 
@@ -233,11 +206,6 @@ _RESULT_OPTIONS = (("--dataset", "dataset"), ("--epochs", "epochs"), ("--batch-s
                    ("--matrix-lr", "matrix_lr"))
 
 
-def _amp_option(args) -> str | None:
-    """--amp as a TrainConfig.amp override: None when not given or "fp32" (which _train_config applies)."""
-    return None if args.amp == "fp32" else args.amp
-
-
 def _model_default(model: str, key: str):
     """The default of ``MODELS[model]``'s keyword ``key`` (what a checkpoint without it was built with), or None."""
     parameter = inspect.signature(MODELS[model]).parameters.get(key)
@@ -248,13 +216,12 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
     """The configuration of the run to resume; ValueError if the command line asks for another one
     (an option given with a different value) or the checkpoint cannot be resumed."""
     config = ckpt.config
-    if config.dp is not None:
+    if config.private:
         raise ValueError(f"--resume is not supported with --dp yet: {ckpt.path} is a private run (the privacy "
                          "accountant's state is not checkpointed)")
-    if not ckpt.resumable:
-        raise ValueError(f"--resume: {ckpt.path} holds weights only, no training state (written by an older lipnet?)")
+    ckpt.check_resumable(world_size)
     given = {attr: getattr(args, attr) for _, attr in _RESULT_OPTIONS}
-    if args.amp == "fp32":
+    if args.amp == "fp32":  # "no autocast": a conflict only with a run that had one
         given["amp"] = "fp32" if config.amp is not None else None
     conflicts = [f"{flag} {given[attr]} (the run's: {getattr(config, attr)})" for flag, attr in _RESULT_OPTIONS
                  if given[attr] is not None and given[attr] != getattr(config, attr)]
@@ -265,13 +232,11 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
         value, run_value = getattr(args, key), run_block if key == "block" else config.model_config.get(key)
         if value is not None and value != run_value:
             conflicts.append(f"{flag} {value} (the run's: {run_value})")
+    if args.dp:
+        conflicts.append("--dp (the run is not private)")
     if conflicts:
         raise ValueError(f"--resume {args.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps "
                          "its configuration (leave these options out, or start a new run with --out)")
-    trained_by = ckpt.training.get("world_size", 1)
-    if trained_by != world_size:
-        raise ValueError(f"--resume {args.resume}: the run was trained by {trained_by} process(es), resume it with "
-                         f"--nproc {trained_by} (got {world_size})")
     return config
 
 
@@ -280,14 +245,8 @@ def cmd_train(args) -> int:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.dp and args.epsilon is None:
         raise ValueError("--dp needs --epsilon (the privacy budget), e.g. --dp --epsilon 1.0 --delta 1e-5")
-    if not args.dp and args.epsilon is not None:
-        raise ValueError("--epsilon is only meaningful with --dp")
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.dp and args.resume is not None:
-        raise ValueError("--resume is not supported with --dp yet (the privacy accountant's state is not checkpointed)")
-    if args.dp and args.amp not in (None, "fp32"):
-        raise ValueError("--amp is not supported with --dp (private training's gradient bounds are computed for fp32)")
     world_size = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
     if args.resume is not None:
         ckpt = read_checkpoint(args.resume)
@@ -299,7 +258,7 @@ def cmd_train(args) -> int:
     else:
         ckpt, config = None, _train_config(args)
     amp_dtype(config.amp, args.device)
-    if not args.dp and config.batch_size % world_size:
+    if not config.private and config.batch_size % world_size:
         raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the number of "
                          "processes")
     out = _run_dir(args)
@@ -314,7 +273,7 @@ def cmd_train(args) -> int:
             return 0
         ctx = lipdist.init_distributed(args.device)
         try:
-            if args.dp:
+            if config.private:
                 return _train_private(args, ctx, config)
             return _train(args, ctx, config, ckpt)
         finally:
@@ -325,30 +284,17 @@ def cmd_train(args) -> int:
 
 
 def _train_config(args) -> TrainConfig:
-    """The dataset's preset (the private one with --dp) with the command line's overrides."""
-    if args.dp and (args.optimizer not in (None, "adam") or args.matrix_lr is not None):
-        raise ValueError("--optimizer / --matrix-lr do not apply to --dp (private training uses the private preset's "
-                         "optimizer)")
-    if args.holdout is not None and args.dp:
-        raise ValueError("--holdout is not available with --dp (benchmarks/privacy.py --tune searches private "
-                         "recipes on a held-out split)")
-    config = TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, preset=args.preset,
-                                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, offset=args.offset,
-                                     seed=args.seed, limit=args.limit, amp=_amp_option(args),
-                                     holdout=args.holdout, optimizer=args.optimizer, matrix_lr=args.matrix_lr)
-    if args.amp == "fp32":
-        config.amp = None
-    for key in ("width", "block"):
-        value = getattr(args, key)
-        if value is not None:
-            if key not in inspect.signature(MODELS[config.model]).parameters:
-                raise ValueError(f"--{key} does not apply to {config.model}")
-            config.model_config = {**config.model_config, key: value}
-    if args.parametrization is not None:
-        if not takes_parametrization(config.model):
-            raise ValueError(f"--parametrization does not apply to {config.model}")
-        config.model_config = {**config.model_config, "parametrization": args.parametrization}
-    return config
+    """The dataset's preset (the private one with --dp) with the command line's overrides; every
+    rule between options is TrainConfig's."""
+    privacy = {"epsilon": args.epsilon, "delta": args.delta, "accountant": args.accountant,
+               "input_bound": args.input_bound, "noise": args.noise, "trainable": args.dp_train,
+               "loss_clip": args.loss_clip}
+    return TrainConfig.from_preset(args.dataset, private=args.dp, model=args.model, preset=args.preset,
+                                   model_overrides={"width": args.width, "block": args.block,
+                                                    "parametrization": args.parametrization},
+                                   privacy=privacy, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                   offset=args.offset, seed=args.seed, limit=args.limit, amp=args.amp,
+                                   holdout=args.holdout, optimizer=args.optimizer, matrix_lr=args.matrix_lr)
 
 
 def _rank_log(ctx: lipdist.DistributedContext):
@@ -385,75 +331,23 @@ def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -
     (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and writes the checkpoint after every epoch."""
     from .training import fit_private
 
-    config.dp.update(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
-    config.dp.update({k: v for k, v in (("input_bound", args.input_bound), ("noise", args.noise),
-                                        ("trainable", args.dp_train)) if v is not None})
-    if args.loss_clip is not None:
-        if not (math.isfinite(args.loss_clip) and args.loss_clip >= 0):
-            raise ValueError(f"--loss-clip must be >= 0 (0: no clipping), got {args.loss_clip}")
-        config.dp["loss_clip"] = args.loss_clip or None
     train = _dataset(args, args.dataset, "train", args.limit)
     test = _dataset(args, args.dataset, "test", args.limit)
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_config).to(ctx.device)
     log, procs = _rank_log(ctx)
     log(f"private training of {config.model} on {args.dataset} ({len(train)} train / {len(test)} test) for "
-        f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={args.epsilon:g}, delta={args.delta:g})")
+        f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={config.privacy.epsilon:g}, "
+        f"delta={config.privacy.delta:g})")
     start = time.perf_counter()
     history = fit_private(model, train, lipdata.BatchLoader(test, 500), config, device=ctx.device,
                           progress=not args.no_progress and ctx.is_main, log=log, evaluate=ctx.is_main,
                           checkpoint_dir=args.out if ctx.is_main else None)
     if not ctx.is_main:
         return 0
-    print(f"privacy: ({history[-1]['epsilon']:.3f}, {args.delta:g})-DP after {history[-1]['steps']} steps "
-          f"(accountant {args.accountant}); saved {Path(args.out) / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
+    print(f"privacy: ({history[-1]['epsilon']:.3f}, {config.privacy.delta:g})-DP after {history[-1]['steps']} steps "
+          f"(accountant {config.privacy.accountant}); saved {Path(args.out) / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
     return 0
-
-
-def format_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
-    """Plain-text table (right-aligned numbers)."""
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _plot(radii: torch.Tensor, pgd: dict[float, float], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    top = max(float(radii.max()) if radii.numel() else 0.0, max(pgd, default=0.0)) * 1.1 or 1.0
-    grid = torch.linspace(0, top, 200, dtype=torch.float64)
-    curve = [(radii > e).double().mean().item() if e > 0 else (radii > 0).double().mean().item() for e in grid]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(grid.numpy(), curve, label="certified (sound)")
-    if pgd:
-        ax.plot(list(pgd), list(pgd.values()), "o", label="PGD (empirical)")
-    ax.set_xlabel("L2 radius eps (pixels in [0, 1])")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-_PLOT_HINT = " (choose another path with --plot)"
-
-
-class OutputError(OSError):
-    """A result file (--json, the plot) that could not be written."""
-
-
-def _write_output(path: Path, what: str, write, hint: str = "") -> None:
-    """``write(path)``, an OSError turned into an OutputError naming ``what``, the path and ``hint``."""
-    try:
-        write(path)
-    except OSError as err:
-        raise OutputError(f"cannot write {what} to {path}: {err.strerror or err}{hint}") from err
 
 
 def cmd_certify(args) -> int:
@@ -473,39 +367,13 @@ def cmd_certify(args) -> int:
         result = {"dataset": config.dataset, "n": report.n, "clean": report.clean, "certified": report.certified,
                   "pgd": report.pgd, "pgd_n": report.pgd_n, "pgd_steps": args.pgd_steps,
                   "lipschitz_bound": report.lipschitz_bound, "lipschitz_lower": lower}
-        _write_output(Path(args.json), "--json", lambda path: path.write_text(json.dumps(result, indent=2)))
+        write_output(Path(args.json), "--json", lambda path: path.write_text(json.dumps(result, indent=2)))
     plot = Path(args.plot) if args.plot else folder / (f"certified-{args.pretrained}.png" if args.pretrained
                                                        else "certified.png")
-    _write_output(plot, "the plot", lambda path: _plot(report.radii, report.pgd, path,
-                                                        f"{config.dataset}: certified accuracy vs eps"), _PLOT_HINT)
+    write_output(plot, "the plot", lambda path: plot_certified(report.radii, report.pgd, path,
+                                                        f"{config.dataset}: certified accuracy vs eps"), PLOT_HINT)
     print(f"plot: {plot}")
     return 0
-
-
-def _conformal_plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    eps = [r["eps"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(eps, [r["vanilla_size"] for r in rows], "o-", label="vanilla CP")
-    left.plot(eps, [r["robust_size"] for r in rows], "s-", label="robust CP (sound)")
-    left.set_xlabel("L2 budget eps (pixels in [0, 1])")
-    left.set_ylabel("mean set size")
-    right.plot(eps, [r["vanilla_coverage_bound"] for r in rows], "o--", label="vanilla: guaranteed (lower bound)")
-    if rows[0].get("vanilla_attacked_coverage") is not None:
-        right.plot(eps, [r["vanilla_attacked_coverage"] for r in rows], "o-", label="vanilla under PGD")
-        right.plot(eps, [r["robust_attacked_coverage"] for r in rows], "s-", label="robust under PGD")
-    right.axhline(1 - rows[0]["alpha"], color="gray", lw=0.8, label="1 - alpha")
-    right.set_xlabel("L2 budget eps (pixels in [0, 1])")
-    right.set_ylabel("coverage")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cmd_conformal(args) -> int:
@@ -557,12 +425,12 @@ def cmd_conformal(args) -> int:
         text = json.dumps({"dataset": config.dataset, "score": args.score, "temperature": temperature,
                            "alpha": args.alpha, "lipschitz_bound": clf.lipschitz, "n_calibration": len(cal_set),
                            "n_test": len(test_set), "rows": rows}, indent=2)
-        _write_output(Path(args.json), "--json", lambda path: path.write_text(text))
+        write_output(Path(args.json), "--json", lambda path: path.write_text(text))
     plot = Path(args.plot) if args.plot else folder / (f"conformal-{args.pretrained}.png" if args.pretrained
                                                        else "conformal.png")
-    _write_output(plot, "the plot", lambda path: _conformal_plot(rows, path,
+    write_output(plot, "the plot", lambda path: plot_conformal(rows, path,
                                                                   f"{config.dataset}: conformal sets, alpha={args.alpha}"),
-                  _PLOT_HINT)
+                  PLOT_HINT)
     print(f"plot: {plot}")
     return 0
 

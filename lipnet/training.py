@@ -18,7 +18,7 @@ from torch import nn
 from .progress import progress_bar
 
 from .certify import certified_accuracy, network_lipschitz_bound
-from .checkpoints import Checkpoint, CheckpointError, save_checkpoint
+from .checkpoints import Checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_gather_stack, all_reduce_mean, wrap_ddp
 from .modes import training_mode
 from .nn import LipschitzCrossEntropy
@@ -155,18 +155,11 @@ def _restore(resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimi
              rank: int, world_size: int, steps: int) -> tuple[int, list[dict]]:
     """Load a resumable checkpoint's states into a fresh run; returns (first epoch to train, history)."""
     where = resume.path
-    if resume.training is None:
-        raise CheckpointError(f"{where} holds weights only (no optimizer / scheduler / RNG states): it cannot be "
-                              "resumed (written by an older lipnet, by save_checkpoint without training state, "
-                              "or by private training)")
+    resume.check_resumable(world_size)
     diff = _config_differences(resume.config, config)
     if diff:
         raise ValueError(f"cannot resume {where} with a different configuration: {'; '.join(diff)}")
     state = resume.training
-    if state.get("world_size", 1) != world_size:
-        raise ValueError(f"{where} was trained by {state.get('world_size', 1)} process(es); resume it with "
-                         f"--nproc {state.get('world_size', 1)} (got {world_size}): the per-rank random streams "
-                         "and batch statistics depend on it")
     if state["scheduler"].get("total_steps") not in (None, steps):
         raise ValueError(f"{where}: its learning-rate schedule has {state['scheduler']['total_steps']} steps, this "
                          f"run {steps} (a different training set size or batch size)")
@@ -318,52 +311,48 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
                 progress: bool = True, log: Callable[[str], None] = print, evaluate: bool = True, *,
                 checkpoint_dir: str | Path | None = None) -> list[dict]:
     """Clipping-free DP-SGD (``lipnet.privacy.PrivateTrainer``) on ``LipschitzCrossEntropy``: Poisson
-    batches of expected size ``config.batch_size``, noise calibrated to spend ``config.dp["epsilon"]``
-    at ``config.dp["delta"]`` over ``config.epochs``; ``config.dp`` also names the optimizer ("sgd"
-    with ``momentum`` or "adam"), the noise calibration, the trainable layers
-    (:func:`private_trainable`) and ``loss_clip`` (if set, the loss' per-sample logit gradient is
-    clipped to that norm, :class:`lipnet.nn.ClippedLossGradient`, and the noise calibrated to it).
-    After each epoch: epsilon spent so far (the accountant), clean and certified test accuracy
-    (``evaluate=False``: no evaluation, e.g. on ranks other than 0 of a multi-process run).
-    ``config.dp["epsilon_spent"]`` is updated after each epoch; ``checkpoint_dir``: then written
-    there (:func:`save_checkpoint`, weights and history only: private runs cannot be resumed, the
-    accountant's state is not saved). No mixed precision: ``config.amp`` must be None."""
+    batches of expected size ``config.batch_size``, noise calibrated to spend
+    ``config.privacy.epsilon`` at ``config.privacy.delta`` over ``config.epochs``, with the
+    mechanism ``config.privacy`` describes (:class:`lipnet.presets.PrivacyConfig`) and the optimizer
+    ``config.optimizer`` ("sgd" with ``privacy.momentum``, or "adam"). After each epoch: epsilon
+    spent so far (the accountant; each history row's ``epsilon``), clean and certified test
+    accuracy (``evaluate=False``: no evaluation, e.g. on ranks other than 0 of a multi-process run);
+    ``checkpoint_dir``: the weights and history are written there (:func:`save_checkpoint`; private
+    runs cannot be resumed, the accountant's state is not saved)."""
     from .privacy import PrivateTrainer, epoch_row, precompute_frozen_prefix, split_frozen_prefix
     from .privacy.recipe import private_loss, private_trainable
 
-    if config.amp is not None:
-        raise ValueError("mixed precision (--amp) is not supported with private training (--dp): its gradient "
-                         "bounds are computed for fp32")
-    dp = config.dp
+    dp = config.privacy
+    if dp is None:
+        raise ValueError("fit_private needs a private config (TrainConfig.privacy; lipnet train --dp)")
     if not 0 < config.batch_size <= len(train_set):
         raise ValueError(f"expected batch size {config.batch_size} must be in [1, {len(train_set)}] (the training set); "
                          f"with --limit, pass a --batch-size of at most {len(train_set)}")
-    loss_fn = private_loss(config.temperature, config.offset, dp.get("loss_clip"))
-    params = private_trainable(model, dp.get("trainable", "all"), dp.get("freeze_bias", False))
-    if dp.get("optimizer", "adam") == "sgd":
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=dp.get("momentum", 0.0))
+    loss_fn = private_loss(config.temperature, config.offset, dp.loss_clip)
+    params = private_trainable(model, dp.trainable, dp.freeze_bias)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=dp.momentum)
     else:
         optimizer = torch.optim.Adam(params, lr=config.lr)
-    trained, data, input_bound, input_shape = model, train_set, dp["input_bound"], None
+    trained, data, input_bound, input_shape = model, train_set, dp.input_bound, None
     eval_model, eval_batches = model, test_loader
-    precompute = dp.get("precompute", True) and isinstance(model, nn.Sequential)
+    precompute = dp.precompute and isinstance(model, nn.Sequential)
     prefix = split_frozen_prefix(model)[0] if precompute else ()
     if len(prefix):
         # the frozen leading layers (scattering, frozen convs) run once per example, not once per step
-        frozen = precompute_frozen_prefix(model, train_set, dp["input_bound"], device=device, progress=progress)
+        frozen = precompute_frozen_prefix(model, train_set, dp.input_bound, device=device, progress=progress)
         trained, data, input_bound, input_shape = frozen.head, frozen.dataset, frozen.bound, frozen.shape
         log(f"frozen prefix computed once: features {frozen.shape}, norm <= {frozen.bound:.4g}")
         if evaluate:  # and once per test image: each epoch's evaluation runs the head only
             eval_model, eval_batches = frozen.head, frozen_test_features(prefix, test_loader, device)
     trainer = PrivateTrainer(trained, optimizer, data, loss=loss_fn, input_bound=input_bound, input_shape=input_shape,
-                             target_epsilon=dp["epsilon"], target_delta=dp["delta"], epochs=config.epochs,
-                             sample_rate=config.batch_size / len(train_set), accountant=dp["accountant"],
-                             noise=dp["noise"], device=device, seed=config.seed, progress=progress)
+                             target_epsilon=dp.epsilon, target_delta=dp.delta, epochs=config.epochs,
+                             sample_rate=config.batch_size / len(train_set), accountant=dp.accountant,
+                             noise=dp.noise, device=device, seed=config.seed, progress=progress)
     log(trainer.describe())
     history = []
     for _ in range(config.epochs):
         row = epoch_row(trainer.train_epoch())
-        dp["epsilon_spent"] = row["epsilon"]
         if not evaluate:
             history.append(row)
             if checkpoint_dir is not None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lipnet.nn import ClippedLossGradient, LipschitzCrossEntropy
+from lipnet.nn import ClippedLossGradient, LipschitzCrossEntropy, OrthoConv2d, OrthoConvTranspose2d
+from lipnet.validate import one_of
 
 
 @dataclass
@@ -69,14 +70,15 @@ def private_loss(temperature: float, offset: float, loss_clip: float | None = No
     return ClippedLossGradient(loss, loss_clip) if loss_clip else loss
 
 
+TRAINABLE = ("dense", "all")   # private_trainable's choices
+
+
 def private_trainable(model: nn.Module, trainable: str = "dense", freeze_bias: bool = True) -> list[nn.Parameter]:
     """Freeze what private training leaves alone; returns the parameters that still train.
     ``trainable="dense"``: every convolution keeps its current (e.g. random orthogonal) weights;
     ``"all"``: nothing frozen. ``freeze_bias``: biases are zeroed and frozen. Frozen tensors release
     nothing, so they need no gradient bound and no noise."""
-    if trainable not in ("dense", "all"):
-        raise ValueError(f"trainable must be 'dense' or 'all', got {trainable!r}")
-    from lipnet.nn import OrthoConv2d, OrthoConvTranspose2d
+    one_of(trainable, TRAINABLE, "trainable")
 
     if trainable == "dense":
         for m in model.modules():

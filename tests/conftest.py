@@ -36,3 +36,15 @@ def _input_checks_stay_on():
     if not ln.input_checks_enabled():
         ln.set_input_checks(True)
         pytest.fail("the test left lipnet.nn's input checks off (set_input_checks(False) without restoring)")
+
+
+@pytest.fixture
+def lipnet_cli(data_root):
+    """``lipnet_cli(*args)``: the exit code of ``lipnet ARGS --data-root <the test data> --no-progress``,
+    run in this process (capsys sees its output)."""
+    from lipnet.cli import main
+
+    def run(*args) -> int:
+        return main([*map(str, args), "--data-root", str(data_root), "--no-progress"])
+
+    return run

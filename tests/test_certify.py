@@ -258,7 +258,7 @@ def test_the_empirical_lower_bound_never_exceeds_the_sound_one():
 
 
 def test_integer_pixels_are_refused_not_scored():
-    from lipnet.models import pretrained
+    from lipnet.pretrained import pretrained
 
     model = pretrained("mnist")
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import shlex
+import dataclasses
 from dataclasses import asdict
 
 import pytest
@@ -18,11 +19,10 @@ from lipnet.presets import TrainConfig
 
 
 def _config(**overrides) -> TrainConfig:
-    return TrainConfig.from_preset("mnist", epochs=2, limit=64, **overrides)
+    return TrainConfig.from_preset("mnist", epochs=2, limit=64, model_overrides={"width": 2, "hidden": 16}, **overrides)
 
 
 def _tiny(config: TrainConfig) -> torch.nn.Module:
-    config.model_config = {**config.model_config, "width": 2, "hidden": 16}
     return build_model(config.model, **config.model_config)
 
 
@@ -189,7 +189,7 @@ def test_save_refuses_what_loading_would_refuse(tmp_path):
     model = _tiny(config)
     with pytest.raises(TypeError, match=r"history\[0\]\['note'\] is a .*_Payload"):
         save_checkpoint(tmp_path / "run", model, config, [{"epoch": 1, "note": _Payload(tmp_path / "m")}])
-    config.model_config = {**config.model_config, "activation": torch.nn.ReLU}
+    config = dataclasses.replace(config, model_config={**config.model_config, "activation": torch.nn.ReLU})
     with pytest.raises(TypeError, match=r"config\['model_config'\]\['activation'\]"):
         save_checkpoint(tmp_path / "run", model, config)
     assert not (tmp_path / "run" / CHECKPOINT).exists()

@@ -23,18 +23,18 @@ from lipnet.presets import TrainConfig
 from lipnet.training import fit
 
 
-def test_train_then_certify(tmp_path, data_root, capsys):
+def test_train_then_certify(tmp_path, data_root, capsys, lipnet_cli):
     out = tmp_path / "run"
-    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--width", "4",
-               "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    rc = lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--width", "4",
+               "--out", str(out))
     assert rc == 0
     assert (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()
     model, config, history = load_checkpoint(out)
     assert config.dataset == "mnist" and config.model_config["width"] == 4 and len(history) == 1
     assert "clean" in capsys.readouterr().out
     result = tmp_path / "cert.json"
-    rc = main(["certify", "--checkpoint", str(out), "--eps", "0.5", "1.0", "--limit", "200", "--pgd-steps", "3",
-               "--json", str(result), "--data-root", str(data_root), "--no-progress"])
+    rc = lipnet_cli("certify", "--checkpoint", str(out), "--eps", "0.5", "1.0", "--limit", "200", "--pgd-steps", "3",
+               "--json", str(result))
     assert rc == 0
     text = capsys.readouterr().out
     assert "certified" in text and "sound upper bound" in text and "PGD-3" in text
@@ -75,10 +75,10 @@ def test_example_runs(tmp_path, data_root):
     assert "sound bound" in res.stdout and "certified" in res.stdout and plot.stat().st_size > 1000
 
 
-def test_conformal_command(tmp_path, data_root, capsys):
+def test_conformal_command(tmp_path, data_root, capsys, lipnet_cli):
     out = tmp_path / "run"
-    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "400", "--width", "4",
-                 "--out", str(out), "--data-root", str(data_root), "--no-progress"]) == 0
+    assert lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "400", "--width", "4",
+                 "--out", str(out)) == 0
     result = tmp_path / "conformal.json"
     rc = main(["conformal", "--checkpoint", str(out), "--alpha", "0.2", "--eps", "0", "0.3", "--limit", "300",
                "--pgd-steps", "3", "--pgd-points", "60", "--json", str(result), "--data-root", str(data_root),
@@ -111,10 +111,10 @@ def test_robust_conformal_example_runs(tmp_path, data_root):
     assert "robust sets size" in res.stdout and "guaranteed" in res.stdout and plot.stat().st_size > 1000
 
 
-def test_train_with_two_processes(tmp_path, data_root, capsys):
+def test_train_with_two_processes(tmp_path, data_root, capsys, lipnet_cli):
     out = tmp_path / "ddp"
-    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "256", "--width", "4", "--batch-size", "64",
-               "--nproc", "2", "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    rc = lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "256", "--width", "4", "--batch-size", "64",
+               "--nproc", "2", "--out", str(out))
     assert rc == 0 and (out / "checkpoint.pt").is_file()
     model, config, history = load_checkpoint(out)
     assert len(history) == 1 and config.batch_size == 64
@@ -127,8 +127,8 @@ def test_train_with_two_processes(tmp_path, data_root, capsys):
     assert "resume it with --nproc 2" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--nproc", "2", *common]) == 0
     assert "all 1 epochs are done" in capsys.readouterr().out
-    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--batch-size", "63", "--nproc", "2",
-                 "--out", str(tmp_path / "bad"), "--data-root", str(data_root), "--no-progress"]) == 2
+    assert lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--batch-size", "63", "--nproc", "2",
+                 "--out", str(tmp_path / "bad")) == 2
     assert "divisible" in capsys.readouterr().err
 
 
@@ -144,7 +144,8 @@ def test_train_dp_reports_epsilon_per_epoch(tmp_path, data_root, capsys):
     assert "-DP after 8 steps" in text
     model, config, history = load_checkpoint(out)
     assert config.model == "scatter-net" and isinstance(model[2], Scattering2d)
-    assert config.dp["epsilon"] == 2.0 and config.dp["epsilon_spent"] == pytest.approx(spent[1], abs=1e-3)
+    assert config.privacy.epsilon == 2.0 and config.privacy.delta == 1e-4
+    assert config.optimizer == "sgd" and config.privacy.momentum == 0.9   # what the run trained with
     assert [h["epsilon"] for h in history] == pytest.approx(spent, abs=1e-3)
 
 
@@ -157,7 +158,7 @@ def test_train_dp_loss_clip_calibrates_the_noise_to_the_clip(tmp_path, data_root
     assert re.search(r"loss Lipschitz 0\.2\b", text)
     sensitivity = float(re.findall(r"C=([0-9.e+-]+)", text)[0])
     _, config, _ = load_checkpoint(out)
-    assert config.dp["loss_clip"] == 0.2
+    assert config.privacy.loss_clip == 0.2
     # one linear head on scattering features of norm <= 8: C = 8 * 0.2 (not 8 * sqrt(2)), up to BOUND_MARGIN
     assert sensitivity == pytest.approx(8 * 0.2, rel=2e-3)
 
@@ -169,19 +170,19 @@ def test_cifar10_private_default_is_the_measured_scatter_recipe():
     from lipnet.nn import ClippedLossGradient, LipschitzCrossEntropy
     from lipnet.privacy import gradient_norm_bounds, split_frozen_prefix
 
-    config = TrainConfig.from_preset("cifar10", private=True)
+    config = TrainConfig.from_preset("cifar10", private=True, privacy={"epsilon": 3.0})
     assert config.model == "scatter-net" and (config.lr, config.temperature, config.offset) == (1.0, 1.0, 0.0)
-    assert config.dp["loss_clip"] == 0.25
+    assert config.privacy.loss_clip == 0.25
     model = build_model(config.model, **config.model_config)
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, 10)
     # raw pixels in [0, 1]^3072 lie in the input ball (the trainer's projection is a no-op) and the
     # scattering is the frozen prefix: only the linear head is trained, with a finite bound
-    assert config.dp["input_bound"] >= x[0].numel() ** 0.5
+    assert config.privacy.input_bound >= x[0].numel() ** 0.5
     prefix, head = split_frozen_prefix(model)
     assert isinstance(prefix[2], Scattering2d) and len(head) == 1
-    loss = ClippedLossGradient(LipschitzCrossEntropy(config.temperature, config.offset), config.dp["loss_clip"])
-    report = gradient_norm_bounds(model, config.dp["input_bound"], loss, (3, 32, 32))
+    loss = ClippedLossGradient(LipschitzCrossEntropy(config.temperature, config.offset), config.privacy.loss_clip)
+    report = gradient_norm_bounds(model, config.privacy.input_bound, loss, (3, 32, 32))
     assert set(report.as_dict()) == {"4.weight", "4.bias"} and 0 < report.total < float("inf")
 
 
@@ -190,10 +191,14 @@ def test_train_dp_errors(tmp_path, data_root, capsys):
             "--batch-size", "50"]
     for extra, message in ((["--dp"], "--dp needs --epsilon"),
                            (["--dp", "--epsilon", "1", "--delta", "0.01", "--no-progress"], "1/n"),
-                           (["--dp", "--epsilon", "0", "--no-progress"], "target_epsilon"),
+                           (["--dp", "--epsilon", "0", "--no-progress"], "epsilon must be"),
                            (["--dp", "--epsilon", "1", "--batch-size", "500"], "training set"),
-                           (["--epsilon", "1"], "only meaningful with --dp"),
-                           (["--dp", "--epsilon", "1", "--loss-clip", "-1"], "--loss-clip must be >= 0"),
+                           (["--epsilon", "1"], "need private training (--dp)"),
+                           (["--dp", "--epsilon", "1", "--loss-clip", "-1"], "loss_clip must be"),
+                           (["--dp", "--epsilon", "1", "--amp", "bf16"], "not supported with private training"),
+                           (["--dp", "--epsilon", "1", "--optimizer", "turbomuon"], "private training trains with"),
+                           (["--dp", "--epsilon", "1", "--holdout", "50"], "holdout is not available"),
+                           (["--accountant", "prv"], "need private training"),
                            (["--dp", "--epsilon", "1", "--width", "4"], "--width does not apply to scatter-net")):
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
@@ -207,8 +212,8 @@ def test_train_dp_with_two_processes(tmp_path, data_root, capsys):
                  "--out", str(out),
                  "--data-root", str(data_root), "--no-progress"]) == 0
     model, config, history = load_checkpoint(out)
-    assert len(history) == 1 and 0 < config.dp["epsilon_spent"] <= 3.0 + 0.011 and history[0]["steps"] == 4
-    assert config.model == "mnist-convnet" and config.dp["trainable"] == "dense" and config.model_config["width"] == 2
+    assert len(history) == 1 and 0 < history[-1]["epsilon"] <= 3.0 + 0.011 and history[0]["steps"] == 4
+    assert config.model == "mnist-convnet" and config.privacy.trainable == "dense" and config.model_config["width"] == 2
 
 
 def test_dp_example_runs(tmp_path, data_root):
@@ -222,8 +227,11 @@ def test_dp_example_runs(tmp_path, data_root):
 
 
 # --------------------------------------------------------------------------- resumable runs, --amp
-def _train_argv(out, data_root, *extra) -> list[str]:
-    return [sys.executable, "-m", "lipnet.cli", "train", "--dataset", "mnist", "--epochs", "3", "--limit", "256",
+SLOW_TRAIN = os.path.join(os.path.dirname(__file__), "slow_train.py")  # lipnet with late training batches
+
+
+def _train_argv(out, data_root, *extra, slow: bool = False) -> list[str]:
+    return [sys.executable, *([SLOW_TRAIN] if slow else ["-m", "lipnet.cli"]), "train", "--dataset", "mnist", "--epochs", "3", "--limit", "256",
             "--width", "4", "--batch-size", "32", "--no-progress", "--out", str(out), "--data-root", str(data_root),
             *extra]
 
@@ -240,9 +248,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, d
     a, b = tmp_path / "A", tmp_path / "B"
     done = subprocess.run(_train_argv(a, data_root), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    # 8 steps per epoch, each handed its batch 0.25 s late (test-only hook): epoch 2 lasts > 2 s,
+    # 8 steps per epoch, each handed its batch 0.25 s late (tests/slow_train.py): epoch 2 lasts > 2 s,
     # so the kill 0.6 s after epoch 1's checkpoint lands inside it
-    proc = subprocess.Popen(_train_argv(b, data_root), env=_env(LIPNET_TEST_STEP_DELAY="0.25"),
+    proc = subprocess.Popen(_train_argv(b, data_root, slow=True), env=_env(SLOW_TRAIN_DELAY="0.25"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -281,15 +289,15 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, d
     assert config.epochs == 3 and len(history) == 3 and not model.training
 
 
-def test_a_two_process_run_resumes_to_the_same_weights(tmp_path, data_root):
+def test_a_two_process_run_resumes_to_the_same_weights(tmp_path, data_root, lipnet_cli):
     """--nproc 2: rank 0 checkpoints every rank's random streams; resuming epoch 1's checkpoint with
     2 processes ends where the uninterrupted run does."""
     run, copy = tmp_path / "run", tmp_path / "copy"
-    argv = [sys.executable, "-m", "lipnet.cli", "train", "--dataset", "mnist", "--epochs", "2", "--limit", "128",
+    argv = [sys.executable, SLOW_TRAIN, "train", "--dataset", "mnist", "--epochs", "2", "--limit", "128",
             "--width", "2", "--batch-size", "32", "--nproc", "2", "--no-progress", "--out", str(run),
             "--data-root", str(data_root)]
-    # 4 steps per epoch, 0.3 s late each (test-only hook): epoch 1's checkpoint stays current for > 1 s
-    proc = subprocess.Popen(argv, env=_env(LIPNET_TEST_STEP_DELAY="0.3"), stdout=subprocess.DEVNULL,
+    # 4 steps per epoch, 0.3 s late each (tests/slow_train.py): epoch 1's checkpoint stays current for > 1 s
+    proc = subprocess.Popen(argv, env=_env(SLOW_TRAIN_DELAY="0.3"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -306,7 +314,7 @@ def test_a_two_process_run_resumes_to_the_same_weights(tmp_path, data_root):
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
     assert read_checkpoint(copy).epoch == 1
-    assert main(["train", "--resume", str(copy), "--nproc", "2", "--no-progress", "--data-root", str(data_root)]) == 0
+    assert lipnet_cli("train", "--resume", str(copy), "--nproc", "2") == 0
     full, resumed = read_checkpoint(run), read_checkpoint(copy)
     assert resumed.epoch == full.epoch == 2 and resumed.training["world_size"] == 2
     for name, tensor in full.state_dict.items():
@@ -327,14 +335,14 @@ def test_resume_keeps_the_run_configuration(tmp_path, data_root, capsys):
     for extra, message in ((["--lr", "0.5"], "--lr 0.5 (the run's: 0.002) would change the run"),
                            (["--epochs", "5", "--width", "8"], "--epochs 5 (the run's: 1), --width 8 (the run's: 2)"),
                            (["--amp", "bf16"], "--amp bf16 (the run's: None)"),
-                           (["--nproc", "2"], "trained by 1 process(es), resume it with --nproc 1"),
-                           (["--dp", "--epsilon", "1"], "--resume is not supported with --dp yet")):
+                           (["--nproc", "2"], "trained by 1 process(es); resume it with --nproc 1"),
+                           (["--dp", "--epsilon", "1"], "--dp (the run is not private) would change the run")):
         assert main(["train", "--resume", str(out), *extra, *common]) == 2
         assert message in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing"), *common]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     # a private run's checkpoint, and a weights-only one, cannot be resumed
-    private = TrainConfig.from_preset("mnist", private=True)
+    private = TrainConfig.from_preset("mnist", private=True, privacy={"epsilon": 1.0, "delta": 1e-5})
     save_checkpoint(tmp_path / "dp", build_model("mnist-convnet", width=2, hidden=16), private)
     assert main(["train", "--resume", str(tmp_path / "dp"), *common]) == 2
     assert "--resume is not supported with --dp yet" in capsys.readouterr().err
@@ -366,8 +374,8 @@ def test_train_with_bf16_autocast(tmp_path, data_root, capsys):
 
 def test_amp_runs_the_training_forward_under_autocast_and_evaluation_in_fp32(data_root):
     """Depends on the layers being autocast-safe (lipnet/nn, lipnet/ortho under torch.autocast)."""
-    config = TrainConfig.from_preset("mnist", epochs=1, batch_size=32, limit=64, amp="bf16")
-    config.model_config = {**config.model_config, "width": 2, "hidden": 16}
+    config = TrainConfig.from_preset("mnist", epochs=1, batch_size=32, limit=64, amp="bf16",
+                                     model_overrides={"width": 2, "hidden": 16})
     torch.manual_seed(0)
     model = build_model(config.model, **config.model_config)
     seen = []
@@ -381,12 +389,12 @@ def test_amp_runs_the_training_forward_under_autocast_and_evaluation_in_fp32(dat
     assert {dtype for training, dtype in seen if not training} == {torch.float32}
 
 
-def test_train_parametrization_option(tmp_path, data_root):
+def test_train_parametrization_option(tmp_path, data_root, lipnet_cli):
     from lipnet.nn.parametrizations import CoreOrthogonalizer
 
     out = tmp_path / "polar"
-    assert main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--width", "2", "--batch-size", "32",
-                 "--parametrization", "polar", "--out", str(out), "--data-root", str(data_root), "--no-progress"]) == 0
+    assert lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "64", "--width", "2", "--batch-size", "32",
+                 "--parametrization", "polar", "--out", str(out)) == 0
     model, config, _ = load_checkpoint(out)
     assert config.model_config["parametrization"] == "polar"
     kinds = {m.parametrization for m in model.modules() if isinstance(m, CoreOrthogonalizer)}
@@ -396,11 +404,11 @@ def test_train_parametrization_option(tmp_path, data_root):
                  "--data-root", str(data_root)]) == 2
 
 
-def test_train_with_a_holdout_evaluates_on_training_images_left_out(tmp_path, data_root, capsys):
+def test_train_with_a_holdout_evaluates_on_training_images_left_out(tmp_path, data_root, capsys, lipnet_cli):
     from lipnet import data as lipdata
     out = tmp_path / "held"
-    rc = main(["train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--holdout", "100", "--width", "4",
-               "--out", str(out), "--data-root", str(data_root), "--no-progress"])
+    rc = lipnet_cli("train", "--dataset", "mnist", "--epochs", "1", "--limit", "300", "--holdout", "100", "--width", "4",
+               "--out", str(out))
     assert rc == 0
     assert "200 train / 100 held-out train" in capsys.readouterr().out
     model, config, history = load_checkpoint(out)
@@ -421,4 +429,4 @@ def test_train_with_a_holdout_evaluates_on_training_images_left_out(tmp_path, da
     assert "no training examples" in capsys.readouterr().err
     assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "1", "--holdout", "10", "--out",
                  str(tmp_path / "y"), *common]) == 2
-    assert "not available with --dp" in capsys.readouterr().err
+    assert "holdout is not available with private training" in capsys.readouterr().err

@@ -5,6 +5,7 @@ options refused before any work."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -103,9 +104,10 @@ def test_a_crafted_model_config_is_refused_before_it_allocates(tmp_path):
 @pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "interrupt"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_a_signal_prints_the_last_checkpoint_and_the_resume_command(tmp_path, data_root, sig, code, name):
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "lipnet.cli", "train", "--dataset", "mnist", "--epochs", "3", "--limit", "128",
+    slow_train = os.path.join(os.path.dirname(__file__), "slow_train.py")  # late training batches
+    argv = [sys.executable, slow_train, "train", "--dataset", "mnist", "--epochs", "3", "--limit", "128",
             "--width", "4", "--batch-size", "32", "--no-progress", "--out", str(out), "--data-root", str(data_root)]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "LIPNET_TEST_STEP_DELAY": "0.3"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_TRAIN_DELAY": "0.3"}
     # a run started from a background job inherits SIGINT ignored, so Python would install no
     # KeyboardInterrupt handler: give the child the default disposition a terminal gives it
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

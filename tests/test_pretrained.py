@@ -11,8 +11,8 @@ import torch
 from lipnet import data as lipdata
 from lipnet.certify import certified_radius, network_lipschitz_bound, pgd_l2
 from lipnet.cli import main
-from lipnet.models import PRETRAINED, load_pretrained, pretrained, pretrained_names
-from lipnet.models.pretrained import WEIGHTS_DIR, pretrained_path
+from lipnet.pretrained import PRETRAINED, load_pretrained, pretrained, pretrained_names
+from lipnet.pretrained import WEIGHTS_DIR, pretrained_path
 
 
 def _first_test_images(name: str, data_root, n: int):

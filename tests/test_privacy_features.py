@@ -93,9 +93,9 @@ def test_fit_private_evaluates_on_cached_test_features_with_the_whole_models_bou
     from lipnet.training import fit_private
 
     train, test = _digits(400, seed=0), _digits(120, seed=1)
-    config = TrainConfig.from_preset("mnist", private=True, model="scatter-net", epochs=4, batch_size=100, lr=0.5)
-    config.dp.update(epsilon=1e3, delta=1e-3, accountant="rdp", input_bound=16.0)
-    config.eval_eps = (0.05, 0.2)
+    config = TrainConfig.from_preset("mnist", private=True, model="scatter-net", epochs=4, batch_size=100, lr=0.5,
+                                     privacy={"epsilon": 1e3, "delta": 1e-3, "accountant": "rdp", "input_bound": 16.0},
+                                     eval_eps=(0.05, 0.2))
     model = scatter_net(image_size=16, J=2, L=4, input_radius=4.0)
     history = fit_private(model, train, BatchLoader(test, 50), config, progress=False, log=lambda _: None)
     direct = certified_accuracy(model, BatchLoader(test, 50), config.eval_eps)

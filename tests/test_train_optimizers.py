@@ -3,6 +3,7 @@ and resume like Adam; configurations written before the option existed resume as
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import asdict
 
@@ -20,9 +21,8 @@ from lipnet.training import build_optimizer, fit
 
 
 def _config(**overrides) -> TrainConfig:
-    config = TrainConfig.from_preset("mnist", **{"epochs": 2, "batch_size": 16, **overrides})
-    config.model_config = {**config.model_config, "width": 2, "hidden": 16}
-    return config
+    return TrainConfig.from_preset("mnist", **{"epochs": 2, "batch_size": 16, **overrides},
+                                   model_overrides={"width": 2, "hidden": 16})
 
 
 def _loaders(seed: int = 0):
@@ -42,15 +42,21 @@ def test_config_validates_the_optimizer_once():
     assert _config().optimizer == "adam" and _config().matrix_lr is None
     assert _config(optimizer="turbomuon").matrix_lr == DEFAULT_MATRIX_LR
     assert _config(optimizer="schatten", matrix_lr=0.05).matrix_lr == 0.05
-    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; known: \\['adam', 'turbomuon', 'schatten'\\]"):
-        _config(optimizer="sgd")
+    with pytest.raises(ValueError, match="optimizer must be one of \\['adam', 'turbomuon', 'schatten'\\], got 'sgd'"):
+        _config(optimizer="sgd")  # sgd trains private runs only
     with pytest.raises(ValueError, match="optimizer 'adam' has one lr"):
         _config(matrix_lr=0.1)
     for bad in (0.0, -1.0, float("nan"), float("inf"), "0.1"):
-        with pytest.raises(ValueError, match="matrix_lr must be a positive number"):
+        with pytest.raises(ValueError, match="matrix_lr must be (finite and > 0|a number)"):
             _config(optimizer="turbomuon", matrix_lr=bad)
-    with pytest.raises(ValueError, match="private training has its own optimizer"):
-        TrainConfig(**{**asdict(TrainConfig.from_preset("mnist", private=True)), "optimizer": "turbomuon"})
+    private = TrainConfig.from_preset("mnist", private=True, privacy={"epsilon": 1.0})
+    assert private.optimizer == "sgd" and private.privacy.delta == 1e-5   # what the private preset trains with
+    with pytest.raises(ValueError, match="private training trains with one of \\['sgd', 'adam'\\]"):
+        TrainConfig(**{**asdict(private), "optimizer": "turbomuon"})
+    with pytest.raises(ValueError, match="matrix_lr is the lr of the turbomuon"):
+        dataclasses.replace(private, matrix_lr=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        private.lr = 1.0   # a run's config is what it ran: nothing changes it during the run
 
 
 @pytest.mark.parametrize("name, cls", [("turbomuon", TurboMuon), ("schatten", SchattenMuon)])
@@ -137,7 +143,7 @@ def test_cli_optimizer_option(tmp_path, data_root, capsys):
     assert "optimizer 'adam' has one lr" in capsys.readouterr().err
     assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "1", "--optimizer", "turbomuon",
                  "--out", str(tmp_path / "y"), *common]) == 2
-    assert "do not apply to --dp" in capsys.readouterr().err
+    assert "private training trains with one of" in capsys.readouterr().err
 
 
 def test_a_two_process_turbomuon_run(tmp_path, data_root):

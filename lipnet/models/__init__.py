@@ -191,7 +191,5 @@ def build_model(name: str, **config) -> nn.Module:
     return MODELS[name](**config)
 
 
-from .pretrained import PRETRAINED, load_pretrained, pretrained, pretrained_names  # noqa: E402
-
-__all__ = ["CENTERINGS", "MODELS", "RESIDUAL_BLOCKS", "PRETRAINED", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet",
-           "load_pretrained", "mnist_convnet", "pretrained", "pretrained_names", "scatter_net"]
+__all__ = ["CENTERINGS", "MODELS", "RESIDUAL_BLOCKS", "build_model", "cifar_liresnet", "imagenet_liresnet", "liresnet",
+           "mnist_convnet", "scatter_net"]

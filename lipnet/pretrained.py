@@ -1,6 +1,8 @@
 """Certified models shipped inside the package: ``pretrained(name)``.
 
-Each file under ``lipnet/models/weights/`` is an ordinary lipnet checkpoint (``lipnet train``'s
+The registry sits above :mod:`lipnet.checkpoints` (which it loads with) and :mod:`lipnet.models`
+(which rebuild the architectures); the weights stay package data of ``lipnet/models/weights/``.
+Each file there is an ordinary lipnet checkpoint (``lipnet train``'s
 format: the config that rebuilds the model and its ``state_dict``, without training state),
 loaded with ``torch.load(weights_only=True)`` like any other. Floating tensors may be stored in
 fp16; they are loaded into the fp32 model, whose orthogonal layers retract their (rounded) factors
@@ -16,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+from .checkpoints import load_checkpoint
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "models" / "weights"
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,6 @@ def load_pretrained(name: str, map_location: str | torch.device = "cpu"):
     Loading writes the stored factors into the fp32 parameters, and the layers retract what was
     written before its first use, so ``lipnet.certify.network_lipschitz_bound`` computes the bound
     of the weights actually used (a bound is never read from the file)."""
-    from ..checkpoints import load_checkpoint
-
     model, config, _ = load_checkpoint(pretrained_path(name), map_location=map_location)
     return model.eval(), config
 
