@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipnet.modes import eval_mode
 from lipnet.validate import positive_int
 
-from ._utils import eval_mode
 
 
 def _margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

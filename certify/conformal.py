@@ -35,17 +35,17 @@ import torch
 from scipy.stats import beta as beta_dist
 from torch import nn
 from torch.nn.utils import parametrize
-from lipnet.progress import progress_bar
 
-from lipnet.validate import class_labels as check_labels
-from lipnet.validate import finite_nonnegative, finite_positive, open_unit
-
-from ._utils import check_finite, eval_mode, split_batch
-from .attacks import pgd_l2
-from .lipschitz import network_lipschitz_bound
+from lipnet.inputs import check_finite, split_batch
+from lipnet.certify.attacks import pgd_l2
+from lipnet.certify.lipschitz import network_lipschitz_bound
 # certified_radius' float-evaluation slack, one rule for both: r grows by 64 ulp (fp32) of
 # max |z| + L ||x|| when r > 0
-from .radius import check_logits, float_evaluation_slack, input_norms
+from lipnet.certify.radius import check_logits, float_evaluation_slack, input_norms
+from lipnet.modes import eval_mode
+from lipnet.progress import progress_bar
+from lipnet.validate import class_labels as check_labels
+from lipnet.validate import finite_nonnegative, finite_positive, open_unit
 
 SCORES = ("lac", "aps")
 MODES = ("inference", "calibration")

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from lipnet.inputs import check_finite, split_batch
+from lipnet.certify.attacks import pgd_l2
+from lipnet.certify.lipschitz import network_lipschitz_bound
+from lipnet.modes import eval_mode
 from lipnet.progress import progress_bar
-
 from lipnet.validate import class_labels, finite_positive, nonnegative_int
-
-from ._utils import check_finite, eval_mode, split_batch
-from .attacks import pgd_l2
-from .lipschitz import network_lipschitz_bound
 
 # Slack on the logit margin for float evaluation error. The error of a float network's logits
 # scales with its activations, not with its logits (inputs in the null space of a head give tiny

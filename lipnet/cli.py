@@ -26,7 +26,7 @@ from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoin
 from .output import PLOT_HINT, OutputError, format_table, plot_certified, plot_conformal, write_output
 from .run_dir import claim_run_dir
 from .presets import DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names
-from .training import AMP_DTYPES, amp_dtype, fit
+from .training import AMP_DTYPES, amp_dtype, fit, fit_private
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -329,8 +329,6 @@ def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: C
 def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -> int:
     """--dp: one Poisson batch per step split over the ranks, noise added once across them
     (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and writes the checkpoint after every epoch."""
-    from .training import fit_private
-
     train = _dataset(args, args.dataset, "train", args.limit)
     test = _dataset(args, args.dataset, "test", args.limit)
     torch.manual_seed(config.seed)

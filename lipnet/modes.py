@@ -1,10 +1,13 @@
-"""Running a module in train or eval mode for a while, then giving every submodule its own mode back."""
+"""Running a module in a mode for a while: train or eval (every submodule then gets its own mode
+back), autocast off for the constrained weights, and the eval-mode fp32 function certificates are
+about."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import torch
 from torch import nn
 
 
@@ -22,3 +25,27 @@ def training_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def full_precision(device_type: str) -> AbstractContextManager:
+    """Autocast off for ``device_type`` inside the block (a no-op where it is not on).
+
+    The layers compute their constrained weights (orthogonalization, BCOP/RKO construction, AOL
+    scales) inside it, so a weight is as orthogonal under autocast as in fp32; the convolution or
+    matmul that *uses* the weight runs outside, in autocast's precision.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode and full precision (certificates, bounds and conformal sets are
+    about the eval-mode fp32 function, whatever autocast context the caller is in), then restore
+    every submodule's own mode."""
+    with training_mode(model, False), full_precision("cpu"), full_precision("cuda"):
+        yield model
+
+
+__all__ = ["eval_mode", "full_precision", "training_mode"]

@@ -174,7 +174,7 @@ def test_eval_mode_gives_every_layer_its_own_mode_back():
     # A model with one layer kept in eval mode on purpose: certification must not switch it to train.
     from torch import nn
 
-    from lipnet.certify._utils import eval_mode
+    from lipnet.modes import eval_mode
     from lipnet.modes import training_mode
 
     model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Linear(2, 2))

@@ -27,7 +27,7 @@ from .hkr import (HingeMarginLoss, HKRLoss, KRLoss, LseHKRLoss, NegKRLoss, SoftH
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
 from .parametrizations import aol, core_ortho_params, orthogonal, retract_, retract_after_step
 from .pooling import FirstChannels, Flatten, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d, ScaledAvgPool2d
-from .report import LayerBound, LipschitzReport, lipschitz_report
+from .report import LayerBound, LipschitzReport, lipschitz_lower_bound, lipschitz_report
 from .residual import ConcatResidual, ConvexResidual, L2NormResidual, PrescaledAdditiveResidual
 from .scattering import Scattering2d
 from .sll import SLLBlock
@@ -38,6 +38,6 @@ __all__ = [
     "GlobalL2NormPool2d", "InputNormalization", "L2NormResidual", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "LseHKRLoss", "SoftHKRLoss", "TauBCEWithLogitsLoss", "OrthoConv1d", "OrthoConv2d", "OrthoConvTranspose2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "LayerBound", "LipschitzReport", "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound",
-    "lipschitz_report", "register_exporter",
+    "lipschitz_lower_bound", "lipschitz_report", "register_exporter",
     "aol", "input_checks_enabled", "orthogonal", "retract_", "retract_after_step", "set_input_checks",
 ]

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..validate import nonnegative_int, positive_int
 from ._checks import check_channels, check_input
-from .precision import full_precision
+from lipnet.modes import full_precision
 from .conv_norm import check_circular_input
 from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, aol, core_ortho_params, retract_
 

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from ..validate import positive_int
 from ._checks import check_channels, check_input
 from .parametrizations import DEFAULT_LAYER_METHOD, DEFAULT_PARAMETRIZATION, CoreOrthogonalizer, retract_
-from .precision import full_precision
+from lipnet.modes import full_precision
 
 PADDING_MODES = ("circular", "zeros")
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ortho import spectral_norm_bound
 from ._checks import check_input
-from .precision import full_precision
+from lipnet.modes import full_precision
 from .conv_norm import conv_operator_norm_bound
 from .sll import residual_weight
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..modes import training_mode
+from lipnet.modes import training_mode
 from .conv import AOLConv2d, OrthoConv2d, OrthoConvTranspose2d
 from .conv1d import OrthoConv1d
 from .cpl import ConvexPotentialLayer

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from ..ortho import POLAR_BACKWARD_METHODS, aol_rescale, orthogonalize, retract, tangent_projection
 from ._checks import plain_eager
-from .precision import full_precision
+from lipnet.modes import full_precision
 from .conv_norm import conv_gram_kernel
 
 # Layers need every sigma within 1e-3 of 1 (a looser factor shrinks the signal it passes): converging methods only, never the optimizer's bands.

@@ -11,7 +11,7 @@ from torch import nn
 from ..ortho import spectral_norm_bound
 from ..validate import positive_int
 from ._checks import check_input
-from .precision import full_precision
+from lipnet.modes import full_precision
 from .conv_norm import conv_gram_kernel, conv_operator_norm_bound, weighted_schur_bound
 
 _UNIT_ROUNDOFF_FP64 = 2.0**-53
