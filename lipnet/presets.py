@@ -49,9 +49,9 @@ PRESETS: dict[str, Preset] = {
                        channels_last=True, optimizer="turbomuon"),
 }
 # The cifar10 preset is sized for 2 CPU cores: width 32, one residual block per stage and a 256-wide
-# dense head (a 512-wide one's 8192x512 orthogonal factor costs a quarter of each step), fp32 steps
+# dense head (a 512-wide one's 8192x512 orthogonal factor dominates the step's retraction), fp32 steps
 # on channels-last batches, TurboMuon on the matrices, margin 0.45 (chosen on a held-out split).
-# Its timings and the choices' measurements: docs/certification.md.
+# Its timings and the choices' measurements: docs/certification.md#cifar-10-on-two-cpu-cores.
 
 # Presets chosen by name (`lipnet train --preset NAME`), beyond each dataset's default: (dataset, preset).
 NAMED_PRESETS: dict[str, tuple[str, Preset]] = {
@@ -63,7 +63,7 @@ NAMED_PRESETS: dict[str, tuple[str, Preset]] = {
 
 
 # `TrainConfig.optimizer` choices, and the matrices' peak lr of the Muon-type ones when none is given
-# (the best of 0.005 ... 0.2 for TurboMuon on an MNIST held-out split: benchmarks/results/README.md#train-optimizer)
+# (chosen for TurboMuon on an MNIST held-out split: benchmarks/results/README.md#train-optimizer)
 OPTIMIZERS = ("adam", "turbomuon", "schatten")
 PRIVATE_OPTIMIZERS = ("sgd", "adam")   # private training: on the trainable parameters, noisy gradients
 DEFAULT_MATRIX_LR = 0.05

@@ -40,19 +40,19 @@ class PretrainedModel:
 PRETRAINED: dict[str, PretrainedModel] = {m.name: m for m in (
     PretrainedModel("cifar10", "cifar10", "cifar10.pt",
                     "the cifar10 preset (lipnet train --dataset cifar10): cifar-liresnet width 32, blocks (1, 1, 1), "
-                    "256-wide head, TurboMuon, margin 0.45, 30 epochs in fp32 on 2 CPU cores; fp16 weights; test "
-                    "clean 71.91%, certified 53.83% / 35.63% / 21.38% at 36 / 72 / 108 / 255 (docs/certification.md)",
+                    "256-wide head, TurboMuon, margin 0.45, 30 epochs in fp32 on 2 CPU cores; fp16 weights; its "
+                    "measured accuracies: docs/certification.md#cifar-10-on-two-cpu-cores",
                     clean_limit_500=0.738),
     PretrainedModel("mnist", "mnist", "mnist.pt",
                     "mnist-convnet width 32, offset 1.55, TurboMuon on the orthogonal factors, 30 epochs on 50,000 "
                     "training images (lipnet train --dataset mnist --width 32 --epochs 30 --offset 1.55 --optimizer "
-                    "turbomuon --holdout 10000); fp16 weights; test clean 98.60%, certified 95.20% / 85.48% / 56.00% "
-                    "at 0.5 / 1.0 / 1.58 (benchmarks/results/README.md#certification)",
+                    "turbomuon --holdout 10000); fp16 weights; its measured accuracies: "
+                    "benchmarks/results/README.md#certification",
                     clean_limit_500=0.980),
     PretrainedModel("fashion-mnist", "fashion-mnist", "fashion-mnist.pt",
                     "the fashion-mnist preset (lipnet train --dataset fashion-mnist): mnist-convnet width 16, "
-                    "10 epochs on 1 CPU thread; fp16 weights; test clean 88.60%, certified 86.28% / 73.87% / "
-                    "53.26% at 0.1 / 0.5 / 1.0 (benchmarks/results/README.md#certification)",
+                    "10 epochs on 1 CPU thread; fp16 weights; its measured accuracies: "
+                    "benchmarks/results/README.md#certification",
                     clean_limit_500=0.898),
 )}
 

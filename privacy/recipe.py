@@ -38,8 +38,8 @@ class PrivatePreset:
 # scatter-net (the default): fixed Scattering2d features + a linear head trained with the cross-entropy
 # (temperature 1); chosen on a held-out part of the MNIST train split, benchmarks/privacy.py --arch scatter --tune.
 # mnist-convnet: the convolutions keep their random orthogonal initialization (trainable="dense": their
-# analytic gradient bounds are 25-40x their actual per-sample norms, so noise calibrated to them drowns their
-# gradients; held-out 85.2% vs 81.3% for the best all-layer setting, benchmarks/privacy.py --tune).
+# analytic gradient bounds are far above their actual per-sample norms, so noise calibrated to them drowns
+# their gradients; chosen on a held-out split, benchmarks/privacy.py --tune, benchmarks/results/README.md#privacy).
 _SCATTER_DP = {"input_radius": 8.0, "J": 2, "L": 8, "head": "plain"}
 _MNIST_DP = {"centering": "none", "width": 8, "hidden": 128, "input_radius": 8.0}
 PRIVATE_PRESETS: dict[str, dict[str, PrivatePreset]] = {
@@ -51,8 +51,8 @@ PRIVATE_PRESETS: dict[str, dict[str, PrivatePreset]] = {
 # CIFAR-10: raw pixels have ||x|| <= sqrt(3 * 32 * 32) < 55.5. scatter-net (the default): chosen on a held-out
 # part of the CIFAR-10 train split at eps=1: cross-entropy with its logit gradient clipped to 0.25
 # (ClippedLossGradient: every example not yet fitted sends the gradient norm the noise is calibrated to), lr 1
-# (54.02% held-out vs 52.33% for the best unclipped loss, temperature 0.1 with offset 3; at eps=3 lr 4 was best;
-# benchmarks/results/privacy_tune_scatter_cifar10.md). cifar-liresnet: not tuned (no GPU run yet), the MNIST CNN recipe.
+# (the search and its held-out accuracies: benchmarks/results/privacy_tune_scatter_cifar10.md).
+# cifar-liresnet: not tuned, the MNIST CNN recipe.
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 PRIVATE_PRESETS["cifar10"] = {
     "scatter-net": PrivatePreset({"mean": _CIFAR_MEAN, "in_channels": 3, "image_size": 32, **_SCATTER_DP}, 4096, 1.0,

@@ -5,8 +5,10 @@ where the CPU would emulate it)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 import lipnet.cli
 import lipnet.training
@@ -64,9 +66,18 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, data_root, monk
     assert config.amp == "bf16"
 
 
-def test_native_bf16_answers_for_each_device_type():
-    assert isinstance(lipnet.training.native_bf16("cpu"), bool)
+def test_native_bf16_answers_for_each_device_type(monkeypatch):
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux states the instructions oneDNN's answer rests on
+        flags = set(cpuinfo.read_text().split())
+        assert lipnet.training.native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
     assert lipnet.training.native_bf16("meta") is True
+
+    def no_query():
+        raise RuntimeError("no oneDNN")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", no_query)
+    assert lipnet.training.native_bf16("cpu") is True  # unknown: bf16 kept as asked
 
 
 def test_the_gpu_scale_network_is_a_named_preset():

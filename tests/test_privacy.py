@@ -13,7 +13,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 import lipnet.nn as ln
-from lipnet.data import DATASETS, BatchLoader, ImageDataset
+from helpers import blobs, small_model
+from lipnet.data import BatchLoader
 from lipnet.models import mnist_convnet
 from lipnet.privacy import (BOUND_MARGIN, PoissonBatchLoader, PrivateTrainer, conv_reuse, gradient_norm_bounds, make_private,
                             noise_stds, per_sample_gradient_norms, private_trainable)
@@ -239,25 +240,8 @@ def test_unsupported_layers_and_losses_are_refused():
 # ----------------------------------------------------------------------------- sampling, accounting
 
 
-def _blobs(n: int = 600, seed: int = 0) -> ImageDataset:
-    """Two classes of 1x8x8 uint8 images: bright top half vs bright bottom half, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    img = torch.rand(n, 1, 8, 8, generator=g) * 80
-    img[labels == 0, :, :4] += 150
-    img[labels == 1, :, 4:] += 150
-    info = DATASETS["mnist"]
-    return ImageDataset(img.clamp(0, 255).to(torch.uint8), labels, info)
-
-
-def _small_model() -> nn.Sequential:
-    return nn.Sequential(ln.InputNormalization((0.5,)), ln.OrthoConv2d(1, 4, 3), ln.MaxMin(),
-                         ln.OrthoConv2d(4, 8, 2, stride=2, padding=0), ln.MaxMin(), ln.Flatten(),
-                         ln.OrthoLinear(128, 2))
-
-
 def test_poisson_batches_have_the_binomial_size_distribution():
-    ds, q = _blobs(1000), 0.05
+    ds, q = blobs(1000), 0.05
     loader = PoissonBatchLoader(ds, q, generator=torch.Generator().manual_seed(0), steps=400)
     sizes = torch.tensor([len(y) for _, y in loader], dtype=torch.float64)
     assert len(loader) == 400 and len(sizes) == 400
@@ -269,8 +253,8 @@ def test_poisson_batches_have_the_binomial_size_distribution():
 
 @pytest.mark.parametrize("accountant, cls", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
 def test_epsilon_equals_opacus_accountant(accountant, cls):
-    ds = _blobs(400)
-    model = _small_model()
+    ds = blobs(400)
+    model = small_model()
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, loss=ln.LipschitzCrossEntropy(),
                              input_bound=8.0, target_delta=1e-4, noise_multiplier=1.3, sample_rate=0.1,
                              accountant=accountant, progress=False)
@@ -282,8 +266,8 @@ def test_epsilon_equals_opacus_accountant(accountant, cls):
 
 
 def test_calibrated_noise_spends_the_target_epsilon():
-    ds = _blobs(400)
-    model = _small_model()
+    ds = blobs(400)
+    model = small_model()
     trainer = make_private(model, torch.optim.Adam(model.parameters(), lr=1e-2), BatchLoader(ds, 40), 2.0, 1e-4, 2,
                            loss=ln.LipschitzCrossEntropy(), input_bound=8.0, progress=False)
     assert trainer.sample_rate == pytest.approx(0.1) and len(trainer.loader) == 10
@@ -295,7 +279,7 @@ def test_calibrated_noise_spends_the_target_epsilon():
 
 def test_noise_has_the_calibrated_std_and_zero_noise_gives_the_summed_gradient():
     torch.manual_seed(0)
-    ds = _blobs(400)
+    ds = blobs(400)
     x, y = ds.images[:37].float() / 255, ds.labels[:37]
     for sigma, check in ((1e-9, "exact"), (2.0, "std")):
         model = nn.Sequential(ln.InputNormalization((0.5,)), ln.Flatten(), nn.Linear(64, 2))
@@ -320,10 +304,10 @@ def test_constrained_weights_get_the_chain_rule_of_the_noisy_effective_gradient(
     """With noise ~0 the raw parameters of orthogonal layers get exactly autograd's gradient of the
     summed loss / expected batch: the effective-weight gradient is pushed through J^T correctly."""
     torch.manual_seed(0)
-    ds = _blobs(400)
+    ds = blobs(400)
     x, y = ds.images[:25].float() / 255, ds.labels[:25]
-    model = _small_model()
-    reference = _small_model()
+    model = small_model()
+    reference = small_model()
     reference.load_state_dict(model.state_dict())
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0), ds, loss=ln.LipschitzCrossEntropy(),
                              input_bound=8.0, target_delta=1e-4, noise_multiplier=1e-12, sample_rate=0.1,
@@ -335,8 +319,8 @@ def test_constrained_weights_get_the_chain_rule_of_the_noisy_effective_gradient(
 
 
 def test_empty_poisson_batch_still_steps_and_is_accounted():
-    ds = _blobs(400)
-    model = _small_model()
+    ds = blobs(400)
+    model = small_model()
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, loss=ln.LipschitzCrossEntropy(),
                              input_bound=8.0, target_delta=1e-4, noise_multiplier=1.0, sample_rate=0.01,
                              progress=False)
@@ -347,8 +331,8 @@ def test_empty_poisson_batch_still_steps_and_is_accounted():
 
 
 def test_bad_privacy_parameters_are_refused_before_training():
-    ds = _blobs(400)
-    model = _small_model()
+    ds = blobs(400)
+    model = small_model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kw = dict(loss=ln.LipschitzCrossEntropy(), input_bound=8.0, progress=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -370,7 +354,7 @@ def test_bad_privacy_parameters_are_refused_before_training():
 
 def test_private_training_learns_a_separable_task():
     torch.manual_seed(0)
-    ds = _blobs(2000)
+    ds = blobs(2000)
     model = nn.Sequential(ln.InputNormalization((0.5,)), ln.Flatten(), ln.OrthoLinear(64, 16), ln.MaxMin(),
                           ln.OrthoLinear(16, 2))
     trainer = make_private(model, torch.optim.Adam(model.parameters(), lr=5e-2), BatchLoader(ds, 400), 4.0, 1e-4, 3,
@@ -379,15 +363,15 @@ def test_private_training_learns_a_separable_task():
     for _ in range(3):
         report = trainer.train_epoch()
     assert report.epsilon <= 4.0 + 0.011
-    test = _blobs(500, seed=1)
+    test = blobs(500, seed=1)
     with torch.no_grad():
         acc = (model(test.images.float() / 255).argmax(1) == test.labels).float().mean()
     assert acc > 0.9, float(acc)
 
 
 def test_per_layer_noise_mode_scales_each_tensor():
-    ds = _blobs(400)
-    model = _small_model()
+    ds = blobs(400)
+    model = small_model()
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, loss=ln.LipschitzCrossEntropy(),
                              input_bound=8.0, target_delta=1e-4, noise_multiplier=1.5, sample_rate=0.1,
                              noise="per_layer", progress=False)
@@ -401,10 +385,10 @@ def test_per_layer_noise_mode_scales_each_tensor():
 
 
 def test_min_energy_noise_keeps_the_mechanism_and_lowers_the_total_noise():
-    ds = _blobs(400)
+    ds = blobs(400)
     stds, reports = {}, {}
     for mode in ("global", "per_layer", "min_energy"):
-        model = _small_model()
+        model = small_model()
         torch.manual_seed(0)
         trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds,
                                  loss=ln.LipschitzCrossEntropy(), input_bound=8.0, target_delta=1e-4,
@@ -421,12 +405,19 @@ def test_min_energy_noise_keeps_the_mechanism_and_lowers_the_total_noise():
 
 
 def test_a_torch_dataloader_is_poisson_resampled_by_opacus():
-    ds = _blobs(400)
+    ds = blobs(400)
     data = torch.utils.data.TensorDataset(ds.images.float() / 255, ds.labels)
     loader = torch.utils.data.DataLoader(data, batch_size=40)
-    model = _small_model()
+    model = small_model()
     trainer = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, 3.0, 1e-4, 1,
                            loss=ln.LipschitzCrossEntropy(), input_bound=8.0, progress=False)
     assert trainer.sample_rate == pytest.approx(0.1) and trainer.input_shape == (1, 8, 8)
     report = trainer.train_epoch()
     assert report.steps == len(trainer.loader) == 10 and 0 < report.epsilon <= 3.0 + 0.011
+
+
+@pytest.mark.parametrize("layer", [lambda: ln.LPReLU(4), lambda: ln.PrescaledAdditiveResidual(ln.OrthoLinear(4, 4))])
+def test_private_training_refuses_layers_without_a_sensitivity_rule(layer):
+    model = nn.Sequential(ln.OrthoLinear(4, 4), layer(), ln.OrthoLinear(4, 3))
+    with pytest.raises(TypeError, match="no .*rule|not supported|bound rule"):
+        gradient_norm_bounds(model, 1.0, ln.LipschitzCrossEntropy(), (4,))

@@ -12,19 +12,19 @@ from torch import nn
 import lipnet.nn as ln
 from lipnet.distributed import destroy_distributed, init_distributed, launch
 from lipnet.privacy import PrivateTrainer, precompute_frozen_prefix
-from test_privacy import _blobs, _small_model
+from helpers import blobs, small_model
 
 SIGMA = 3.0
 
 
 def _trainer(model: nn.Module, sigma: float, lr: float) -> PrivateTrainer:
-    return PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=lr), _blobs(400),
+    return PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=lr), blobs(400),
                           loss=ln.LipschitzCrossEntropy(), input_bound=8.0, target_delta=1e-4, noise_multiplier=sigma,
                           sample_rate=0.1, seed=3, progress=False)
 
 
 def _noiseless_run() -> tuple[dict, list[int]]:
-    model = _small_model().double()  # fp64: the comparison with one process is not drowned by fp32 rounding
+    model = small_model().double()  # fp64: the comparison with one process is not drowned by fp32 rounding
     trainer = _trainer(model, 1e-12, 0.5)
     sizes = []
     for _, (x, y) in zip(range(3), trainer.loader):
@@ -44,7 +44,7 @@ def _rank_job(out_dir: str) -> None:
     torch.manual_seed(100 + ctx.rank)  # different init per rank: the trainer must broadcast rank 0's
     state, sizes = _noiseless_run()
     # noise: lr 0, one step on this rank's half of a fixed batch
-    ds = _blobs(400)
+    ds = blobs(400)
     x, y = ds.images[:64].float() / 255, ds.labels[:64]
     model = _linear()
     trainer = _trainer(model, SIGMA, 0.0)
@@ -77,7 +77,7 @@ def test_two_ranks_equal_one_process_without_noise(ranks):
 
 
 def test_two_ranks_add_the_noise_of_one_step(ranks):
-    ds = _blobs(400)
+    ds = blobs(400)
     x, y = ds.images[:64].float() / 255, ds.labels[:64]
     reference = _linear()
     ln.LipschitzCrossEntropy(reduction="sum")(reference(ln.L2BallProjection(8.0)(x)), y).backward()

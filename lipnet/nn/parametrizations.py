@@ -34,8 +34,8 @@ def check_method(method: str, steps: int | None, parametrization: str = DEFAULT_
     """ValueError unless (method, steps, parametrization) describe a layer whose weight converges to orthogonal."""
     if method in ("turbo", "ns5"):
         raise ValueError(f"method {method!r} is an optimizer schedule: it leaves singular values in a band "
-                         "(turbo: [0.78, 1.22]), not at 1, so a layer built on it is not orthogonal (an AOC "
-                         "convolution with groups=2 measured sigma_max 17 at initialization); "
+                         "(turbo: [0.78, 1.22]), not at 1, so a layer built on it is not orthogonal (a convolution "
+                         "assembled from such factors can be far from 1-Lipschitz); "
                          f"use one of {LAYER_METHODS}")
     if method not in LAYER_METHODS:
         raise ValueError(f"unknown orthogonalization method {method!r}; expected one of {LAYER_METHODS}")
