@@ -3,10 +3,10 @@ damaged / foreign files are refused with a clear error (also through `lipnet cer
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shlex
-import dataclasses
 from dataclasses import asdict
 
 import pytest
@@ -15,7 +15,7 @@ import torch
 from lipnet.cli import main
 from lipnet.models import build_model
 from lipnet.checkpoints import CHECKPOINT, CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from lipnet.presets import TrainConfig
+from lipnet.presets import PrivacyConfig, TrainConfig
 
 
 def _config(**overrides) -> TrainConfig:
@@ -79,6 +79,32 @@ def test_version_1_checkpoints_still_load(tmp_path):
                tmp_path / CHECKPOINT)
     _, loaded, history = load_checkpoint(tmp_path)
     assert loaded.eval_eps == config.eval_eps and loaded.amp is None and history[0]["certified"] == {0.5: 0.1}
+
+
+def test_version_2_private_configs_load_as_the_typed_privacy_config(tmp_path):
+    """Version-2 files kept private training's options in an untyped ``dp`` dict and recorded
+    optimizer "adam" while the dict's "sgd" trained: they load as PrivacyConfig and "sgd"."""
+    config = _config()
+    model = _tiny(config)
+    cfg = asdict(config)
+    cfg.pop("privacy")
+    cfg["dp"] = {"input_bound": 28.0, "noise": "per_layer", "optimizer": "sgd", "momentum": 0.9, "trainable": "dense",
+                 "freeze_bias": True, "loss_clip": None, "epsilon": 2.0, "delta": 1e-5, "accountant": "rdp",
+                 "epsilon_spent": 1.98}
+    torch.save({"format": "lipnet.checkpoint", "version": 2, "config": cfg, "state_dict": model.state_dict(),
+                "history": [], "epoch": 1, "training": None}, tmp_path / CHECKPOINT)
+    loaded = read_checkpoint(tmp_path).config
+    assert loaded.optimizer == "sgd" and loaded.private
+    assert loaded.privacy == PrivacyConfig(epsilon=2.0, input_bound=28.0, delta=1e-5, momentum=0.9, trainable="dense")
+    cfg["dp"] = None  # a version-2 file of an ordinary run
+    torch.save({"format": "lipnet.checkpoint", "version": 2, "config": cfg, "state_dict": model.state_dict(),
+                "history": [], "epoch": 1, "training": None}, tmp_path / CHECKPOINT)
+    assert read_checkpoint(tmp_path).config == config
+    cfg["dp"] = {"epsilon": -1.0, "input_bound": 1.0, "optimizer": "sgd"}  # a crafted budget is refused
+    torch.save({"format": "lipnet.checkpoint", "version": 2, "config": cfg, "state_dict": model.state_dict(),
+                "history": [], "epoch": 1, "training": None}, tmp_path / CHECKPOINT)
+    with pytest.raises(CheckpointError, match="epsilon must be finite and > 0"):
+        read_checkpoint(tmp_path)
 
 
 def test_checkpoints_without_a_parametrization_load_as_polar(tmp_path):
