@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from lipnet.modes import eval_mode
 from lipnet.nn import lipschitz_bound
-from lipnet.nn.report import lipschitz_lower_bound
 
 
 def network_lipschitz_bound(model: nn.Module, input_std: Sequence[float] | None = None) -> float:
