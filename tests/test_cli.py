@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -430,3 +431,30 @@ def test_train_with_a_holdout_evaluates_on_training_images_left_out(tmp_path, da
     assert main(["train", "--dataset", "mnist", "--dp", "--epsilon", "1", "--holdout", "10", "--out",
                  str(tmp_path / "y"), *common]) == 2
     assert "holdout is not available with private training" in capsys.readouterr().err
+
+
+def test_version_help_and_hints(tmp_path, capsys, lipnet_cli):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert capsys.readouterr().out.strip() == f"lipnet {version}"
+    with pytest.raises(SystemExit):
+        main(["certify", "--help"])
+    assert "./certified-NAME.png" in " ".join(capsys.readouterr().out.split())  # the default plot path
+    # a private run on a --limit smaller than the preset's expected batch says which option to pass
+    assert lipnet_cli("train", "--dataset", "mnist", "--dp", "--epsilon", "1", "--limit", "100",
+                      "--out", tmp_path / "dp") == 2
+    assert "pass a --batch-size of at most 100" in capsys.readouterr().err
+
+
+def test_reports_print_without_their_tensors(tmp_path):
+    from lipnet.certify import CertificationReport
+
+    report = CertificationReport(n=3, clean=1.0, certified={0.5: 1.0}, lipschitz_bound=1.0,
+                                 radii=torch.arange(3.0))
+    assert "radii" not in repr(report) and "certified={0.5: 1.0}" in repr(report)
+    config = TrainConfig.from_preset("mnist", epochs=1, limit=8, model_overrides={"width": 2, "hidden": 4})
+    save_checkpoint(tmp_path, build_model(config.model, **config.model_config), config, [{"epoch": 1}])
+    assert "tensor" not in repr(read_checkpoint(tmp_path))
