@@ -25,8 +25,8 @@ from .nn.parametrizations import PARAMETRIZATIONS
 from .checkpoints import CHECKPOINT, Checkpoint, load_checkpoint, read_checkpoint
 from .output import PLOT_HINT, OutputError, format_table, plot_certified, plot_conformal, write_output
 from .run_dir import claim_run_dir
-from .presets import DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names
-from .training import AMP_DTYPES, amp_dtype, fit, fit_private
+from .presets import AMP_DTYPES, DEFAULT_MATRIX_LR, NAMED_PRESETS, OPTIMIZERS, PRESETS, TrainConfig, preset_names
+from .training import amp_dtype, fit, fit_private
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -329,12 +329,12 @@ def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: C
 def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -> int:
     """--dp: one Poisson batch per step split over the ranks, noise added once across them
     (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and writes the checkpoint after every epoch."""
-    train = _dataset(args, args.dataset, "train", args.limit)
-    test = _dataset(args, args.dataset, "test", args.limit)
+    train = _dataset(args, config.dataset, "train", config.limit)
+    test = _dataset(args, config.dataset, "test", config.limit)
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_config).to(ctx.device)
     log, procs = _rank_log(ctx)
-    log(f"private training of {config.model} on {args.dataset} ({len(train)} train / {len(test)} test) for "
+    log(f"private training of {config.model} on {config.dataset} ({len(train)} train / {len(test)} test) for "
         f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={config.privacy.epsilon:g}, "
         f"delta={config.privacy.delta:g})")
     start = time.perf_counter()
@@ -346,6 +346,13 @@ def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -
     print(f"privacy: ({history[-1]['epsilon']:.3f}, {config.privacy.delta:g})-DP after {history[-1]['steps']} steps "
           f"(accountant {config.privacy.accountant}); saved {Path(args.out) / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
     return 0
+
+
+def _plot_path(args, folder: Path, stem: str) -> Path:
+    """--plot, else ``folder/STEM.png`` (``STEM-NAME.png`` for --pretrained NAME)."""
+    if args.plot:
+        return Path(args.plot)
+    return folder / (f"{stem}-{args.pretrained}.png" if args.pretrained else f"{stem}.png")
 
 
 def cmd_certify(args) -> int:
@@ -366,8 +373,7 @@ def cmd_certify(args) -> int:
                   "pgd": report.pgd, "pgd_n": report.pgd_n, "pgd_steps": args.pgd_steps,
                   "lipschitz_bound": report.lipschitz_bound, "lipschitz_lower": lower}
         write_output(Path(args.json), "--json", lambda path: path.write_text(json.dumps(result, indent=2)))
-    plot = Path(args.plot) if args.plot else folder / (f"certified-{args.pretrained}.png" if args.pretrained
-                                                       else "certified.png")
+    plot = _plot_path(args, folder, "certified")
     write_output(plot, "the plot", lambda path: plot_certified(report.radii, report.pgd, path,
                                                         f"{config.dataset}: certified accuracy vs eps"), PLOT_HINT)
     print(f"plot: {plot}")
@@ -424,8 +430,7 @@ def cmd_conformal(args) -> int:
                            "alpha": args.alpha, "lipschitz_bound": clf.lipschitz, "n_calibration": len(cal_set),
                            "n_test": len(test_set), "rows": rows}, indent=2)
         write_output(Path(args.json), "--json", lambda path: path.write_text(text))
-    plot = Path(args.plot) if args.plot else folder / (f"conformal-{args.pretrained}.png" if args.pretrained
-                                                       else "conformal.png")
+    plot = _plot_path(args, folder, "conformal")
     write_output(plot, "the plot", lambda path: plot_conformal(rows, path,
                                                                   f"{config.dataset}: conformal sets, alpha={args.alpha}"),
                   PLOT_HINT)

@@ -11,6 +11,8 @@ import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from .data import DATASETS
 from .models import MODELS
 from .nn.parametrizations import DEFAULT_PARAMETRIZATION
@@ -67,7 +69,8 @@ NAMED_PRESETS: dict[str, tuple[str, Preset]] = {
 OPTIMIZERS = ("adam", "turbomuon", "schatten")
 PRIVATE_OPTIMIZERS = ("sgd", "adam")   # private training: on the trainable parameters, noisy gradients
 DEFAULT_MATRIX_LR = 0.05
-AMP_SETTINGS = ("bf16", "fp16")
+# `TrainConfig.amp` names and their autocast dtypes ("fp32" on the command line: None, no autocast)
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def amp_setting(value: str | None) -> str | None:
@@ -174,7 +177,7 @@ class TrainConfig:
         object.__setattr__(self, "eval_eps", tuple(self.eval_eps))
         object.__setattr__(self, "amp", amp_setting(self.amp))
         if self.amp is not None:
-            one_of(self.amp, AMP_SETTINGS, "amp")
+            one_of(self.amp, AMP_DTYPES, "amp")
         if isinstance(self.privacy, dict):   # e.g. from a checkpoint's plain config
             object.__setattr__(self, "privacy", PrivacyConfig(**self.privacy))
         if self.privacy is not None:
@@ -278,6 +281,6 @@ def _model_config(model: str, config: dict, dataset: str, overrides: Mapping) ->
     return config
 
 
-__all__ = ["AMP_SETTINGS", "DEFAULT_MATRIX_LR", "NAMED_PRESETS", "OPTIMIZERS",
+__all__ = ["AMP_DTYPES", "DEFAULT_MATRIX_LR", "NAMED_PRESETS", "OPTIMIZERS",
            "PRESETS", "PRIVATE_OPTIMIZERS", "Preset", "PrivacyConfig", "TrainConfig", "amp_setting",
            "preset_names", "takes_parametrization"]

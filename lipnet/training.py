@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from .progress import progress_bar
 
 from .certify import certified_accuracy, network_lipschitz_bound
 from .checkpoints import Checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_gather_stack, all_reduce_mean, wrap_ddp
 from .modes import training_mode
 from .nn import LipschitzCrossEntropy
-from .presets import TrainConfig
+from .presets import AMP_DTYPES, TrainConfig
+from .progress import progress_bar
 from .validate import class_labels
 
 
@@ -39,7 +39,6 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def amp_dtype(amp: str | None, device: str | torch.device = "cpu") -> torch.dtype | None:

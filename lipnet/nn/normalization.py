@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,9 +22,10 @@ class InputNormalization(nn.Module):
     it, or any NaN, raises ``ValueError`` (0-255 pixels in float would run, give garbage and be
     certified in the wrong units). The models of :mod:`lipnet.models` set (0, 1); ``None`` (the
     default here) checks nothing -- the certificate itself holds for every input, so an attack on
-    the whole ball (``pgd_l2(..., clamp=None)``) sets ``input_range = None`` first. Like the layers' other input checks it costs one host sync and
-    is skipped under ``torch.compile``, ``torch.func`` and :func:`lipnet.nn.set_input_checks`
-    ``(False)``. Integer inputs always raise ``TypeError``.
+    the whole ball (``pgd_l2(..., clamp=None)``) sets ``input_range = None`` first. Like the
+    layers' other input checks it costs one host sync and is skipped under ``torch.compile``,
+    ``torch.func`` and :func:`lipnet.nn.set_input_checks` ``(False)``. Integer inputs always raise
+    ``TypeError``.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float] | None = None, *,
