@@ -49,7 +49,8 @@ class Checkpoint:
     history: list[dict] = field(repr=False)  # one row per completed epoch (rank 0's)
     epoch: int                          # epochs completed when it was written
     # {"optimizer", "scheduler", "scaler": state_dicts, "rng": {stream: [state per rank] | None},
-    #  "world_size"}; None: weights only (not resumable)
+    #  "world_size"}; a private run's: {"optimizer", "private": PrivateTrainer.state_dict(), "world_size"};
+    # None: weights only (not resumable)
     training: dict | None = field(default=None, repr=False)
 
     @property
@@ -63,8 +64,7 @@ class Checkpoint:
         (the per-rank random streams and batch statistics depend on it)."""
         if self.training is None:
             raise CheckpointError(f"{self.path} holds weights only (no optimizer / scheduler / RNG states): it cannot "
-                                  "be resumed (written by an older lipnet, by save_checkpoint without training state, "
-                                  "or by private training)")
+                                  "be resumed (written by an older lipnet or by save_checkpoint without training state)")
         trained_by = self.training.get("world_size", 1)
         if trained_by != world_size:
             raise ValueError(f"{self.path} was trained by {trained_by} process(es); resume it with --nproc {trained_by} "
@@ -207,6 +207,11 @@ def save_checkpoint(out: str | Path, model: nn.Module, config: TrainConfig, hist
     return out / CHECKPOINT
 
 
+def config_is_private(cfg: dict) -> bool:
+    """Whether a stored config (any version) is a private run's."""
+    return bool(cfg.get("privacy") or cfg.get("dp"))
+
+
 def _safe_load(file: Path, map_location: str | torch.device) -> Any:
     """``torch.load(file, weights_only=True)``, every failure a CheckpointError naming ``file``.
     One open file handle for all the checks and the load: a checkpoint replaced meanwhile (a
@@ -303,8 +308,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(history, list):
         raise CheckpointError(f"{file}: its history is a {type(history).__name__}, not a list")
     training = raw.get("training")
-    if training is not None and not (isinstance(training, dict)
-                                     and {"optimizer", "scheduler", "rng"} <= set(training)):
+    needed = {"optimizer", "private"} if config_is_private(raw["config"]) else {"optimizer", "scheduler", "rng"}
+    if training is not None and not (isinstance(training, dict) and needed <= set(training)):
         raise CheckpointError(f"{file}: incomplete training state (keys {sorted(training)})")
     epoch = raw.get("epoch", len(history))
     config = _config_from_dict(raw["config"], file, int(raw.get("version", 1)))

@@ -216,9 +216,6 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
     """The configuration of the run to resume; ValueError if the command line asks for another one
     (an option given with a different value) or the checkpoint cannot be resumed."""
     config = ckpt.config
-    if config.private:
-        raise ValueError(f"--resume is not supported with --dp yet: {ckpt.path} is a private run (the privacy "
-                         "accountant's state is not checkpointed)")
     ckpt.check_resumable(world_size)
     given = {attr: getattr(args, attr) for _, attr in _RESULT_OPTIONS}
     if args.amp == "fp32":  # "no autocast": a conflict only with a run that had one
@@ -232,8 +229,16 @@ def _resume_config(args, ckpt: Checkpoint, world_size: int) -> TrainConfig:
         value, run_value = getattr(args, key), run_block if key == "block" else config.model_config.get(key)
         if value is not None and value != run_value:
             conflicts.append(f"{flag} {value} (the run's: {run_value})")
-    if args.dp:
+    if args.dp and not config.private:
         conflicts.append("--dp (the run is not private)")
+    if config.private:
+        run_privacy = {"--epsilon": ("epsilon", config.privacy.epsilon), "--delta": ("delta", config.privacy.delta),
+                       "--accountant": ("accountant", config.privacy.accountant),
+                       "--noise": ("noise", config.privacy.noise), "--loss-clip": ("loss_clip", config.privacy.loss_clip)}
+        for flag, (attr, run_value) in run_privacy.items():
+            value = getattr(args, attr)
+            if value is not None and value != run_value:
+                conflicts.append(f"{flag} {value} (the run's: {run_value})")
     if conflicts:
         raise ValueError(f"--resume {args.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps "
                          "its configuration (leave these options out, or start a new run with --out)")
@@ -274,7 +279,7 @@ def cmd_train(args) -> int:
         ctx = lipdist.init_distributed(args.device)
         try:
             if config.private:
-                return _train_private(args, ctx, config)
+                return _train_private(args, ctx, config, ckpt)
             return _train(args, ctx, config, ckpt)
         finally:
             lipdist.destroy_distributed()
@@ -326,25 +331,31 @@ def _train(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: C
     return 0
 
 
-def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig) -> int:
+def _train_private(args, ctx: lipdist.DistributedContext, config: TrainConfig, resume: Checkpoint | None) -> int:
     """--dp: one Poisson batch per step split over the ranks, noise added once across them
-    (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and writes the checkpoint after every epoch."""
+    (lipnet.privacy.PrivateTrainer); rank 0 evaluates, logs and writes the checkpoint after every epoch.
+    Frozen-prefix features are cached in ``$LIPNET_CACHE/features``."""
     train = _dataset(args, config.dataset, "train", config.limit)
     test = _dataset(args, config.dataset, "test", config.limit)
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_config).to(ctx.device)
     log, procs = _rank_log(ctx)
-    log(f"private training of {config.model} on {config.dataset} ({len(train)} train / {len(test)} test) for "
+    what = f"private training of {config.model} on {config.dataset}"
+    if resume is not None:
+        what = f"resuming {resume.path} after epoch {resume.epoch}/{config.epochs}: {what}"
+    log(f"{what} ({len(train)} train / {len(test)} test) for "
         f"{config.epochs} epochs on {ctx.device}{procs}: target (epsilon={config.privacy.epsilon:g}, "
         f"delta={config.privacy.delta:g})")
     start = time.perf_counter()
+    out = _run_dir(args)
     history = fit_private(model, train, lipdata.BatchLoader(test, 500), config, device=ctx.device,
                           progress=not args.no_progress and ctx.is_main, log=log, evaluate=ctx.is_main,
-                          checkpoint_dir=args.out if ctx.is_main else None)
+                          checkpoint_dir=out if ctx.is_main else None, resume=resume,
+                          feature_cache=lipdata.default_cache_dir() / "features")
     if not ctx.is_main:
         return 0
     print(f"privacy: ({history[-1]['epsilon']:.3f}, {config.privacy.delta:g})-DP after {history[-1]['steps']} steps "
-          f"(accountant {config.privacy.accountant}); saved {Path(args.out) / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
+          f"(accountant {config.privacy.accountant}); saved {out / CHECKPOINT} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 

@@ -5,6 +5,7 @@ checkpoints in :mod:`lipnet.checkpoints`, the private recipe in :mod:`lipnet.pri
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .certify import certified_accuracy, network_lipschitz_bound
+from .data import ImageDataset
 from .checkpoints import Checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_gather_stack, all_reduce_mean, wrap_ddp
 from .modes import training_mode
@@ -308,16 +310,22 @@ def frozen_test_features(prefix: nn.Module, loader: Iterable, device: str | torc
 
 def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, device: str | torch.device = "cpu",
                 progress: bool = True, log: Callable[[str], None] = print, evaluate: bool = True, *,
-                checkpoint_dir: str | Path | None = None) -> list[dict]:
+                checkpoint_dir: str | Path | None = None, resume=None,
+                feature_cache: str | Path | None = None) -> list[dict]:
     """Clipping-free DP-SGD (``lipnet.privacy.PrivateTrainer``) on ``LipschitzCrossEntropy``: Poisson
     batches of expected size ``config.batch_size``, noise calibrated to spend
     ``config.privacy.epsilon`` at ``config.privacy.delta`` over ``config.epochs``, with the
     mechanism ``config.privacy`` describes (:class:`lipnet.presets.PrivacyConfig`) and the optimizer
     ``config.optimizer`` ("sgd" with ``privacy.momentum``, or "adam"). After each epoch: epsilon
     spent so far (the accountant; each history row's ``epsilon``), clean and certified test
-    accuracy (``evaluate=False``: no evaluation, e.g. on ranks other than 0 of a multi-process run);
-    ``checkpoint_dir``: the weights and history are written there (:func:`save_checkpoint`; private
-    runs cannot be resumed, the accountant's state is not saved)."""
+    accuracy (``evaluate=False``: no evaluation, e.g. on ranks other than 0 of a multi-process run).
+
+    ``checkpoint_dir``: after every epoch the weights, history, optimizer state and the trainer's
+    state (:meth:`lipnet.privacy.PrivateTrainer.state_dict`: steps, accountant history, sampling and
+    noise generators) are written there; ``resume=read_checkpoint(dir)`` with the same config and a
+    model built alike continues the run, and ends with the same weights and epsilon as the
+    uninterrupted run. ``feature_cache``: a folder where the frozen prefix's features are kept
+    (:func:`lipnet.privacy.precompute_frozen_prefix`), so a rerun or a resume does not recompute them."""
     from .privacy import PrivateTrainer, epoch_row, precompute_frozen_prefix, split_frozen_prefix
     from .privacy.recipe import private_loss, private_trainable
 
@@ -329,6 +337,8 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
                          f"with --limit, pass a --batch-size of at most {len(train_set)}")
     loss_fn = private_loss(config.temperature, config.offset, dp.loss_clip)
     params = private_trainable(model, dp.trainable, dp.freeze_bias)
+    if resume is not None:
+        model.load_state_dict(resume.state_dict)
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=dp.momentum)
     else:
@@ -339,36 +349,57 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
     prefix = split_frozen_prefix(model)[0] if precompute else ()
     if len(prefix):
         # the frozen leading layers (scattering, frozen convs) run once per example, not once per step
-        frozen = precompute_frozen_prefix(model, train_set, dp.input_bound, device=device, progress=progress)
+        frozen = precompute_frozen_prefix(model, train_set, dp.input_bound, device=device, progress=progress,
+                                          cache_dir=feature_cache)
         trained, data, input_bound, input_shape = frozen.head, frozen.dataset, frozen.bound, frozen.shape
         log(f"frozen prefix computed once: features {frozen.shape}, norm <= {frozen.bound:.4g}")
         if evaluate:  # and once per test image: each epoch's evaluation runs the head only
-            eval_model, eval_batches = frozen.head, frozen_test_features(prefix, test_loader, device)
+            eval_model = frozen.head
+            if feature_cache is not None and isinstance(getattr(test_loader, "dataset", None), ImageDataset):
+                # sqrt(d) bounds every image of [0, 1]^d, so the projection is a no-op: these are prefix(x)
+                pixels = math.sqrt(math.prod(test_loader.dataset.images.shape[1:]))
+                test = precompute_frozen_prefix(model, test_loader.dataset, pixels, device=device,
+                                                progress=progress, cache_dir=feature_cache, train=False).dataset
+                eval_batches = [(test.features[i:i + 500], test.labels[i:i + 500].to(device))
+                                for i in range(0, len(test), 500)]
+            else:
+                eval_batches = frozen_test_features(prefix, test_loader, device)
     trainer = PrivateTrainer(trained, optimizer, data, loss=loss_fn, input_bound=input_bound, input_shape=input_shape,
                              target_epsilon=dp.epsilon, target_delta=dp.delta, epochs=config.epochs,
                              sample_rate=config.batch_size / len(train_set), accountant=dp.accountant,
                              noise=dp.noise, device=device, seed=config.seed, progress=progress)
+    history: list[dict] = []
+    if resume is not None:
+        if resume.training is None or "private" not in resume.training:
+            raise ValueError(f"{resume.path} holds no private training state (accountant, generators): it cannot "
+                             "continue a private run")
+        if _config_differences(resume.config, config):
+            raise ValueError(f"{resume.path} was written by another configuration: "
+                             f"{', '.join(_config_differences(resume.config, config))}")
+        optimizer.load_state_dict(resume.training["optimizer"])
+        trainer.load_state_dict(resume.training["private"])
+        history = list(resume.history)
+        log(f"resumed after epoch {trainer.epochs_done}: epsilon spent so far {trainer.epsilon():.3f}")
     log(trainer.describe())
-    history = []
-    for _ in range(config.epochs):
+    world_size = trainer.world_size
+    while trainer.epochs_done < config.epochs:
         row = epoch_row(trainer.train_epoch())
-        if not evaluate:
-            history.append(row)
-            if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, model, config, history)
-            continue
-        # radii in input space: the whole model's bound (prefix included), whichever part is evaluated
-        report = certified_accuracy(eval_model, eval_batches, config.eval_eps, device=device,
-                                    lipschitz=network_lipschitz_bound(model))
-        row.update(clean=report.clean, certified=report.certified, lipschitz_bound=report.lipschitz_bound,
-                   train_seconds=row["seconds"])
+        if evaluate:
+            # radii in input space: the whole model's bound (prefix included), whichever part is evaluated
+            report = certified_accuracy(eval_model, eval_batches, config.eval_eps, device=device,
+                                        lipschitz=network_lipschitz_bound(model))
+            row.update(clean=report.clean, certified=report.certified, lipschitz_bound=report.lipschitz_bound,
+                       train_seconds=row["seconds"])
+            certs = "  ".join(f"cert@{e:.3g} {a:.2%}" for e, a in report.certified.items())
+            log(f"epoch {row['epoch']}/{config.epochs}  eps spent {row['epsilon']:.3f} (delta {row['delta']:g})  "
+                f"loss {row['loss']:.4f}  clean {report.clean:.2%}  {certs}  C={row['sensitivity']:.3g}  "
+                f"({row['seconds']:.0f}s, {row['samples_per_s']:.0f} samples/s)")
         history.append(row)
-        certs = "  ".join(f"cert@{e:.3g} {a:.2%}" for e, a in report.certified.items())
-        log(f"epoch {row['epoch']}/{config.epochs}  eps spent {row['epsilon']:.3f} (delta {row['delta']:g})  "
-            f"loss {row['loss']:.4f}  clean {report.clean:.2%}  {certs}  C={row['sensitivity']:.3g}  "
-            f"({row['seconds']:.0f}s, {row['samples_per_s']:.0f} samples/s)")
+        # after the epoch: the state the next one starts from (a collective with several processes)
+        state = trainer.state_dict()
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, model, config, history)
+            training = {"optimizer": optimizer.state_dict(), "private": state, "world_size": world_size}
+            save_checkpoint(checkpoint_dir, model, config, history, training=training)
     return history
 
 

@@ -164,8 +164,9 @@ class PrivateTrainer:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         self.model, self.optimizer, self.device, self.progress = model, optimizer, device, progress
         self.rank, self.world_size = world()
+        self.sampling_generator = torch.Generator().manual_seed(seed)
         self.loader, self.sample_rate = poisson_loader(data, sample_rate, device=device,
-                                                       generator=torch.Generator().manual_seed(seed),
+                                                       generator=self.sampling_generator,
                                                        rank=self.rank, world_size=self.world_size)
         self.n = len(self.loader.dataset)
         check_privacy_params(target_epsilon, target_delta, self.n)
@@ -210,6 +211,44 @@ class PrivateTrainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_RDP_ORDER_WARNING)
             return float(self.accountant.get_epsilon(delta=delta or self.delta))
+
+    def state_dict(self) -> dict:
+        """What continues this run exactly: steps and epochs done, sigma and q, the accountant's
+        history (opacus' ``state_dict``), and the states of the Poisson-sampling and noise generators
+        (one noise state per rank, gathered to every rank: a collective under ``torch.distributed``).
+        The optimizer's state is the caller's (``optimizer.state_dict()``)."""
+        noise = self.noise_generator.get_state()
+        if self.world_size > 1:
+            gathered = [torch.empty_like(noise) for _ in range(self.world_size)]
+            dist.all_gather_object(gathered, noise)
+            noise_states = [t.clone() for t in gathered]
+        else:
+            noise_states = [noise]
+        return {"steps": self.steps, "epochs_done": self.epochs_done, "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "accountant": dict(self.accountant.state_dict()),
+                "sampling_generator": self.sampling_generator.get_state(), "noise_generators": noise_states}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`. The mechanism must be the one this trainer was built with
+        (same sigma and q, as the same config calibrates them) and the accountant's history must
+        account for every step done: otherwise ``ValueError``, since the epsilon reported after a
+        resume would not be the privacy spent. Every noise generator continues where it stopped:
+        restarting one would add the same noise twice."""
+        for key in ("noise_multiplier", "sample_rate"):
+            if not math.isclose(float(state[key]), getattr(self, key), rel_tol=1e-12):
+                raise ValueError(f"resumed private run: its {key} {state[key]!r} differs from this trainer's "
+                                 f"{getattr(self, key)!r}; a run resumes with the configuration it started with")
+        accounted = sum(int(entry[2]) for entry in state["accountant"]["history"])
+        if accounted != int(state["steps"]):
+            raise ValueError(f"resumed private run: the accountant's history covers {accounted} steps, the run "
+                             f"did {state['steps']}; refusing a state whose epsilon would be wrong")
+        if len(state["noise_generators"]) != self.world_size:
+            raise ValueError(f"resumed private run: saved by {len(state['noise_generators'])} process(es), resumed by "
+                             f"{self.world_size}")
+        self.accountant.load_state_dict(state["accountant"])
+        self.steps, self.epochs_done = int(state["steps"]), int(state["epochs_done"])
+        self.sampling_generator.set_state(state["sampling_generator"])
+        self.noise_generator.set_state(state["noise_generators"][self.rank])
 
     def _noise_stds(self, report: SensitivityReport) -> list[float]:
         # each rank adds its share: the sum over ranks has the step's std

@@ -10,7 +10,11 @@ well under that for a whole batch).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -52,9 +56,54 @@ class FrozenFeatures:
         return tuple(self.dataset.features.shape[1:])
 
 
+FEATURE_CACHE_FORMAT = "lipnet.frozen-features"
+
+
+def feature_cache_key(prefix: nn.Sequential, data: ImageDataset, input_bound: float, dtype: torch.dtype,
+                      train: bool = True) -> str:
+    """A digest of everything the features depend on: the prefix's structure (its repr) and tensors
+    (parameters and buffers, e.g. the scattering filters), the input bound, the dtype, and every image
+    and label. Any change gives another key, so a cached file is never used for other features."""
+    h = hashlib.sha256()
+    h.update(repr(prefix).encode())
+    for name, t in [*prefix.named_parameters(), *prefix.named_buffers()]:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(f"{float(input_bound)!r}|{dtype}|{train}|{tuple(data.images.shape)}".encode())
+    h.update(data.images.contiguous().numpy().tobytes())
+    h.update(data.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _load_cached(path: Path, data: ImageDataset, dtype: torch.dtype) -> tuple[torch.Tensor, float] | None:
+    """(features, bound) from ``path`` if it is a complete cache file for ``data``, else None. Loaded
+    with ``weights_only=True``: tensors and plain values only, nothing in the file can run code."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception:  # truncated or foreign: recompute (and replace it)
+        return None
+    ok = (isinstance(saved, dict) and saved.get("format") == FEATURE_CACHE_FORMAT
+          and isinstance(saved.get("features"), torch.Tensor) and saved["features"].dtype == dtype
+          and len(saved["features"]) == len(data) and torch.equal(saved.get("labels"), data.labels))
+    return (saved["features"], float(saved["bound"])) if ok else None
+
+
+def _save_cached(path: Path, features: torch.Tensor, labels: torch.Tensor, bound: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FEATURE_CACHE_FORMAT, "features": features, "labels": labels, "bound": bound}, f)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @torch.no_grad()
-def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bound: float, *, batch_size: int = 1024,
-                             device: str | torch.device = "cpu", progress: bool = True) -> FrozenFeatures:
+def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bound: float, *, batch_size: int = 256,
+                             device: str | torch.device = "cpu", progress: bool = True,
+                             cache_dir: str | Path | None = None, train: bool = True) -> FrozenFeatures:
     """Features ``prefix(project_X(x_i))`` of every example of ``data`` (X = ``input_bound``, the
     projection :class:`PrivateTrainer` applies) through the frozen prefix of ``model``.
 
@@ -66,6 +115,12 @@ def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bou
     privacy analysis refuses (e.g. ``BatchCentering``, which couples the samples) raise ``TypeError``.
     Under ``torch.distributed`` the prefix's tensors are first broadcast from rank 0, so every rank
     computes the same features.
+
+    ``cache_dir``: the features are stored there (``frozen-<key>.pt``, :func:`feature_cache_key`) and
+    read back by later calls with the same prefix, bound, dtype and data instead of being recomputed.
+    The bound is always recomputed from the prefix, never read from the file. ``train``: the mode the
+    prefix runs in (train, as :class:`PrivateTrainer` runs the model; False for test features, as
+    certification runs it).
     """
     prefix, head = split_frozen_prefix(model)
     if not len(head):
@@ -77,14 +132,21 @@ def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bou
     bound = output_norm_bound(prefix, input_bound, shape)
     project = L2BallProjection(input_bound)
     dtype = next(head.parameters()).dtype
-    # Train mode, as PrivateTrainer.train_epoch runs the whole model; each layer's own mode is restored after
-    # (the prefix is a new container over the model's layers, so its own flag says nothing about theirs).
+    # Each layer's own mode is restored after (the prefix is a new container over the model's layers, so
+    # its own flag says nothing about theirs).
+    path = None if cache_dir is None else Path(cache_dir) / f"frozen-{feature_cache_key(prefix, data, input_bound, dtype, train)}.pt"
+    cached = _load_cached(path, data, dtype) if path is not None and path.is_file() else None
+    if cached is not None:
+        return FrozenFeatures(head, FeatureDataset(cached[0].to(device), data.labels), float(bound))
     chunks = []
-    with training_mode(prefix, True):
-        for start in progress_bar(range(0, len(data), batch_size), desc="frozen features", enabled=progress, leave=False):
+    with training_mode(prefix, train):
+        for start in progress_bar(range(0, len(data), batch_size), desc="frozen features", enabled=progress):
             x = data.images[start:start + batch_size].to(device, dtype=dtype).div_(255)
             chunks.append(prefix(project(x)))
-    return FrozenFeatures(head, FeatureDataset(torch.cat(chunks), data.labels), float(bound))
+    features = torch.cat(chunks)
+    if path is not None:
+        _save_cached(path, features.cpu(), data.labels, float(bound))
+    return FrozenFeatures(head, FeatureDataset(features, data.labels), float(bound))
 
 
-__all__ = ["FrozenFeatures", "precompute_frozen_prefix", "split_frozen_prefix"]
+__all__ = ["FrozenFeatures", "feature_cache_key", "precompute_frozen_prefix", "split_frozen_prefix"]

@@ -52,7 +52,7 @@ from functools import lru_cache, singledispatch
 import torch
 from torch import nn
 
-from lipnet.nn import (BatchCentering, ConvexResidual, L2BallProjection, LayerCentering, OrthoConv2d,
+from lipnet.nn import (BatchCentering, ConvexResidual, GroupNormalization, L2BallProjection, LayerCentering, OrthoConv2d,
                        OrthoConvTranspose2d, SLLBlock, lipschitz_bound)
 from lipnet.validate import finite_positive
 
@@ -285,6 +285,13 @@ def _(m: LayerCentering, a: _Analysis, name: str, b: float, shape, g: float):
 @_visit.register(L2BallProjection)
 def _(m: L2BallProjection, a: _Analysis, name: str, b: float, shape, g: float):
     return min(b, m.radius), shape
+
+
+@_visit.register(GroupNormalization)
+def _(m: GroupNormalization, a: _Analysis, name: str, b: float, shape, g: float):
+    # every output has norm <= sqrt(entries), whatever the input (the class docstring's proof)
+    out_b, out_shape = a.forward_bound(m, b, shape)
+    return min(out_b, m.output_norm_bound(out_shape)), out_shape
 
 
 @_visit.register(BatchCentering)

@@ -1,5 +1,5 @@
 """``python tests/slow_train.py ARGS...``: ``lipnet ARGS...`` with every training batch handed out
-``$SLOW_TRAIN_DELAY`` seconds late, so that a test can stop a run in the middle of an epoch (the
+``$SLOW_TRAIN_DELAY`` seconds late (the ordinary loader's and the private runs' Poisson batches), so that a test can stop a run in the middle of an epoch (the
 results do not depend on the delay). The patch runs at import, so the processes that
 ``--nproc N`` spawns (which import this file again as their main module) are slowed too."""
 
@@ -10,6 +10,7 @@ import sys
 import time
 
 import lipnet.cli as cli
+from lipnet.privacy.sampling import PoissonBatchLoader
 
 DELAY = float(os.environ.get("SLOW_TRAIN_DELAY") or 0)
 
@@ -42,6 +43,17 @@ def _slow_loaders(*args, **kwargs):
 
 
 cli._loaders = _slow_loaders
+
+_poisson_iter = PoissonBatchLoader.__iter__
+
+
+def _slow_poisson_iter(self):
+    for batch in _poisson_iter(self):  # private training (--dp) draws its batches here
+        time.sleep(DELAY)
+        yield batch
+
+
+PoissonBatchLoader.__iter__ = _slow_poisson_iter
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

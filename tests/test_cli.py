@@ -290,6 +290,54 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, d
     assert config.epochs == 3 and len(history) == 3 and not model.training
 
 
+def test_a_private_run_killed_mid_epoch_resumes_to_the_same_weights_and_epsilon(tmp_path, data_root):
+    """The accountant's history, the Poisson-sampling and noise generators and the optimizer are
+    checkpointed with the weights: the resumed run spends exactly the uninterrupted run's epsilon and
+    ends with its weights (a noise generator restarted from its seed would give other weights)."""
+    a, b = tmp_path / "A", tmp_path / "B"
+
+    def argv(out, slow=False):
+        return [sys.executable, *([SLOW_TRAIN] if slow else ["-m", "lipnet.cli"]), "train", "--dataset", "mnist",
+                "--dp", "--epsilon", "2.0", "--delta", "1e-4", "--epochs", "3", "--limit", "256", "--batch-size", "32",
+                "--no-progress", "--out", str(out), "--data-root", str(data_root)]
+    env = _env(LIPNET_CACHE=str(tmp_path / "cache"))  # the scattering features are cached there once
+    done = subprocess.run(argv(a), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((tmp_path / "cache" / "features").glob("frozen-*.pt"))
+    proc = subprocess.Popen(argv(b, slow=True), env={**env, "SLOW_TRAIN_DELAY": "0.25"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _checkpointed_epoch(b) < 1:
+            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after epoch 1"
+            time.sleep(0.05)
+        time.sleep(0.6)  # 8 Poisson steps per epoch, 0.25 s each: inside epoch 2
+        assert proc.poll() is None, "the run was not killed mid-epoch: it had already ended"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed = read_checkpoint(b)
+    assert killed.epoch == 1 and killed.resumable and killed.training["private"]["steps"] == 8
+    resumed = subprocess.run([sys.executable, "-m", "lipnet.cli", "train", "--resume", str(b), "--no-progress",
+                              "--data-root", str(data_root)], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 1/3" in resumed.stdout and re.findall(r"^epoch (\d)/3", resumed.stdout, re.M) == ["2", "3"]
+    full, final = read_checkpoint(a), read_checkpoint(b)
+    assert final.epoch == full.epoch == 3 and final.config == full.config
+    for name, tensor in full.state_dict.items():
+        torch.testing.assert_close(final.state_dict[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+    assert [r["epsilon"] for r in final.history] == [r["epsilon"] for r in full.history]
+    assert final.history[-1]["epsilon"] == pytest.approx(2.0, abs=0.05)
+    assert final.training["private"]["accountant"] == full.training["private"]["accountant"]
+    # a resume that changes the budget is refused before anything runs
+    assert main(["train", "--resume", str(b), "--epochs", "4", "--epsilon", "3", "--data-root", str(data_root),
+                 "--no-progress"]) == 2
+
+
 def test_a_two_process_run_resumes_to_the_same_weights(tmp_path, data_root, lipnet_cli):
     """--nproc 2: rank 0 checkpoints every rank's random streams; resuming epoch 1's checkpoint with
     2 processes ends where the uninterrupted run does."""

@@ -47,6 +47,7 @@ LAYERS = [
     ("InvertibleUpSampling", lambda: ln.InvertibleUpSampling(2), (8, 2, 2)),
     ("InputNormalization", lambda: ln.InputNormalization([0.1, 0.2], [0.5, 0.4]), (2, 3, 3)),
     ("L2BallProjection", lambda: ln.L2BallProjection(1.0), (6,)),
+    ("GroupNormalization", lambda: ln.GroupNormalization(2, 4, eps=0.1), (4, 3, 3)),
     ("Flatten", lambda: ln.Flatten(), (2, 3, 3)),
     ("FirstChannels", lambda: ln.FirstChannels(3), (6,)),
     ("BatchCentering", lambda: ln.BatchCentering(3), (3, 4, 4)),

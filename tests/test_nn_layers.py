@@ -209,6 +209,7 @@ def test_convex_potential_layer_with_an_overestimated_norm_would_still_hold_and_
     (nn.MaxPool2d(2), (1, 2, 6, 6)), (nn.MaxPool2d(3, stride=1), (1, 1, 6, 6)),
     (nn.MaxPool2d(3, stride=2, padding=1), (1, 1, 7, 7)), (nn.Softmax(dim=1), (2, 5)),
     (ln.InvertibleDownSampling(2), (2, 3, 4, 6)), (ln.InvertibleUpSampling(2), (2, 8, 3, 3)),
+    (ln.GroupNormalization(2, 4, eps=0.5), (2, 4, 3, 3)),
 ])
 def test_parameter_free_layers(module, shape):
     low, bound = assert_bound_holds(module, shape)

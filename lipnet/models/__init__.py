@@ -134,16 +134,21 @@ def liresnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
 
 def scatter_net(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, J: int = 2, L: int = 8,
                 hidden: int = 0, head: str = "plain", mean: Sequence[float] = (0.1307,),
-                std: Sequence[float] | None = None, input_radius: float | None = None) -> nn.Sequential:
+                std: Sequence[float] | None = None, input_radius: float | None = None,
+                norm_groups: int | None = None) -> nn.Sequential:
     """Fixed wavelet-scattering features (``Scattering2d``, no trainable parameter) and a trained head.
 
-    Normalization -> [L2BallProjection(input_radius)] -> Scattering2d(J, L) -> flatten ->
+    Normalization -> [L2BallProjection(input_radius)] -> Scattering2d(J, L) -> [GroupNormalization(norm_groups)]
+    -> flatten ->
     [OrthoLinear(hidden) -> MaxMin] -> linear head. ``head="plain"``: an unconstrained ``nn.Linear``
     (its Lipschitz bound is its spectral norm, so certificates stay sound but radii shrink as it
     grows); ``"ortho"``: ``OrthoLinear`` (the whole network 1-Lipschitz). Tramer & Boneh (2021) found
     scattering + linear the strongest private MNIST/Fashion-MNIST model; with clipping-free DP-SGD
     (``lipnet.privacy``) the noise goes to the head only, and the features are computed once
-    (``lipnet.privacy.precompute_frozen_prefix``).
+    (``lipnet.privacy.precompute_frozen_prefix``). ``norm_groups``: each sample's scattering channels are
+    normalized in that many groups (``GroupNormalization``), so every feature vector has norm close to the
+    data-independent bound the private head's noise is calibrated to; its Lipschitz bound 1/sqrt(eps) makes
+    certificates through it small (a model for private training, not for certification).
     """
     if head not in ("plain", "ortho"):
         raise ValueError(f"head must be 'plain' or 'ortho', got {head!r}")
@@ -152,7 +157,10 @@ def scatter_net(num_classes: int = 10, in_channels: int = 1, image_size: int = 2
     layers: list[nn.Module] = [ln.InputNormalization(mean, std, input_range=PIXEL_RANGE)]
     if input_radius is not None:
         layers.append(ln.L2BallProjection(input_radius))
-    layers += [scattering, ln.Flatten()]
+    layers.append(scattering)
+    if norm_groups is not None:
+        layers.append(ln.GroupNormalization(norm_groups, scattering.out_shape[0]))
+    layers.append(ln.Flatten())
     if hidden:
         layers += [ln.OrthoLinear(features, hidden), ln.MaxMin()]
         features = hidden

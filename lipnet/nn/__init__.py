@@ -21,7 +21,7 @@ from .conv_norm import conv_operator_norm_bound
 from .cpl import ConvexPotentialLayer
 from .export import export, register_exporter
 from .linear import AOLLinear, OrthoLinear
-from .normalization import InputNormalization, L2BallProjection
+from .normalization import GroupNormalization, InputNormalization, L2BallProjection
 from .hkr import (HingeMarginLoss, HKRLoss, KRLoss, LseHKRLoss, NegKRLoss, SoftHKRLoss, TauBCEWithLogitsLoss,
                   TauCrossEntropyLoss)
 from .losses import ClippedLossGradient, LipschitzCrossEntropy, MultiMarginHinge
@@ -35,7 +35,7 @@ from .sll import SLLBlock
 __all__ = [
     "AOLConv2d", "AOLLinear", "Abs", "BatchCentering", "ClippedLossGradient", "ConcatResidual", "ConvexPotentialLayer", "ConvexResidual", "FirstChannels", "Flatten",
     "FullSort", "GroupSort", "HouseHolder", "LPReLU", "PrescaledAdditiveResidual",
-    "GlobalL2NormPool2d", "InputNormalization", "L2NormResidual", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
+    "GlobalL2NormPool2d", "GroupNormalization", "InputNormalization", "L2NormResidual", "InvertibleDownSampling", "InvertibleUpSampling", "L2BallProjection", "L2NormPool2d", "LayerCentering", "LipschitzCrossEntropy", "MaxMin",
     "HKRLoss", "HingeMarginLoss", "KRLoss", "MultiMarginHinge", "NegKRLoss", "TauCrossEntropyLoss", "LseHKRLoss", "SoftHKRLoss", "TauBCEWithLogitsLoss", "OrthoConv1d", "OrthoConv2d", "OrthoConvTranspose2d", "OrthoLinear", "SLLBlock", "Scattering2d", "ScaledAvgPool2d",
     "LayerBound", "LipschitzReport", "conv_operator_norm_bound", "core_ortho_params", "export", "lipschitz_bound",
     "lipschitz_lower_bound", "lipschitz_report", "register_exporter",

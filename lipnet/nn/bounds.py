@@ -23,7 +23,7 @@ from .conv import OrthoConv2d, OrthoConvTranspose2d
 from .conv1d import OrthoConv1d
 from .conv_norm import conv_operator_norm_bound
 from .cpl import ConvexPotentialLayer
-from .normalization import InputNormalization, L2BallProjection
+from .normalization import GroupNormalization, InputNormalization, L2BallProjection
 from .pooling import (FirstChannels, GlobalL2NormPool2d, InvertibleDownSampling, InvertibleUpSampling, L2NormPool2d,
                       ScaledAvgPool2d)
 from .residual import ConcatResidual, ConvexResidual, L2NormResidual, PrescaledAdditiveResidual
@@ -135,6 +135,12 @@ def _input_normalization(m: InputNormalization) -> float:
     if not torch.isfinite(std).all() or not (std != 0).all() or not torch.isfinite(m.mean.detach()).all():
         raise ValueError(f"InputNormalization: mean must be finite and std finite and non-zero, got std={std.tolist()}")
     return float(1.0 / std.abs().min()) * (1.0 + SAFETY_MARGIN)
+
+
+@lipschitz_bound.register(GroupNormalization)
+def _group_normalization(m: GroupNormalization) -> float:
+    # 1 / sqrt(eps): the largest Jacobian norm of c -> c / sqrt(||c||^2 / n + eps) (proof in the class)
+    return (1.0 / math.sqrt(m.eps)) * (1.0 + SAFETY_MARGIN)
 
 
 @lipschitz_bound.register(nn.Sequential)
