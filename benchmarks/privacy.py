@@ -151,6 +151,17 @@ def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
     # feature_norm="sphere" (a search option only): every feature vector rescaled to the bound, so each sample's
     # ||x|| is the one the noise is calibrated to. Not offered by the library: x -> R x / ||x|| is not Lipschitz,
     # so the model would lose its certificates.
+    if cfg.get("feature_norm", "none") == "group":
+        # lipnet.nn.GroupNormalization per sample on the scattering channels: every feature vector has norm
+        # <= sqrt(entries) whatever the data (the bound the analysis uses), and close to it in practice
+        base, _ = scatter_features(ds, dict(cfg, feature_norm="none"), device)
+        key = (id(ds), cfg["J"], cfg["L"], cfg["input_radius"], "group", cfg["norm_groups"])
+        if key not in _FEATURES:
+            f = base.features.view(len(base.features), -1, *_scatter_hw(ds, cfg))
+            norm = ln.GroupNormalization(cfg["norm_groups"], f.shape[1])
+            out = torch.cat([norm(f[i:i + 4096]) for i in range(0, len(f), 4096)]).flatten(1)
+            _FEATURES[key] = (FeatureDataset(out, base.labels), norm.output_norm_bound(f.shape[1:]))
+        return _FEATURES[key]
     if cfg.get("feature_norm", "none") == "sphere":
         base, bound = scatter_features(ds, dict(cfg, feature_norm="none"), device)
         key = (id(ds), cfg["J"], cfg["L"], cfg["input_radius"], "sphere")
@@ -192,6 +203,11 @@ def scatter_features(ds: ImageDataset, cfg: dict, device="cpu"):
         print(f"  scattering features of {len(ds)} images: {frozen.shape}, norm <= {frozen.bound:.4g} "
               f"({time.perf_counter() - start:.0f}s, computed once, shared by both sides)", flush=True)
     return _FEATURES[key]
+
+
+def _scatter_hw(ds: ImageDataset, cfg: dict) -> tuple[int, int]:
+    s = 2 ** cfg["J"]
+    return -(-ds.images.shape[2] // s), -(-ds.images.shape[3] // s)
 
 
 def feature_head(cfg: dict, features: int, ortho: bool) -> nn.Sequential:

@@ -33,7 +33,7 @@ def layers():
         ("ConvexResidual", ln.ConvexResidual(nn.Sequential(ln.OrthoConv2d(4, 4, 3), ln.MaxMin()), learnable=True), conv_in),
         ("pools", nn.Sequential(ln.L2NormPool2d(2), ln.ScaledAvgPool2d(2), ln.GlobalL2NormPool2d(), ln.Flatten()), conv_in),
         ("glue", nn.Sequential(ln.InputNormalization((0.5,) * 4), ln.L2BallProjection(3.0), ln.Abs(), ln.FirstChannels(2)), conv_in),
-        ("GroupNormalization", nn.Sequential(ln.GroupNormalization(2, 4), ln.OrthoConv2d(4, 4, 3)), conv_in),
+        ("GroupNormalization", nn.Sequential(ln.GroupNormalization(2, 4, eps=1.0), ln.OrthoConv2d(4, 4, 3)), conv_in),
     ]
 
 

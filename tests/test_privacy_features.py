@@ -102,3 +102,34 @@ def test_fit_private_evaluates_on_cached_test_features_with_the_whole_models_bou
     assert history[-1]["clean"] == direct.clean and history[-1]["certified"] == direct.certified
     assert history[-1]["lipschitz_bound"] == direct.lipschitz_bound
     assert 0 < direct.certified[0.05] and direct.clean > 0.2   # something is certified: the comparison bites
+
+
+def test_features_are_cached_once_and_any_change_gives_another_key(tmp_path, monkeypatch):
+    data = _digits(64)
+    model = scatter_net(image_size=16, J=2, L=4, input_radius=2.0, norm_groups=5)
+    first = precompute_frozen_prefix(model, data, 16.0, progress=False, cache_dir=tmp_path)
+    files = list(tmp_path.glob("frozen-*.pt"))
+    assert len(files) == 1
+    # a second call reads the file: the prefix runs only on the bound's zero probe (one sample)
+    calls, forward = [], ln.Scattering2d.forward
+    monkeypatch.setattr(ln.Scattering2d, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))
+    again = precompute_frozen_prefix(model, data, 16.0, progress=False, cache_dir=tmp_path)
+    assert calls == [1] and torch.equal(again.dataset.features, first.dataset.features) and again.bound == first.bound
+    monkeypatch.undo()
+    # the bound is the prefix's, never the file's: GroupNormalization's sqrt(entries)
+    assert first.bound == pytest.approx(ln.GroupNormalization.output_norm_bound((25, 4, 4)))
+    assert (first.dataset.features.norm(dim=1) <= first.bound * (1 + 1e-6)).all()
+    # other data, another bound or other filters: other keys, so other files
+    precompute_frozen_prefix(model, _digits(64, seed=1), 16.0, progress=False, cache_dir=tmp_path)
+    precompute_frozen_prefix(model, data, 8.0, progress=False, cache_dir=tmp_path)
+    with torch.no_grad():
+        model[2].phi_hat.mul_(0.5)
+    precompute_frozen_prefix(model, data, 16.0, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("frozen-*.pt"))) == 4
+    # a truncated file is recomputed and replaced, not trusted
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    with torch.no_grad():
+        model[2].phi_hat.mul_(2.0)
+    fresh = precompute_frozen_prefix(model, data, 16.0, progress=False, cache_dir=tmp_path)
+    torch.testing.assert_close(fresh.dataset.features, first.dataset.features)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
