@@ -421,3 +421,40 @@ def test_private_training_refuses_layers_without_a_sensitivity_rule(layer):
     model = nn.Sequential(ln.OrthoLinear(4, 4), layer(), ln.OrthoLinear(4, 3))
     with pytest.raises(TypeError, match="no .*rule|not supported|bound rule"):
         gradient_norm_bounds(model, 1.0, ln.LipschitzCrossEntropy(), (4,))
+
+
+def test_a_trainer_state_continues_the_run_exactly_and_a_wrong_state_is_refused():
+    def run(epochs_before_save=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(ln.Flatten(), ln.OrthoLinear(64, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        make = lambda m, o: make_private(m, o, BatchLoader(blobs(400), 50), 2.0, 1e-4, 3, progress=False,
+                                         loss=ln.LipschitzCrossEntropy(temperature=0.25, offset=0.5), input_bound=8.0)
+        trainer = make(model, opt)
+        for _ in range(3 if epochs_before_save is None else epochs_before_save):
+            trainer.train_epoch()
+        if epochs_before_save is None:
+            return model, trainer
+        state, weights, opt_state = trainer.state_dict(), model.state_dict(), opt.state_dict()
+        torch.manual_seed(0)
+        fresh = nn.Sequential(ln.Flatten(), ln.OrthoLinear(64, 2))
+        fresh.load_state_dict(weights)
+        opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+        opt2.load_state_dict(opt_state)
+        resumed = make(fresh, opt2)
+        resumed.load_state_dict(state)
+        while resumed.epochs_done < 3:
+            resumed.train_epoch()
+        return fresh, resumed
+
+    full_model, full = run()
+    model, resumed = run(epochs_before_save=1)
+    assert resumed.steps == full.steps and resumed.epsilon() == full.epsilon()
+    for a, b in zip(full_model.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    state = full.state_dict()
+    bad_history = dict(state, accountant=dict(state["accountant"], history=[(full.noise_multiplier, full.sample_rate, 1)]))
+    with pytest.raises(ValueError, match="history covers 1 steps"):
+        resumed.load_state_dict(bad_history)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        resumed.load_state_dict(dict(state, noise_multiplier=state["noise_multiplier"] * 1.5))
