@@ -426,6 +426,9 @@ def run_perf(args) -> list[dict]:
                     cmd += ["--limit", str(args.limit)]
                 if args.arch == "scatter":
                     cmd += ["--arch", "scatter", "--feature-cache", args.feature_cache]
+                overrides = args.ours_cfg if side == "ours" else args.opacus_cfg
+                if overrides:  # the accuracy runs' configuration of that side (--ours-cfg / --opacus-cfg)
+                    cmd += ["--cfg", overrides]
                 env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode:

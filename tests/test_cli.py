@@ -18,7 +18,7 @@ import torch
 from lipnet import data as lipdata
 from lipnet.cli import main
 from lipnet.models import build_model
-from lipnet.nn import Scattering2d
+from lipnet.nn import GroupNormalization, Scattering2d
 from lipnet.checkpoints import CHECKPOINT, load_checkpoint, read_checkpoint, save_checkpoint
 from lipnet.presets import TrainConfig
 from lipnet.training import fit
@@ -172,19 +172,22 @@ def test_cifar10_private_default_is_the_measured_scatter_recipe():
     from lipnet.privacy import gradient_norm_bounds, split_frozen_prefix
 
     config = TrainConfig.from_preset("cifar10", private=True, privacy={"epsilon": 3.0})
-    assert config.model == "scatter-net" and (config.lr, config.temperature, config.offset) == (1.0, 1.0, 0.0)
-    assert config.privacy.loss_clip == 0.25
+    assert config.model == "scatter-net" and (config.lr, config.temperature, config.offset) == (0.00625, 1.0, 0.0)
+    assert (config.batch_size, config.epochs, config.model_config["norm_groups"]) == (8192, 60, 81)
+    assert config.privacy.loss_clip == 0.25 and not config.privacy.freeze_bias and config.privacy.noise == "global"
     model = build_model(config.model, **config.model_config)
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, 10)
     # raw pixels in [0, 1]^3072 lie in the input ball (the trainer's projection is a no-op) and the
-    # scattering is the frozen prefix: only the linear head is trained, with a finite bound
+    # scattering and its group normalization are the frozen prefix: only the linear head is trained, and
+    # its bound is the data-independent clip * sqrt(features + 1) (every feature vector has norm <= sqrt(15552))
     assert config.privacy.input_bound >= x[0].numel() ** 0.5
     prefix, head = split_frozen_prefix(model)
-    assert isinstance(prefix[2], Scattering2d) and len(head) == 1
+    assert isinstance(prefix[2], Scattering2d) and isinstance(prefix[3], GroupNormalization) and len(head) == 1
     loss = ClippedLossGradient(LipschitzCrossEntropy(config.temperature, config.offset), config.privacy.loss_clip)
     report = gradient_norm_bounds(model, config.privacy.input_bound, loss, (3, 32, 32))
-    assert set(report.as_dict()) == {"4.weight", "4.bias"} and 0 < report.total < float("inf")
+    assert set(report.as_dict()) == {"5.weight", "5.bias"}
+    assert report.total == pytest.approx(0.25 * (15552 + 1) ** 0.5, rel=2e-4)
 
 
 def test_train_dp_errors(tmp_path, data_root, capsys):
