@@ -5,7 +5,6 @@ checkpoints in :mod:`lipnet.checkpoints`, the private recipe in :mod:`lipnet.pri
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -299,11 +298,22 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, device
 
 
 @torch.no_grad()
-def frozen_test_features(prefix: nn.Module, loader: Iterable, device: str | torch.device = "cpu"
-                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def frozen_test_features(prefix: nn.Module, loader: Iterable, device: str | torch.device = "cpu", *,
+                         cache_dir: str | Path | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(prefix(x), y)]`` for the batches of ``loader``, the prefix in eval mode (as certification
     runs the model), kept on ``device``: ``head(prefix(x)) == model(x)`` for a Sequential split by
-    :func:`lipnet.privacy.split_frozen_prefix`, so per-epoch evaluation can run the head alone."""
+    :func:`lipnet.privacy.split_frozen_prefix`, so per-epoch evaluation can run the head alone.
+    ``cache_dir`` with a loader over an ``ImageDataset``: the features are kept there
+    (:func:`lipnet.privacy.prefix_features`) and batched like the loader."""
+    dataset = getattr(loader, "dataset", None)
+    if cache_dir is not None and isinstance(dataset, ImageDataset) and hasattr(loader, "batch_size"):
+        from .privacy import prefix_features
+        dtype = next((t.dtype for t in [*prefix.parameters(), *prefix.buffers()] if t.is_floating_point()),
+                     torch.float32)
+        x = prefix_features(prefix, dataset, None, dtype=dtype, device=device, progress=False, cache_dir=cache_dir,
+                            train=False)
+        b = loader.batch_size
+        return [(x[i:i + b], dataset.labels[i:i + b].to(device)) for i in range(0, len(x), b)]
     with training_mode(prefix, False):
         return [(prefix(x.to(device)), y.to(device)) for x, y in loader]
 
@@ -355,15 +365,7 @@ def fit_private(model: nn.Module, train_set, test_loader, config: TrainConfig, d
         log(f"frozen prefix computed once: features {frozen.shape}, norm <= {frozen.bound:.4g}")
         if evaluate:  # and once per test image: each epoch's evaluation runs the head only
             eval_model = frozen.head
-            if feature_cache is not None and isinstance(getattr(test_loader, "dataset", None), ImageDataset):
-                # sqrt(d) bounds every image of [0, 1]^d, so the projection is a no-op: these are prefix(x)
-                pixels = math.sqrt(math.prod(test_loader.dataset.images.shape[1:]))
-                test = precompute_frozen_prefix(model, test_loader.dataset, pixels, device=device,
-                                                progress=progress, cache_dir=feature_cache, train=False).dataset
-                eval_batches = [(test.features[i:i + 500], test.labels[i:i + 500].to(device))
-                                for i in range(0, len(test), 500)]
-            else:
-                eval_batches = frozen_test_features(prefix, test_loader, device)
+            eval_batches = frozen_test_features(prefix, test_loader, device, cache_dir=feature_cache)
     trainer = PrivateTrainer(trained, optimizer, data, loss=loss_fn, input_bound=input_bound, input_shape=input_shape,
                              target_epsilon=dp.epsilon, target_delta=dp.delta, epochs=config.epochs,
                              sample_rate=config.batch_size / len(train_set), accountant=dp.accountant,

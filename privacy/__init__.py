@@ -16,7 +16,7 @@ accountants.
 from .audit import per_sample_gradient_norms
 from .engine import (ACCOUNTANTS, NOISE_MODES, EpochReport, PrivateTrainer, check_privacy_params, epoch_row,
                      make_private, noise_stds)
-from .features import FrozenFeatures, precompute_frozen_prefix, split_frozen_prefix
+from .features import FrozenFeatures, precompute_frozen_prefix, prefix_features, split_frozen_prefix
 from .recipe import PRIVATE_PRESETS, PrivatePreset, private_loss, private_trainable
 from .sampling import FeatureDataset, PoissonBatchLoader, poisson_loader
 from .sensitivity import BOUND_MARGIN, SensitivityReport, TensorBound, conv_reuse, gradient_norm_bounds, loss_lipschitz
@@ -25,5 +25,5 @@ __all__ = [
     "ACCOUNTANTS", "BOUND_MARGIN", "EpochReport", "FeatureDataset", "FrozenFeatures", "NOISE_MODES", "PRIVATE_PRESETS",
     "PoissonBatchLoader", "PrivatePreset", "PrivateTrainer", "SensitivityReport", "TensorBound", "check_privacy_params", "conv_reuse", "epoch_row", "gradient_norm_bounds",
     "loss_lipschitz", "make_private", "noise_stds", "per_sample_gradient_norms", "poisson_loader",
-    "precompute_frozen_prefix", "private_loss", "private_trainable", "split_frozen_prefix",
+    "precompute_frozen_prefix", "prefix_features", "private_loss", "private_trainable", "split_frozen_prefix",
 ]

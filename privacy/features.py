@@ -75,8 +75,8 @@ def feature_cache_key(prefix: nn.Sequential, data: ImageDataset, input_bound: fl
     return h.hexdigest()[:24]
 
 
-def _load_cached(path: Path, data: ImageDataset, dtype: torch.dtype) -> tuple[torch.Tensor, float] | None:
-    """(features, bound) from ``path`` if it is a complete cache file for ``data``, else None. Loaded
+def _load_cached(path: Path, data: ImageDataset, dtype: torch.dtype) -> torch.Tensor | None:
+    """The features stored in ``path`` if it is a complete cache file for ``data``, else None. Loaded
     with ``weights_only=True``: tensors and plain values only, nothing in the file can run code."""
     try:
         saved = torch.load(path, weights_only=True)
@@ -85,19 +85,46 @@ def _load_cached(path: Path, data: ImageDataset, dtype: torch.dtype) -> tuple[to
     ok = (isinstance(saved, dict) and saved.get("format") == FEATURE_CACHE_FORMAT
           and isinstance(saved.get("features"), torch.Tensor) and saved["features"].dtype == dtype
           and len(saved["features"]) == len(data) and torch.equal(saved.get("labels"), data.labels))
-    return (saved["features"], float(saved["bound"])) if ok else None
+    return saved["features"] if ok else None
 
 
-def _save_cached(path: Path, features: torch.Tensor, labels: torch.Tensor, bound: float) -> None:
+def _save_cached(path: Path, features: torch.Tensor, labels: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FEATURE_CACHE_FORMAT, "features": features, "labels": labels, "bound": bound}, f)
+            torch.save({"format": FEATURE_CACHE_FORMAT, "features": features, "labels": labels}, f)
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@torch.no_grad()
+def prefix_features(prefix: nn.Sequential, data: ImageDataset, input_bound: float | None, *, dtype: torch.dtype,
+                    batch_size: int = 256, device: str | torch.device = "cpu", progress: bool = True,
+                    cache_dir: str | Path | None = None, train: bool = True) -> torch.Tensor:
+    """``prefix(project(x_i))`` for every image of ``data`` in ``dtype`` (``input_bound=None``: no
+    projection), the prefix in train mode or not (``train``), read from ``cache_dir`` when a file
+    with the same key is there (:func:`feature_cache_key`), else computed and stored there. A local
+    computation: no collective, so one rank may call it alone."""
+    key = feature_cache_key(prefix, data, -1.0 if input_bound is None else input_bound, dtype, train)
+    path = None if cache_dir is None else Path(cache_dir) / f"frozen-{key}.pt"
+    cached = _load_cached(path, data, dtype) if path is not None and path.is_file() else None
+    if cached is not None:
+        return cached.to(device)
+    project = nn.Identity() if input_bound is None else L2BallProjection(input_bound)
+    chunks = []
+    # Each layer's own mode is restored after (the prefix is a new container over the model's layers, so
+    # its own flag says nothing about theirs).
+    with training_mode(prefix, train):
+        for start in progress_bar(range(0, len(data), batch_size), desc="frozen features", enabled=progress):
+            x = data.images[start:start + batch_size].to(device, dtype=dtype).div_(255)
+            chunks.append(prefix(project(x)))
+    features = torch.cat(chunks)
+    if path is not None:
+        _save_cached(path, features.cpu(), data.labels)
+    return features
 
 
 @torch.no_grad()
@@ -130,23 +157,9 @@ def precompute_frozen_prefix(model: nn.Sequential, data: ImageDataset, input_bou
         for t in [*prefix.parameters(), *prefix.buffers()]:
             dist.broadcast(t.data, src=0)
     bound = output_norm_bound(prefix, input_bound, shape)
-    project = L2BallProjection(input_bound)
-    dtype = next(head.parameters()).dtype
-    # Each layer's own mode is restored after (the prefix is a new container over the model's layers, so
-    # its own flag says nothing about theirs).
-    path = None if cache_dir is None else Path(cache_dir) / f"frozen-{feature_cache_key(prefix, data, input_bound, dtype, train)}.pt"
-    cached = _load_cached(path, data, dtype) if path is not None and path.is_file() else None
-    if cached is not None:
-        return FrozenFeatures(head, FeatureDataset(cached[0].to(device), data.labels), float(bound))
-    chunks = []
-    with training_mode(prefix, train):
-        for start in progress_bar(range(0, len(data), batch_size), desc="frozen features", enabled=progress):
-            x = data.images[start:start + batch_size].to(device, dtype=dtype).div_(255)
-            chunks.append(prefix(project(x)))
-    features = torch.cat(chunks)
-    if path is not None:
-        _save_cached(path, features.cpu(), data.labels, float(bound))
+    features = prefix_features(prefix, data, input_bound, dtype=next(head.parameters()).dtype, batch_size=batch_size,
+                               device=device, progress=progress, cache_dir=cache_dir, train=train)
     return FrozenFeatures(head, FeatureDataset(features, data.labels), float(bound))
 
 
-__all__ = ["FrozenFeatures", "feature_cache_key", "precompute_frozen_prefix", "split_frozen_prefix"]
+__all__ = ["FrozenFeatures", "feature_cache_key", "precompute_frozen_prefix", "prefix_features", "split_frozen_prefix"]
