@@ -259,11 +259,15 @@ class Ours:
         if cfg.get("arch") == "scatter":
             self.scatter_cfg = cfg
             features, bound = scatter_features(train, cfg, device)
+            self.post, releases = None, ()
+            if cfg.get("data_norm"):
+                features, bound, releases = self._private_data_norm(features, train, cfg, seed)
             self.model = feature_head(cfg, features.features[0].numel(), ortho=True).to(device)
             private_trainable(self.model, "all", freeze_bias=cfg["freeze_bias"])
             self.trainer = make_private(self.model, _optimizer(self.model.parameters(), cfg), features, eps, DELTA,
                                         epochs, loss=loss, input_bound=bound, noise=cfg["noise"], device=device, seed=seed,
-                                        progress=False, sample_rate=cfg["batch"] / len(features))
+                                        progress=False, sample_rate=cfg["batch"] / len(features),
+                                        prior_releases=releases)
             self.loader, self.device = self.trainer.loader, device
             return
         self.model = ours_model(cfg, train.info.mean[0]).to(device)
@@ -275,6 +279,31 @@ class Ours:
                                     loss=loss, input_bound=math.sqrt(d), noise=cfg["noise"], device=device, seed=seed,
                                     progress=False)
         self.loader, self.device = self.trainer.loader, device
+
+    def _private_data_norm(self, features, train, cfg, seed):
+        """data_norm (after feature_norm="group"): each channel standardized with its mean and variance
+        released by lipnet.privacy.private_channel_moments (composed into the accountant), then every sample
+        rescaled by GroupNormalization(1) so that its norm bound sqrt(entries) holds whatever the statistics."""
+        from lipnet.privacy import FeatureDataset, private_channel_moments
+        if cfg.get("feature_norm") != "group":
+            raise ValueError("data_norm needs feature_norm='group' (its clips assume entries of unit scale)")
+        hw = _scatter_hw(train, cfg)
+        f = features.features.view(len(features.features), -1, *hw)
+        c = f.shape[1]
+        # GroupNormalization output: ||m_i|| <= sqrt(C) always; ||s_i|| is sqrt(C) when a sample's channels have
+        # equal energy, at most C: the clips are multiples of sqrt(C), fixed before the data is seen
+        moments = private_channel_moments(f, clip_mean=cfg.get("data_clip_mean", 1.0) * math.sqrt(c),
+                                          clip_sq=cfg.get("data_clip_sq", 2.0) * math.sqrt(c),
+                                          noise_multiplier=cfg.get("data_noise", 8.0), min_var=cfg.get("data_min_var", 1e-2),
+                                          generator=torch.Generator().manual_seed(10_000 + seed))
+        self.post = nn.Sequential(ln.InputNormalization(moments.mean, moments.std), ln.GroupNormalization(1, c))
+        self.post_shape = (c, *hw)
+        out = self._apply_post(features.features)
+        return FeatureDataset(out, features.labels), self.post[1].output_norm_bound(self.post_shape), (moments.release,)
+
+    def _apply_post(self, flat):
+        return torch.cat([self.post(flat[i:i + 4096].view(-1, *self.post_shape)).flatten(1)
+                          for i in range(0, len(flat), 4096)])
 
     def step(self, x, y):
         self.trainer.step(x, y)
@@ -289,7 +318,7 @@ class Ours:
         return self.trainer.noise_multiplier
 
     def predict(self, x):
-        return self.model(x)
+        return self.model(self._apply_post(x) if getattr(self, "post", None) is not None else x)
 
 
 class Opacus:

@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from opacus.accountants import create_accountant
@@ -48,6 +49,7 @@ from lipnet.distributed import world
 from lipnet.nn import L2BallProjection
 from lipnet.validate import finite_positive
 
+from .moments import GaussianRelease
 from .sampling import poisson_loader
 from .sensitivity import SensitivityReport, gradient_norm_bounds, loss_lipschitz
 
@@ -90,6 +92,47 @@ def check_privacy_params(target_epsilon: float | None, target_delta: float, n: i
     if target_delta >= 1 / n:
         raise ValueError(f"target_delta={target_delta:g} >= 1/n = {1 / n:g} for n={n} training examples: such a "
                          "delta allows publishing a random example in the clear; use delta << 1/n (e.g. 1e-5)")
+
+
+def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                               accountant: str = "rdp", prior_releases: Sequence[GaussianRelease] = (),
+                               epsilon_tolerance: float = 0.01) -> float:
+    """The noise multiplier sigma whose ``steps`` Poisson-subsampled Gaussian steps at ``sample_rate``,
+    composed after ``prior_releases``, spend at most ``target_epsilon`` at ``target_delta`` (opacus'
+    accountant on the whole history), within ``epsilon_tolerance`` below it. Without prior releases
+    this is opacus' ``get_noise_multiplier``, unchanged."""
+    # np.errstate: opacus' PRV takes log(1 - q) = -inf for a full-data release (q = 1), harmlessly
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.filterwarnings("ignore", message=_RDP_ORDER_WARNING)
+        if not prior_releases:
+            return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                        sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                        epsilon_tolerance=epsilon_tolerance)
+        prior = [r.as_history() for r in prior_releases]
+        acct = create_accountant(accountant)
+
+        def spent(sigma: float) -> float:
+            acct.history = [*prior, (sigma, sample_rate, steps)]
+            return float(acct.get_epsilon(delta=target_delta))
+
+        acct.history = prior
+        if float(acct.get_epsilon(delta=target_delta)) >= target_epsilon:
+            raise ValueError(f"the prior releases alone spend epsilon >= {target_epsilon:g} at delta={target_delta:g}; "
+                             "raise their noise multiplier or the budget")
+        low, high = 0.0, 10.0
+        while spent(high) > target_epsilon:  # bracket, then bisect, as opacus does
+            high *= 2
+            if high > 2 ** 20:
+                raise ValueError("The privacy budget is too low.")
+        eps_high = spent(high)
+        while target_epsilon - eps_high > epsilon_tolerance:
+            mid = (low + high) / 2
+            eps = spent(mid)
+            if eps < target_epsilon:
+                high, eps_high = mid, eps
+            else:
+                low = mid
+        return high
 
 
 def _input_shape(data) -> tuple[int, ...]:
@@ -146,10 +189,14 @@ class PrivateTrainer:
             sqrt(sum_k C_k^2 / (sigma^2 K C_k^2)) = 1/sigma, the same mechanism strength), or
             ``"min_energy"`` (std_k^2 = sigma^2 (sum_j C_j sqrt(d_j)) C_k / sqrt(d_k) for a tensor of d_k
             entries: the least total noise energy at whitened sensitivity 1/sigma).
+        prior_releases: mechanisms already run on the same training data (e.g. the private
+            normalization statistics of :func:`private_channel_moments`); they open the accountant's
+            history, so sigma is calibrated for the rest of ``target_epsilon`` and ``epsilon()``
+            reports the composition of all of them.
 
     Guarantee: after T steps the training is (``epsilon()``, ``target_delta``)-DP w.r.t. adding or
-    removing one training example (opacus' accountant on (sigma, q, T)), under the assumptions of
-    the module docstring. Unsupported layers or losses raise ``TypeError`` in the constructor.
+    removing one training example (opacus' accountant on the prior releases followed by
+    (sigma, q, T)), under the assumptions of the module docstring. Unsupported layers or losses raise ``TypeError`` in the constructor.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data, *, loss: nn.Module,
@@ -157,7 +204,7 @@ class PrivateTrainer:
                  epochs: int | None = None, noise_multiplier: float | None = None,
                  sample_rate: float | None = None, input_shape: Sequence[int] | None = None,
                  accountant: str = "rdp", noise: str = "global", device: str | torch.device = "cpu",
-                 seed: int = 0, progress: bool = True) -> None:
+                 seed: int = 0, progress: bool = True, prior_releases: Sequence[GaussianRelease] = ()) -> None:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
         if noise not in NOISE_MODES:
@@ -179,19 +226,24 @@ class PrivateTrainer:
         self.input_shape = tuple(input_shape) if input_shape is not None else _input_shape(data)
         self.expected_batch_size = self.sample_rate * self.n
         self.planned_epochs = epochs
+        self.prior_releases = tuple(prior_releases)
+        for r in self.prior_releases:
+            if not isinstance(r, GaussianRelease):
+                raise TypeError(f"prior_releases must be GaussianRelease entries, got {type(r).__name__}")
+            finite_positive(r.noise_multiplier, "prior release noise_multiplier")
+            if not (0 < r.sample_rate <= 1 and r.steps >= 1):
+                raise ValueError(f"prior release needs 0 < sample_rate <= 1 and steps >= 1, got {r}")
         if noise_multiplier is None:
             if target_epsilon is None or epochs is None:
                 raise ValueError("give target_epsilon and epochs (sigma is calibrated), or noise_multiplier")
             if not (isinstance(epochs, int) and epochs > 0):
                 raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_RDP_ORDER_WARNING)
-                noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                                        sample_rate=self.sample_rate,
-                                                        steps=epochs * len(self.loader), accountant=accountant)
+            noise_multiplier = calibrate_noise_multiplier(target_epsilon, target_delta, self.sample_rate,
+                                                          epochs * len(self.loader), accountant, self.prior_releases)
         self.noise_multiplier = finite_positive(noise_multiplier, "noise_multiplier")
         self.target_epsilon = target_epsilon
         self.accountant = create_accountant(accountant)
+        self.accountant.history = [r.as_history() for r in self.prior_releases]
         # independent noise per rank (its std is divided by sqrt(world_size) in _noise_stds)
         self.noise_generator = torch.Generator(device=device).manual_seed(seed + 1 + 7919 * self.rank)
         self.steps, self.epochs_done, self.last_sensitivity = 0, 0, float("nan")
@@ -206,9 +258,9 @@ class PrivateTrainer:
 
     def epsilon(self, delta: float | None = None) -> float:
         """Privacy spent so far (opacus accountant), at ``delta`` (default: the target delta)."""
-        if self.steps == 0:
+        if not self.accountant.history:
             return 0.0
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):
             warnings.filterwarnings("ignore", message=_RDP_ORDER_WARNING)
             return float(self.accountant.get_epsilon(delta=delta or self.delta))
 
@@ -225,7 +277,8 @@ class PrivateTrainer:
         else:
             noise_states = [noise]
         return {"steps": self.steps, "epochs_done": self.epochs_done, "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "accountant": dict(self.accountant.state_dict()),
+                "sample_rate": self.sample_rate, "prior_releases": [r.as_history() for r in self.prior_releases],
+                "accountant": dict(self.accountant.state_dict()),
                 "sampling_generator": self.sampling_generator.get_state(), "noise_generators": noise_states}
 
     def load_state_dict(self, state: dict) -> None:
@@ -238,10 +291,16 @@ class PrivateTrainer:
             if not math.isclose(float(state[key]), getattr(self, key), rel_tol=1e-12):
                 raise ValueError(f"resumed private run: its {key} {state[key]!r} differs from this trainer's "
                                  f"{getattr(self, key)!r}; a run resumes with the configuration it started with")
-        accounted = sum(int(entry[2]) for entry in state["accountant"]["history"])
-        if accounted != int(state["steps"]):
-            raise ValueError(f"resumed private run: the accountant's history covers {accounted} steps, the run "
-                             f"did {state['steps']}; refusing a state whose epsilon would be wrong")
+        prior = [tuple(r) for r in state.get("prior_releases", [])]
+        if prior != [r.as_history() for r in self.prior_releases]:
+            raise ValueError(f"resumed private run: its prior releases {prior} differ from this trainer's "
+                             f"{[r.as_history() for r in self.prior_releases]}")
+        history = [tuple(entry) for entry in state["accountant"]["history"]]
+        accounted = sum(int(entry[2]) for entry in history[len(prior):])
+        if history[:len(prior)] != prior or accounted != int(state["steps"]):
+            raise ValueError(f"resumed private run: the accountant's history {history} does not hold the prior "
+                             f"releases followed by the run's {state['steps']} steps; refusing a state whose epsilon "
+                             "would be wrong")
         if len(state["noise_generators"]) != self.world_size:
             raise ValueError(f"resumed private run: saved by {len(state['noise_generators'])} process(es), resumed by "
                              f"{self.world_size}")
@@ -336,5 +395,5 @@ def epoch_row(report: EpochReport) -> dict:
     return row
 
 
-__all__ = ["ACCOUNTANTS", "EpochReport", "NOISE_MODES", "PrivateTrainer", "check_privacy_params", "epoch_row",
+__all__ = ["ACCOUNTANTS", "EpochReport", "calibrate_noise_multiplier", "NOISE_MODES", "PrivateTrainer", "check_privacy_params", "epoch_row",
            "make_private"]
