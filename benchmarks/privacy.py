@@ -309,7 +309,28 @@ class Ours:
         self.trainer.step(x, y)
 
     def epoch(self):
-        return self.trainer.train_epoch().loss
+        decays = self.scatter_cfg.get("ema", 0.0) if hasattr(self, "scatter_cfg") else 0.0
+        if not decays:
+            return self.trainer.train_epoch().loss
+        # weight averaging: a function of the released (noisy) updates only, so post-processing, free of privacy cost.
+        # "ema": one decay or a list (the first is the reported model; the others are measured beside it)
+        decays = decays if isinstance(decays, list) else [decays]
+        if not hasattr(self, "ema_models"):
+            import copy
+            self.ema_models = {d: copy.deepcopy(self.model) for d in decays}
+            self.ema_model, self.ema_steps, self.use_ema = self.ema_models[decays[0]], 0, True
+        total, count = 0.0, 0
+        for x, y in self.trainer.loader:
+            total += self.trainer.step(x, y)
+            count += len(y)
+            self.ema_steps += 1
+            with torch.no_grad():
+                for decay, ema in self.ema_models.items():
+                    d = min(decay, (1 + self.ema_steps) / (10 + self.ema_steps))  # warm-up: early weights fade fast
+                    for a, p in zip(ema.parameters(), self.model.parameters()):
+                        a.lerp_(p, 1 - d)
+        self.trainer.epochs_done += 1
+        return total / max(count, 1)
 
     def epsilon(self):
         return self.trainer.epsilon()
@@ -318,7 +339,8 @@ class Ours:
         return self.trainer.noise_multiplier
 
     def predict(self, x):
-        return self.model(self._apply_post(x) if getattr(self, "post", None) is not None else x)
+        model = self.ema_model if getattr(self, "use_ema", False) else self.model
+        return model(self._apply_post(x) if getattr(self, "post", None) is not None else x)
 
 
 class Opacus:
@@ -505,8 +527,19 @@ def train_eval(side_name: str, cfg: dict, train, evalset, eps: float, epochs: in
     row = dict(kind="accuracy", side=side_name, target_epsilon=eps, epsilon=side.epsilon(), delta=DELTA,
                sigma=side.sigma(), epochs=epochs, batch=cfg["batch"], accuracy=acc, train_loss=losses[-1],
                seconds=seconds, n_train=len(train), n_eval=len(evalset), config=cfg, label=label, seed=seed)
+    extra = ""
+    if getattr(side, "use_ema", False):  # the same run's last (not averaged) weights, for the averaging's gain
+        chosen = side.ema_model
+        row["accuracy_ema"] = {}
+        for decay, ema in side.ema_models.items():
+            side.ema_model = ema
+            row["accuracy_ema"][str(decay)] = accuracy(side, evalset, device)
+        side.ema_model, side.use_ema = chosen, False
+        row["accuracy_last"] = accuracy(side, evalset, device)
+        side.use_ema = True
+        extra = f" (last weights {row['accuracy_last']:.4f}; ema {row['accuracy_ema']})"
     print(f"  {side_name:6s} eps {eps:g} ({row['epsilon']:.3f} spent, sigma {row['sigma']:.3f}) {label}: "
-          f"acc {acc:.4f}, loss {losses[-1]:.4f}, {seconds:.0f}s", flush=True)
+          f"acc {acc:.4f}{extra}, loss {losses[-1]:.4f}, {seconds:.0f}s", flush=True)
     return row
 
 
