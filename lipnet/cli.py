@@ -278,11 +278,12 @@ def cmd_train(args) -> int:
             return 0
         ctx = lipdist.init_distributed(args.device)
         try:
-            if config.private:
-                return _train_private(args, ctx, config, ckpt)
-            return _train(args, ctx, config, ckpt)
-        finally:
-            lipdist.destroy_distributed()
+            result = _train_private(args, ctx, config, ckpt) if config.private else _train(args, ctx, config, ckpt)
+        except BaseException:
+            lipdist.destroy_distributed(barrier=False)
+            raise
+        lipdist.destroy_distributed()
+        return result
     finally:
         if lock is not None:
             lock.release()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -75,9 +76,14 @@ def init_distributed(device: str | torch.device = "cpu", backend: str | None = N
     return DistributedContext(rank, world_size, local_rank, device, dist.get_backend())
 
 
-def destroy_distributed() -> None:
-    """Tear down the default process group if one is initialized (safe to call always)."""
+def destroy_distributed(*, barrier: bool = True) -> None:
+    """Tear down the default process group if one is initialized (safe to call always).
+    With ``barrier`` (the success path) all ranks meet first: a rank that destroys its group while
+    a peer's collective is still in flight leaves gloo worker threads to die at interpreter exit
+    (SIGABRT). Pass ``barrier=False`` on an error path, where a peer may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -91,6 +97,8 @@ def _launched(local_rank: int, fn: Callable, nproc: int, port: int, args: Sequen
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     fn(*args)
+    gc.collect()  # DDP reducers still referencing the group go before it does
+    destroy_distributed()
 
 
 def launch(fn: Callable, nproc: int, args: Sequence = (), *, port: int | None = None) -> None:
