@@ -72,8 +72,8 @@ def main() -> None:
             acc = float((head(xt).argmax(1) == yt).float().mean())
             train_acc = float((head(x).argmax(1) == y).float().mean())
         row = dict(lr=lr, epochs=args.epochs, batch=args.batch, weight_decay=args.weight_decay, cfg=cfg,
-                   holdout=args.holdout, accuracy=acc, train_accuracy=train_acc, seconds=time.perf_counter() - start)
-        row["standardize"] = args.standardize
+                   holdout=args.holdout, standardize=args.standardize, accuracy=acc, train_accuracy=train_acc,
+                   seconds=time.perf_counter() - start)
         rows.append(row)
         print(f"  lr {lr:g}: {'held-out' if args.holdout else 'test'} acc {acc:.4f} (train {train_acc:.4f}), "
               f"{row['seconds']:.0f}s", flush=True)

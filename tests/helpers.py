@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -24,3 +28,13 @@ def small_model() -> nn.Sequential:
     return nn.Sequential(ln.InputNormalization((0.5,)), ln.OrthoConv2d(1, 4, 3), ln.MaxMin(),
                          ln.OrthoConv2d(4, 8, 2, stride=2, padding=0), ln.MaxMin(), ln.Flatten(),
                          ln.OrthoLinear(128, 2))
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A fresh copy of the script ``benchmarks/<name>.py`` as a module (its globals, e.g. a cache
+    directory, are this copy's own)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"lipnet_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

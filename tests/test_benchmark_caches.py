@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import pytest
 import torch
 
+from helpers import load_benchmark
 from lipnet import data as D
-
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _privacy_benchmark():
-    spec = importlib.util.spec_from_file_location("lipnet_benchmark_privacy", BENCHMARKS / "privacy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Planted:
@@ -31,7 +22,7 @@ class _Planted:
 
 
 def test_a_planted_feature_cache_file_runs_no_code(tmp_path):
-    bench = _privacy_benchmark()
+    bench = load_benchmark("privacy")
     ds = D.ImageDataset(torch.randint(0, 255, (4, 1, 28, 28), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]),
                         D.DATASETS["mnist"])
     cfg = {"J": 2, "L": 8, "input_radius": 1.0}
